@@ -1,0 +1,149 @@
+"""MoE options and the configuration class of the MoE-BART model.
+
+`MoEOptions` is the one place where every MoE option is defined, validated and documented;
+`MoEBartConfig` is a `BartConfig` that carries them (as the dict `moe`) through
+`save_pretrained` / `from_pretrained`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+from huggingface_hub.dataclasses import strict
+from transformers import BartConfig
+
+EXPERT_UNITS = ("layer", "ffn")
+ROUTINGS = ("task", "token")
+ROUTERS = ("mlp", "lstm", "gru", "transformer")
+SELECTIONS = ("softmax", "gumbel", "gumbel_st")
+ROUTE_SOURCES = ("learned", "average", "random", "given")
+
+
+def _check_choice(option: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"MoE option `{option}` is {value!r}; allowed values: {', '.join(map(repr, allowed))}")
+
+
+def _check_positive(option: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"MoE option `{option}` is {value!r}; it must be a positive integer")
+
+
+@dataclass
+class MoEOptions:
+    """How the BART layers are turned into routed expert banks."""
+
+    num_experts: int = 3
+    """Experts per routed layer (E). 1 gives vanilla multi-task BART."""
+    expert_unit: Literal["layer", "ffn"] = "layer"
+    """"layer": a whole encoder/decoder layer per expert (Ye et al.); "ffn": only the feed-forward block."""
+    moe_layers: dict[str, list[int]] | None = None
+    """Routed layers per side, e.g. {"encoder": [0, 1], "decoder": [1]}. None routes every layer."""
+    num_tasks: int = 1
+    """Rows of the task representation table: one per task the model is trained or tested on."""
+    routing: Literal["task", "token"] = "task"
+    """"task": one route per task and layer (Ye et al.); "token": task-aware token gates (Gupta et al.)."""
+    task_dim: int = 128
+    """Width of a task representation (ignored when `task_embeddings` gives the vectors)."""
+    task_embeddings: str | None = None
+    """File of precomputed task vectors (.pt tensor, .npy or .json list), shape (num_tasks, task_dim). None: random."""
+    freeze_task_table: bool = False
+    """Keep the task table fixed during training."""
+    router: Literal["mlp", "lstm", "gru", "transformer"] = "mlp"
+    """Router network from a task vector to per-layer expert logits ("task" routing)."""
+    router_hidden: int = 64
+    """Hidden width of the router network."""
+    selection: Literal["softmax", "gumbel", "gumbel_st"] = "gumbel_st"
+    """Training-time selection; evaluation always uses hard top-k."""
+    temperature: float = 1.0
+    """Initial selection temperature; callbacks change it during training, checkpoints keep it."""
+    top_k: int = 1
+    """Experts per route at evaluation ("task") or per token ("token", 1 or 2)."""
+    routes: Literal["learned", "average", "random", "given"] = "learned"
+    """Where task routes come from: the router, uniform weights, a seeded random expert, or `given_routes`."""
+    given_routes: list | None = None
+    """routes="given": expert index per task and routed layer (num_tasks × layers), or weights (× E)."""
+    route_seed: int = 0
+    """Seed of routes="random"."""
+    capacity_factor: float | None = None
+    """Token routing: an expert takes at most ceil(factor · tokens · top_k / E) tokens; None: no limit."""
+
+    def __post_init__(self) -> None:
+        _check_positive("num_experts", self.num_experts)
+        _check_positive("num_tasks", self.num_tasks)
+        _check_positive("task_dim", self.task_dim)
+        _check_positive("router_hidden", self.router_hidden)
+        _check_choice("expert_unit", self.expert_unit, EXPERT_UNITS)
+        _check_choice("routing", self.routing, ROUTINGS)
+        _check_choice("router", self.router, ROUTERS)
+        _check_choice("selection", self.selection, SELECTIONS)
+        _check_choice("routes", self.routes, ROUTE_SOURCES)
+        if self.routing == "token":
+            _check_choice("top_k", self.top_k, (1, 2))
+            if self.expert_unit != "ffn":
+                raise ValueError(
+                    f"MoE option `expert_unit` is {self.expert_unit!r}, but routing='token' routes tokens "
+                    "to feed-forward experts; allowed values with routing='token': 'ffn'"
+                )
+        elif not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(
+                f"MoE option `top_k` is {self.top_k!r}; allowed values: 1 to num_experts={self.num_experts}"
+            )
+        if not self.temperature > 0:
+            raise ValueError(f"MoE option `temperature` is {self.temperature!r}; it must be > 0")
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            raise ValueError(f"MoE option `capacity_factor` is {self.capacity_factor!r}; it must be > 0 or None")
+        if (self.routes == "given") != (self.given_routes is not None):
+            raise ValueError("MoE option `given_routes` must be set exactly when routes='given'")
+        if self.moe_layers is not None:
+            unknown = set(self.moe_layers) - {"encoder", "decoder"}
+            if unknown:
+                raise ValueError(
+                    f"MoE option `moe_layers` has keys {sorted(unknown)}; allowed keys: 'encoder', 'decoder'"
+                )
+
+    def routed_layers(self, side: str, num_layers: int) -> list[int]:
+        """Indices of the routed layers of one side ("encoder" or "decoder"), checked against its depth."""
+        if self.moe_layers is None:
+            return list(range(num_layers))
+        layers = sorted(set(self.moe_layers.get(side, [])))
+        bad = [i for i in layers if not (isinstance(i, int) and 0 <= i < num_layers)]
+        if bad:
+            raise ValueError(f"MoE option `moe_layers` names {side} layers {bad}; allowed: 0 to {num_layers - 1}")
+        return layers
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> MoEOptions:
+        """Build from a dict, naming unknown keys instead of failing on a bare TypeError."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown MoE options {unknown}; allowed options: {', '.join(sorted(known))}")
+        return cls(**values)
+
+
+@strict
+class MoEBartConfig(BartConfig):
+    """A `BartConfig` plus the MoE options (`moe`, the dict form of `MoEOptions`)."""
+
+    model_type = "moe_bart"
+
+    moe: dict | None = None
+
+    def __post_init__(self, **kwargs):
+        options = self.moe if isinstance(self.moe, MoEOptions) else MoEOptions.from_dict(self.moe or {})
+        self.moe = asdict(options)
+        super().__post_init__(**kwargs)
+
+    @property
+    def moe_options(self) -> MoEOptions:
+        return MoEOptions(**self.moe)
+
+    @classmethod
+    def from_bart_config(cls, config: BartConfig, options: MoEOptions) -> MoEBartConfig:
+        """The MoE config of a dense BART config: same shape, tokens and generation defaults."""
+        values = config.to_dict()
+        for key in ("model_type", "architectures", "transformers_version", "moe"):
+            values.pop(key, None)
+        return cls(**values, moe=options)

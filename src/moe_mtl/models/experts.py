@@ -1,0 +1,60 @@
+"""Experts: BART's feed-forward block as an expert unit, and how the outputs of E experts are mixed."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+
+# run(e, index): expert e's output on the examples (or tokens) in `index`; None means all of them.
+RunExpert = Callable[[int, torch.Tensor | None], torch.Tensor]
+
+
+class FeedForward(nn.Module):
+    """BART's feed-forward block, fc1 → activation → fc2 with its dropouts (names match BART's layers)."""
+
+    def __init__(self, d_model: int, ffn_dim: int, activation: str, activation_dropout: float, dropout: float):
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, ffn_dim)
+        self.fc2 = nn.Linear(ffn_dim, d_model)
+        self.activation_fn = ACT2FN[activation]
+        self.activation_dropout = activation_dropout
+        self.dropout = dropout
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.activation_fn(self.fc1(hidden_states))
+        hidden_states = nn.functional.dropout(hidden_states, p=self.activation_dropout, training=self.training)
+        hidden_states = self.fc2(hidden_states)
+        return nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
+
+
+def mix_experts(run: RunExpert, weights: torch.Tensor, run_all: bool = False, subset: bool = True) -> torch.Tensor:
+    """Σ_e weights[:, e] · expert_e(x) over the leading (example or token) dimension of x.
+
+    weights: (N, E). An expert runs only on the rows that give it non-zero weight, so hard routes
+    cost one expert per row, as a dense layer does. `run_all=True` runs every expert on every
+    row, at E times the dense cost: task routes that carry a gradient need it (softmax mixtures
+    and the straight-through estimator use d out / d w_e = expert_e(x) for every e).
+    `subset=False` runs a used expert on all rows (a key/value cache slot must hold the whole batch).
+    """
+    num_experts = weights.shape[-1]
+    active = weights != 0
+    used = active.any(0).tolist()
+    full = active.all(0).tolist()
+    out = None
+    for e in range(num_experts):
+        if not (run_all or used[e]):
+            continue
+        index = None if run_all or full[e] or not subset else active[:, e].nonzero().squeeze(1)
+        y = run(e, index)
+        w = weights[:, e] if index is None else weights[index, e]
+        contribution = w.to(y.dtype).view(-1, *([1] * (y.dim() - 1))) * y
+        if index is None:
+            out = contribution if out is None else out + contribution
+        else:
+            if out is None:
+                out = y.new_zeros((weights.shape[0], *y.shape[1:]))
+            out = out.index_add(0, index, contribution)
+    return out  # None only when no expert got any weight (every token over capacity)

@@ -1,0 +1,527 @@
+"""MoEBartForConditionalGeneration: BART whose chosen layers are banks of experts chosen per task.
+
+Built from transformers' own BART modules (embeddings, attention, layers, masks, cache). The
+encoder owns the task table and the task router: it computes the routes of every routed layer
+once per forward and hands the decoder's share on in its output, so that `generate` reuses the
+same routes at every decoding step (and expands them with the beams).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import CrossEntropyLoss
+from transformers import BartForConditionalGeneration, GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
+from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
+from transformers.models.bart.modeling_bart import (
+    BartDecoderLayer,
+    BartEncoderLayer,
+    BartLearnedPositionalEmbedding,
+    BartScaledWordEmbedding,
+    shift_tokens_right,
+)
+
+from .config import MoEBartConfig, MoEOptions
+from .layers import FFNExpertDecoderLayer, FFNExpertEncoderLayer, LayerExperts, LayerRoute, RouteRecord
+from .routing import TaskRouter, TaskTable, load_task_vectors
+from .token_gate import TaskAwareTokenGate
+
+ROUTING_PARAMETERS = re.compile(r"(^|\.)(task_table|router|gate)\.")
+EXPERT_INDEX = re.compile(r"\.experts\.\d+\.")
+
+
+def dense_name(name: str) -> str:
+    """The dense BART parameter an MoE parameter is copied from: drop the `experts.{e}` segment."""
+    return EXPERT_INDEX.sub(".", name)
+
+
+@dataclass
+class MoEEncoderOutput(BaseModelOutput):
+    """Encoder states plus what the decoder needs to route the same way (batch-first, so beams expand them)."""
+
+    decoder_routes: torch.Tensor | None = None  # (B, L_dec, E) task routes of the decoder's routed layers
+    task_vectors: torch.Tensor | None = None  # (B, t) task representations (token routing)
+    routes: dict[str, RouteRecord] | None = None
+
+
+@dataclass
+class MoESeq2SeqLMOutput(Seq2SeqLMOutput):
+    """`Seq2SeqLMOutput` plus the routing of this forward pass.
+
+    routes: per routed layer ("encoder.3", "decoder.0"), a `RouteRecord` (weights used, experts used).
+    aux_loss: mean load-balancing loss over token-routed layers (None for task routing); not in `loss`.
+    overflow_tokens: (token, expert) pairs dropped for capacity, summed over layers.
+    """
+
+    routes: dict[str, RouteRecord] | None = None
+    aux_loss: torch.Tensor | None = None
+    overflow_tokens: torch.Tensor | None = None
+
+    @property
+    def expert_mask(self) -> dict[str, torch.Tensor]:
+        """Per routed layer, which experts got non-zero weight: the others need no update this step."""
+        return {name: record.used for name, record in (self.routes or {}).items()}
+
+
+def check_task_ids(task_ids: torch.Tensor | None, batch_size: int, num_tasks: int, device) -> torch.Tensor:
+    if task_ids is None:
+        if num_tasks == 1:
+            return torch.zeros(batch_size, dtype=torch.long, device=device)
+        raise ValueError(f"`task_ids` is required: the model has num_tasks={num_tasks}; pass one id per example")
+    if not isinstance(task_ids, torch.Tensor) or task_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"`task_ids` must be a LongTensor of shape ({batch_size},), got {task_ids!r}")
+    if task_ids.shape != (batch_size,):
+        raise ValueError(f"`task_ids` has shape {tuple(task_ids.shape)}; expected ({batch_size},), one per example")
+    if task_ids.numel() and (task_ids.min() < 0 or task_ids.max() >= num_tasks):
+        raise ValueError(
+            f"`task_ids` holds {sorted(set(task_ids.tolist()))}; allowed task ids: 0 to {num_tasks - 1} "
+            f"(MoE option `num_tasks`={num_tasks})"
+        )
+    return task_ids.long()
+
+
+def _longest_cache_slot(cache: Cache | None) -> int:
+    """The self-attention cache slot that has seen the most tokens.
+
+    Whole-layer decoder experts own one slot each and only used experts fill theirs, so slot 0
+    may stay empty; the mask and positions are sized by the slot that holds the full history.
+    """
+    if cache is None or len(cache.layers) == 0:
+        return 0
+    lengths = [layer.get_seq_length() for layer in cache.layers]
+    return max(range(len(lengths)), key=lengths.__getitem__)
+
+
+def word_embedding(config: MoEBartConfig) -> BartScaledWordEmbedding:
+    embed_scale = math.sqrt(config.d_model) if config.scale_embedding else 1.0
+    return BartScaledWordEmbedding(config.vocab_size, config.d_model, config.pad_token_id, embed_scale=embed_scale)
+
+
+class MoEBartStack(nn.Module):
+    """What BART's encoder and decoder share: token and position embeddings, their layer norm, and
+    how a routed layer is handed its route."""
+
+    def __init__(self, config: MoEBartConfig):
+        super().__init__()
+        self.config = config
+        self.dropout = config.dropout
+        self.embed_tokens = word_embedding(config)
+        self.embed_positions = BartLearnedPositionalEmbedding(config.max_position_embeddings, config.d_model)
+        self.layernorm_embedding = nn.LayerNorm(config.d_model)
+
+    def embed(self, inputs_embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.layernorm_embedding(inputs_embeds + positions.to(inputs_embeds.device))
+        return nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
+
+    @staticmethod
+    def layer_route(routes, k: int, task_vectors, token_mask, subset: bool = True) -> LayerRoute:
+        """The route of the k-th routed layer of this stack; `routes` (B, L, E) are this stack's own."""
+        return LayerRoute(
+            weights=None if routes is None else routes[:, k],
+            task_vectors=task_vectors,
+            token_mask=token_mask,
+            run_all=routes is not None and routes.requires_grad,
+            subset=subset,
+        )
+
+
+class MoEBartEncoder(MoEBartStack):
+    """BART encoder with routed layers; owns the task table and the router of every routed layer."""
+
+    def __init__(self, config: MoEBartConfig, options: MoEOptions, task_vectors: torch.Tensor | None):
+        super().__init__(config)
+        self.routed = options.routed_layers("encoder", config.encoder_layers)
+        self.decoder_routed = options.routed_layers("decoder", config.decoder_layers)
+        self.num_tasks = options.num_tasks
+        task_dim = task_vectors.shape[1] if task_vectors is not None else options.task_dim
+        self.task_table = TaskTable(options.num_tasks, task_dim, task_vectors, frozen=options.freeze_task_table)
+        self.router = None
+        if options.routing == "task":
+            self.router = TaskRouter(options, task_dim, len(self.routed) + len(self.decoder_routed))
+        self.layers = nn.ModuleList(
+            routed_layer(config, options, i, BartEncoderLayer, FFNExpertEncoderLayer, task_dim)
+            if i in self.routed
+            else BartEncoderLayer(config, layer_idx=i)
+            for i in range(config.encoder_layers)
+        )
+
+    def route(self, task_ids: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Task routes (B, L_enc + L_dec, E) for task routing, else task vectors (B, t) for the token gates."""
+        if self.router is not None:
+            return self.router(task_ids, self.task_table), None
+        return None, self.task_table(task_ids)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        task_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> MoEEncoderOutput:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if output_attentions or output_hidden_states:
+            raise NotImplementedError("MoE-BART does not record attentions or per-layer hidden states")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        batch_size = inputs_embeds.shape[0]
+        if attention_mask is not None and attention_mask.shape != inputs_embeds.shape[:2]:
+            raise ValueError(
+                f"`attention_mask` has shape {tuple(attention_mask.shape)}; expected {tuple(inputs_embeds.shape[:2])}"
+            )
+        task_ids = check_task_ids(task_ids, batch_size, self.num_tasks, inputs_embeds.device)
+
+        hidden_states = self.embed(inputs_embeds, self.embed_positions(inputs_embeds[:, :, -1]))
+        mask = create_bidirectional_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask)
+
+        routes, task_vectors = self.route(task_ids)
+        encoder_routes = None if routes is None else routes[:, : len(self.routed)]
+        records = {}
+        for i, layer in enumerate(self.layers):
+            if i not in self.routed:
+                hidden_states = layer(hidden_states, mask)
+                continue
+            route = self.layer_route(encoder_routes, self.routed.index(i), task_vectors, attention_mask)
+            hidden_states, records[f"encoder.{i}"] = layer(hidden_states, mask, route=route)
+
+        return MoEEncoderOutput(
+            last_hidden_state=hidden_states,
+            decoder_routes=None if routes is None else routes[:, len(self.routed) :],
+            task_vectors=task_vectors,
+            routes=records,
+        )
+
+
+class MoEBartDecoder(MoEBartStack):
+    """BART decoder with routed layers. Whole-layer experts own separate key/value cache slots."""
+
+    def __init__(self, config: MoEBartConfig, options: MoEOptions, task_dim: int):
+        super().__init__(config)
+        self.routed = options.routed_layers("decoder", config.decoder_layers)
+
+        layers, slot = [], 0
+        for i in range(config.decoder_layers):
+            if i in self.routed:
+                layers.append(routed_layer(config, options, slot, BartDecoderLayer, FFNExpertDecoderLayer, task_dim))
+                slot += options.num_experts if options.expert_unit == "layer" else 1
+            else:
+                layers.append(BartDecoderLayer(config, layer_idx=slot))
+                slot += 1
+        self.layers = nn.ModuleList(layers)
+        self.num_cache_slots = slot
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None,
+        encoder_hidden_states: torch.Tensor,
+        routes: torch.Tensor | None,
+        task_vectors: torch.Tensor | None,
+        attention_mask: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool = False,
+    ) -> tuple[torch.Tensor, Cache | None, dict[str, RouteRecord]]:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of decoder_input_ids or decoder_inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and past_key_values is None:
+            past_key_values = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        batch_size, seq_length = inputs_embeds.shape[:2]
+        self_attn_cache = past_key_values.self_attention_cache if past_key_values is not None else None
+        slot = _longest_cache_slot(self_attn_cache)
+        past_length = self_attn_cache.get_seq_length(slot) if self_attn_cache is not None else 0
+        position_ids = torch.arange(seq_length, device=inputs_embeds.device) + past_length
+
+        if attention_mask is None:
+            attention_mask = torch.ones(batch_size, past_length + seq_length, device=inputs_embeds.device)
+        mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=self_attn_cache,
+            layer_idx=slot,
+        )
+        encoder_mask = create_bidirectional_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=encoder_attention_mask,
+            encoder_hidden_states=encoder_hidden_states,
+        )
+        hidden_states = self.embed(
+            inputs_embeds, self.embed_positions(input_ids, past_length, position_ids=position_ids)
+        )
+
+        # padding of the new tokens only: cached positions were routed when they were new
+        token_mask = attention_mask[:, -seq_length:] if attention_mask.shape[1] >= seq_length else None
+        records = {}
+        for i, layer in enumerate(self.layers):
+            cache_kwargs = {"past_key_values": past_key_values, "use_cache": use_cache}
+            if i not in self.routed:
+                hidden_states = layer(hidden_states, mask, encoder_hidden_states, encoder_mask, **cache_kwargs)
+                continue
+            route = self.layer_route(
+                routes, self.routed.index(i), task_vectors, token_mask, subset=past_key_values is None
+            )
+            hidden_states, records[f"decoder.{i}"] = layer(
+                hidden_states, mask, encoder_hidden_states, encoder_mask, route=route, **cache_kwargs
+            )
+        return hidden_states, past_key_values, records
+
+
+def routed_layer(config, options: MoEOptions, layer_idx: int, dense_cls, ffn_cls, task_dim: int) -> nn.Module:
+    """The routed version of one BART layer: E whole layers, or one layer with E feed-forward experts."""
+    if options.expert_unit == "layer":
+        return LayerExperts([dense_cls(config, layer_idx=layer_idx + e) for e in range(options.num_experts)])
+    gate = None
+    if options.routing == "token":
+        gate = TaskAwareTokenGate(config.d_model, task_dim, options.num_experts, options.top_k, options.capacity_factor)
+    return ffn_cls(config, layer_idx, options.num_experts, gate)
+
+
+class MoEBartModel(nn.Module):
+    """Shared embeddings, the routed encoder (with task table and router) and the routed decoder."""
+
+    def __init__(self, config: MoEBartConfig, task_vectors: torch.Tensor | None = None):
+        super().__init__()
+        options = config.moe_options
+        self.shared = word_embedding(config)
+        self.encoder = MoEBartEncoder(config, options, task_vectors)
+        self.decoder = MoEBartDecoder(config, options, self.encoder.task_table.embedding.embedding_dim)
+
+
+class MoEBartForConditionalGeneration(PreTrainedModel, GenerationMixin):
+    """BART encoder-decoder with task-routed (Ye et al. 2022) or task-aware token-routed (Gupta et al.
+    2022) experts. Forward and `generate` take `task_ids` (B,) besides BART's arguments.
+
+    Cost: with hard routes (evaluation top-k=1, fixed one-hot routes) each example runs one
+    expert per routed layer: the FLOPs of dense BART of the same shape. Learned task routes in
+    training (softmax, gumbel, gumbel_st) and "average" routes run all E experts on the batch: E
+    times the routed layers' cost, with one batched call per expert (no loop over examples).
+    Token routing runs top_k experts per token. One exception: while a key/value cache is filled
+    (generation), a decoder whole-layer expert that any example of the batch uses runs on the
+    whole batch, because its cache slot must hold every row for beam reordering; one-task
+    (homogeneous) batches still cost dense.
+    """
+
+    config_class = MoEBartConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = False
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _keys_to_ignore_on_load_unexpected = ["encoder.version", "decoder.version"]
+    _tied_weights_keys = {
+        "lm_head.weight": "model.shared.weight",
+        "model.encoder.embed_tokens.weight": "model.shared.weight",
+        "model.decoder.embed_tokens.weight": "model.shared.weight",
+    }
+
+    def __init__(self, config: MoEBartConfig, task_vectors: torch.Tensor | None = None):
+        super().__init__(config)
+        options = config.moe_options
+        if task_vectors is None and options.task_embeddings is not None:
+            task_vectors = load_task_vectors(options.task_embeddings, options.num_tasks)
+        self.model = MoEBartModel(config, task_vectors)
+        self.final_logits_bias = nn.Buffer(torch.zeros((1, config.vocab_size)))
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.post_init()
+        if task_vectors is not None:  # after post_init, which would re-initialise the table
+            with torch.no_grad():
+                self.model.encoder.task_table.embedding.weight.copy_(task_vectors)
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, MoEBartForConditionalGeneration):
+            nn.init.zeros_(module.final_logits_bias)
+
+    # --- public routing state (read and changed by callbacks) -------------------------------
+    @property
+    def moe_options(self) -> MoEOptions:
+        return self.config.moe_options
+
+    @property
+    def task_table(self) -> TaskTable:
+        return self.model.encoder.task_table
+
+    @property
+    def router(self) -> TaskRouter | None:
+        return self.model.encoder.router
+
+    @property
+    def routed_layer_names(self) -> list[str]:
+        encoder, decoder = self.model.encoder, self.model.decoder
+        return [f"encoder.{i}" for i in encoder.routed] + [f"decoder.{i}" for i in decoder.routed]
+
+    def set_temperature(self, value: float) -> None:
+        """Selection temperature of the task router (no-op without a learned router)."""
+        if self.router is not None and self.router.learned:
+            self.router.set_temperature(value)
+
+    def expert_parameters(self, layer_name: str, expert: int) -> list[nn.Parameter]:
+        """The parameters of one expert of a routed layer ("encoder.3", "decoder.0")."""
+        side, index = layer_name.split(".")
+        layer = getattr(self.model, side).layers[int(index)]
+        return list(layer.experts[expert].parameters())
+
+    def get_input_embeddings(self):
+        return self.model.shared
+
+    def set_input_embeddings(self, value):
+        self.model.shared = value
+        self.model.encoder.embed_tokens = value
+        self.model.decoder.embed_tokens = value
+
+    def get_encoder(self):
+        return self.model.encoder
+
+    # --- construction -----------------------------------------------------------------------
+    @classmethod
+    def from_dense(
+        cls,
+        dense: BartForConditionalGeneration | str | Path,
+        task_vectors: torch.Tensor | None = None,
+        **moe_options,
+    ) -> MoEBartForConditionalGeneration:
+        """Upcycle a dense BART: every expert starts as a copy of the dense weights at its position.
+
+        `dense` is a `BartForConditionalGeneration` or anything its `from_pretrained` accepts
+        ("facebook/bart-base", a local directory). All non-expert weights are copied exactly;
+        the task table, router and gates are new.
+        """
+        if not isinstance(dense, BartForConditionalGeneration):
+            dense = BartForConditionalGeneration.from_pretrained(dense)
+        options = MoEOptions.from_dict(moe_options)
+        config = MoEBartConfig.from_bart_config(dense.config, options)
+        config._attn_implementation = dense.config._attn_implementation
+        model = cls(config, task_vectors=task_vectors)
+        model.load_dense_state_dict(dense.state_dict())
+        return model.to(dense.dtype)
+
+    @torch.no_grad()
+    def load_dense_state_dict(self, dense_state: dict[str, torch.Tensor]) -> None:
+        """Copy a dense BART state dict in: name-to-name after dropping `experts.{e}`, shapes asserted."""
+        used = set()
+        for name, tensor in self.state_dict().items():
+            source = dense_name(name)
+            if source in dense_state:
+                if dense_state[source].shape != tensor.shape:
+                    raise ValueError(
+                        f"dense weight {source} has shape {tuple(dense_state[source].shape)}; "
+                        f"MoE weight {name} needs {tuple(tensor.shape)}"
+                    )
+                tensor.copy_(dense_state[source])
+                used.add(source)
+            elif not ROUTING_PARAMETERS.search(name):
+                raise ValueError(f"MoE weight {name} has no dense counterpart {source}")
+        unused = sorted(set(dense_state) - used)
+        if unused:
+            raise ValueError(f"dense weights not used by the MoE model: {unused[:5]} ({len(unused)} in all)")
+
+    # --- forward ----------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        decoder_input_ids: torch.LongTensor | None = None,
+        decoder_attention_mask: torch.LongTensor | None = None,
+        encoder_outputs: MoEEncoderOutput | tuple | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        decoder_inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        task_ids: torch.LongTensor | None = None,
+        return_dict: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> MoESeq2SeqLMOutput:
+        """BART's forward with `task_ids` (B,); returns `MoESeq2SeqLMOutput` with the routes used."""
+        if labels is not None:
+            use_cache = False
+            if decoder_input_ids is None and decoder_inputs_embeds is None:
+                decoder_input_ids = shift_tokens_right(
+                    labels, self.config.pad_token_id, self.config.decoder_start_token_id
+                )
+        if decoder_input_ids is None and decoder_inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("pass `decoder_input_ids`, `labels` or `input_ids`")
+            decoder_input_ids = shift_tokens_right(
+                input_ids, self.config.pad_token_id, self.config.decoder_start_token_id
+            )
+        if encoder_outputs is None:
+            encoder_outputs = self.model.encoder(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                task_ids=task_ids,
+                inputs_embeds=inputs_embeds,
+                output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states,
+            )
+        elif not isinstance(encoder_outputs, MoEEncoderOutput):
+            # plain encoder states: route from task_ids
+            states = encoder_outputs[0]
+            ids = check_task_ids(task_ids, states.shape[0], self.model.encoder.num_tasks, states.device)
+            routes, task_vectors = self.model.encoder.route(ids)
+            if routes is not None:
+                routes = routes[:, len(self.model.encoder.routed) :]
+            encoder_outputs = MoEEncoderOutput(
+                last_hidden_state=states, decoder_routes=routes, task_vectors=task_vectors, routes={}
+            )
+
+        hidden_states, past_key_values, decoder_records = self.model.decoder(
+            decoder_input_ids,
+            encoder_outputs.last_hidden_state,
+            encoder_outputs.decoder_routes,
+            encoder_outputs.task_vectors,
+            attention_mask=decoder_attention_mask,
+            encoder_attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            inputs_embeds=decoder_inputs_embeds,
+            use_cache=bool(use_cache if use_cache is not None else self.config.use_cache),
+        )
+        logits = self.lm_head(hidden_states) + self.final_logits_bias.to(hidden_states.device)
+
+        loss = None
+        if labels is not None:
+            loss = CrossEntropyLoss()(logits.view(-1, self.config.vocab_size), labels.to(logits.device).view(-1))
+        routes = {**(encoder_outputs.routes or {}), **decoder_records}
+        aux = [r.aux_loss for r in routes.values() if r.aux_loss is not None]
+        overflow = [r.overflow for r in routes.values() if r.overflow is not None]
+        return MoESeq2SeqLMOutput(
+            loss=loss,
+            logits=logits,
+            past_key_values=past_key_values,
+            encoder_last_hidden_state=encoder_outputs.last_hidden_state,
+            routes=routes,
+            aux_loss=torch.stack(aux).mean() if aux else None,
+            overflow_tokens=torch.stack(overflow).sum() if overflow else None,
+        )
+
+    def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor):
+        return shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
+
+    @torch.no_grad()
+    def generate(self, inputs: torch.Tensor | None = None, task_ids: torch.Tensor | None = None, **kwargs):
+        """`GenerationMixin.generate` with `task_ids` (B,): every decoding step uses the routes the
+        encoder pass computed, beams included. The default cache has one slot per whole-layer expert."""
+        if (
+            kwargs.get("past_key_values") is None
+            and kwargs.get("use_cache", True)
+            and not kwargs.get("cache_implementation")
+        ):
+            kwargs["past_key_values"] = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        return super().generate(inputs, task_ids=task_ids, **kwargs)

@@ -1,0 +1,220 @@
+"""Task-level routing (Ye et al. 2022): task table → router network → expert selection.
+
+Shapes: U unique tasks in a batch, L routed layers (encoder then decoder), E experts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import MoEOptions
+
+GUMBEL_EPS = 1e-6  # clamp of the uniform draw: gumbel noise stays finite in fp16 and on every backend
+
+
+def gumbel_noise(shape: torch.Size, device: torch.device) -> torch.Tensor:
+    """Standard Gumbel noise in fp32, clamped so that it is never ±inf."""
+    uniform = torch.rand(shape, device=device, dtype=torch.float32).clamp(GUMBEL_EPS, 1.0 - GUMBEL_EPS)
+    return -torch.log(-torch.log(uniform))
+
+
+def hard_top_k(logits: torch.Tensor, k: int = 1) -> torch.Tensor:
+    """Evaluation routes: weight 1 on the argmax (k=1), or a softmax renormalised over the top k."""
+    if k == 1:
+        return F.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
+    top = logits.topk(k, dim=-1)
+    weights = torch.zeros_like(logits)
+    return weights.scatter(-1, top.indices, top.values.softmax(-1))
+
+
+def select_experts(logits: torch.Tensor, selection: str, temperature: float | torch.Tensor) -> torch.Tensor:
+    """Training-time route weights from router logits (..., E).
+
+    softmax: softmax(x/τ). gumbel: softmax((x+g)/τ). gumbel_st: one-hot argmax of the gumbel
+    sample in the forward pass, its soft gradient in the backward pass.
+    """
+    if selection == "softmax":
+        return (logits / temperature).softmax(-1)
+    soft = ((logits + gumbel_noise(logits.shape, logits.device)) / temperature).softmax(-1)
+    if selection == "gumbel":
+        return soft
+    hard = F.one_hot(soft.argmax(-1), logits.shape[-1]).to(soft.dtype)
+    return hard - soft.detach() + soft
+
+
+def load_task_vectors(path: str | Path, num_tasks: int) -> torch.Tensor:
+    """Precomputed task representations (text or Fisher embeddings) from a .pt, .npy or .json file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"MoE option `task_embeddings`: file {path} does not exist")
+    if path.suffix == ".pt":
+        vectors = torch.load(path, map_location="cpu", weights_only=True)
+    elif path.suffix == ".npy":
+        import numpy as np
+
+        vectors = torch.from_numpy(np.load(path))
+    elif path.suffix == ".json":
+        vectors = torch.tensor(json.loads(path.read_text()))
+    else:
+        raise ValueError(f"MoE option `task_embeddings`: {path} has suffix {path.suffix!r}; allowed: .pt, .npy, .json")
+    if not isinstance(vectors, torch.Tensor) or vectors.dim() != 2 or vectors.shape[0] != num_tasks:
+        shape = tuple(vectors.shape) if isinstance(vectors, torch.Tensor) else type(vectors).__name__
+        raise ValueError(
+            f"MoE option `task_embeddings`: {path} holds {shape}; expected a (num_tasks={num_tasks}, dim) matrix"
+        )
+    return vectors.float()
+
+
+class TaskTable(nn.Module):
+    """The task representation table (num_tasks × task_dim): learned, or initialised from given vectors."""
+
+    def __init__(self, num_tasks: int, task_dim: int, vectors: torch.Tensor | None = None, frozen: bool = False):
+        super().__init__()
+        self.embedding = nn.Embedding(num_tasks, task_dim)
+        self.given = vectors is not None
+        if vectors is not None:
+            if tuple(vectors.shape) != (num_tasks, task_dim):
+                raise ValueError(f"task vectors have shape {tuple(vectors.shape)}; expected ({num_tasks}, {task_dim})")
+            self.embedding.weight.data.copy_(vectors)
+        self.embedding.weight.requires_grad_(not frozen)
+
+    @property
+    def num_tasks(self) -> int:
+        return self.embedding.num_embeddings
+
+    def forward(self, task_ids: torch.Tensor) -> torch.Tensor:  # (B,) -> (B, task_dim)
+        return self.embedding(task_ids)
+
+
+class MLPRouter(nn.Module):
+    """One small MLP per routed layer: task_dim → hidden → GELU → E (the paper's default)."""
+
+    def __init__(self, task_dim: int, hidden: int, num_layers: int, num_experts: int):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            nn.Sequential(nn.Linear(task_dim, hidden), nn.GELU(), nn.Linear(hidden, num_experts))
+            for _ in range(num_layers)
+        )
+
+    def forward(self, tasks: torch.Tensor) -> torch.Tensor:  # (U, d) -> (U, L, E)
+        return torch.stack([mlp(tasks) for mlp in self.layers], dim=1)
+
+
+class RecurrentRouter(nn.Module):
+    """An LSTM or GRU run over the layer sequence, so each layer's route can depend on the earlier ones."""
+
+    def __init__(self, task_dim: int, hidden: int, num_layers: int, num_experts: int, cell: str):
+        super().__init__()
+        self.layer_embedding = nn.Embedding(num_layers, task_dim)
+        self.rnn = (nn.LSTM if cell == "lstm" else nn.GRU)(task_dim, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, num_experts)
+
+    def forward(self, tasks: torch.Tensor) -> torch.Tensor:  # (U, d) -> (U, L, E)
+        steps = tasks[:, None, :] + self.layer_embedding.weight[None]  # (U, L, d)
+        return self.head(self.rnn(steps)[0])
+
+
+class TransformerRouter(nn.Module):
+    """A small transformer encoder over one token per routed layer, each seeded with the task vector."""
+
+    def __init__(self, task_dim: int, hidden: int, num_layers: int, num_experts: int, depth: int = 2, heads: int = 4):
+        super().__init__()
+        self.project = nn.Linear(task_dim, hidden)
+        self.layer_embedding = nn.Embedding(num_layers, hidden)
+        block = nn.TransformerEncoderLayer(hidden, heads, 2 * hidden, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(block, depth, enable_nested_tensor=False)
+        self.head = nn.Linear(hidden, num_experts)
+
+    def forward(self, tasks: torch.Tensor) -> torch.Tensor:  # (U, d) -> (U, L, E)
+        tokens = self.project(tasks)[:, None, :] + self.layer_embedding.weight[None]
+        return self.head(self.encoder(tokens))
+
+
+def build_router_network(options: MoEOptions, task_dim: int, num_layers: int) -> nn.Module:
+    args = (task_dim, options.router_hidden, num_layers, options.num_experts)
+    if options.router == "mlp":
+        return MLPRouter(*args)
+    if options.router in ("lstm", "gru"):
+        return RecurrentRouter(*args, cell=options.router)
+    return TransformerRouter(*args)
+
+
+def fixed_route_table(options: MoEOptions, num_layers: int) -> torch.Tensor:
+    """Route weights (num_tasks, L, E) of the fixed sources: average, random (seeded) and given.
+
+    Built on the CPU even where the default device is "meta" (as in `from_pretrained`).
+    """
+    shape = (options.num_tasks, num_layers, options.num_experts)
+    cpu = torch.device("cpu")
+    if options.routes == "average":
+        return torch.full(shape, 1.0 / options.num_experts, device=cpu)
+    if options.routes == "random":
+        generator = torch.Generator(device=cpu).manual_seed(options.route_seed)
+        choice = torch.randint(options.num_experts, shape[:2], generator=generator, device=cpu)
+        return F.one_hot(choice, options.num_experts).float()
+    given = torch.as_tensor(options.given_routes, device=cpu)
+    if tuple(given.shape) == shape[:2] and not given.is_floating_point():
+        if given.min() < 0 or given.max() >= options.num_experts:
+            raise ValueError(
+                f"MoE option `given_routes` names experts {sorted(set(given.flatten().tolist()))}; "
+                f"allowed: 0 to {options.num_experts - 1}"
+            )
+        return F.one_hot(given, options.num_experts).float()
+    if tuple(given.shape) == shape:
+        return given.float()
+    raise ValueError(
+        f"MoE option `given_routes` has shape {tuple(given.shape)}; expected expert indices of shape {shape[:2]} "
+        f"(num_tasks, routed layers) or weights of shape {shape}"
+    )
+
+
+class TaskRouter(nn.Module):
+    """Routes of every routed layer for each example's task: (B,) task ids → (B, L, E) weights.
+
+    Learned routes are computed once per distinct task in the batch (one route per task, as in
+    the paper; with homogeneous batches the gumbel sample is shared by the whole batch). The
+    selection temperature is a buffer, so callbacks set it and checkpoints keep it.
+    """
+
+    def __init__(self, options: MoEOptions, task_dim: int, num_layers: int):
+        super().__init__()
+        self.selection = options.selection
+        self.top_k = options.top_k
+        self.source = options.routes
+        self.num_layers = num_layers
+        self.num_experts = options.num_experts
+        self.register_buffer("temperature", torch.tensor(float(options.temperature)))
+        if self.source == "learned":
+            self.network = build_router_network(options, task_dim, num_layers)
+        else:
+            self.register_buffer("fixed_routes", fixed_route_table(options, num_layers))
+
+    @property
+    def learned(self) -> bool:
+        return self.source == "learned"
+
+    def set_temperature(self, value: float) -> None:
+        if not value > 0:
+            raise ValueError(f"temperature must be > 0, got {value}")
+        self.temperature.fill_(value)
+
+    def logits(self, task_vectors: torch.Tensor) -> torch.Tensor:
+        """Router logits (U, L, E) in fp32, whatever the autocast dtype (routing is precision-sensitive)."""
+        with torch.autocast(device_type=task_vectors.device.type, enabled=False):
+            return self.network(task_vectors.float())
+
+    def forward(self, task_ids: torch.Tensor, task_table: TaskTable) -> torch.Tensor:
+        if not self.learned:
+            return self.fixed_routes[task_ids]
+        tasks, inverse = torch.unique(task_ids, return_inverse=True)
+        logits = self.logits(task_table(tasks))
+        if self.training:
+            weights = select_experts(logits, self.selection, self.temperature)
+        else:
+            weights = hard_top_k(logits, self.top_k)
+        return weights[inverse]

@@ -1,0 +1,107 @@
+"""Selection functions, route tables and router networks of task-level routing."""
+
+import pytest
+import torch
+
+from moe_mtl import MoEOptions
+from moe_mtl.models.routing import (
+    TaskRouter,
+    TaskTable,
+    fixed_route_table,
+    gumbel_noise,
+    hard_top_k,
+    load_task_vectors,
+    select_experts,
+)
+
+
+def test_hard_top_k_is_one_hot_argmax_or_renormalised_top_k():
+    logits = torch.tensor([[0.1, 2.0, -1.0], [3.0, 1.0, 2.0]])
+    assert torch.equal(hard_top_k(logits), torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]))
+    top2 = hard_top_k(logits, 2)
+    assert torch.equal(top2 > 0, torch.tensor([[True, True, False], [True, False, True]]))
+    torch.testing.assert_close(top2.sum(-1), torch.ones(2))
+    torch.testing.assert_close(top2[1, [0, 2]], torch.tensor([3.0, 2.0]).softmax(-1))
+
+
+def test_softmax_selection_sharpens_as_temperature_falls():
+    logits = torch.tensor([[1.0, 0.5, 0.0]])
+    hot, cold = select_experts(logits, "softmax", 10.0), select_experts(logits, "softmax", 0.1)
+    torch.testing.assert_close(hot, (logits / 10.0).softmax(-1))
+    assert hot.max() < 0.4 < 0.99 < cold.max()
+
+
+def test_gumbel_straight_through_is_hard_forward_and_soft_backward():
+    logits = torch.randn(5, 4, requires_grad=True)
+    torch.manual_seed(7)
+    hard = select_experts(logits, "gumbel_st", 0.5)
+    torch.manual_seed(7)
+    soft = select_experts(logits, "gumbel", 0.5)
+    assert torch.equal(hard.detach(), torch.nn.functional.one_hot(soft.argmax(-1), 4).float())
+    probe = torch.randn(5, 4)
+    (grad_hard,) = torch.autograd.grad((hard * probe).sum(), logits)
+    (grad_soft,) = torch.autograd.grad((soft * probe).sum(), logits)
+    torch.testing.assert_close(grad_hard, grad_soft)
+
+
+def test_gumbel_noise_is_finite_and_gumbel_selection_survives_extreme_logits():
+    noise = gumbel_noise(torch.Size([100_000]), torch.device("cpu"))
+    assert torch.isfinite(noise).all()
+    logits = torch.tensor([[1e4, -1e4, 0.0]], dtype=torch.float16)
+    assert torch.isfinite(select_experts(logits.float(), "gumbel_st", 0.1)).all()
+
+
+def test_random_routes_are_seeded_one_hot():
+    options = MoEOptions(num_experts=3, num_tasks=5, routes="random", route_seed=1)
+    table = fixed_route_table(options, 4)
+    assert table.shape == (5, 4, 3) and torch.equal(table.sum(-1), torch.ones(5, 4))
+    assert torch.equal(table, fixed_route_table(options, 4))
+    other = fixed_route_table(MoEOptions(num_experts=3, num_tasks=5, routes="random", route_seed=2), 4)
+    assert not torch.equal(table, other)
+
+
+def test_given_routes_accept_indices_or_weights_and_name_bad_shapes():
+    indices = MoEOptions(num_experts=2, num_tasks=2, routes="given", given_routes=[[0, 1], [1, 1]])
+    assert torch.equal(fixed_route_table(indices, 2).argmax(-1), torch.tensor([[0, 1], [1, 1]]))
+    weights = [[[0.5, 0.5], [1.0, 0.0]], [[0.0, 1.0], [0.2, 0.8]]]
+    soft = MoEOptions(num_experts=2, num_tasks=2, routes="given", given_routes=weights)
+    assert torch.equal(fixed_route_table(soft, 2), torch.tensor(weights))
+    with pytest.raises(ValueError, match=r"`given_routes` has shape \(2, 3\); expected .* \(2, 2\)"):
+        fixed_route_table(MoEOptions(num_experts=2, num_tasks=2, routes="given", given_routes=[[0] * 3] * 2), 2)
+    with pytest.raises(ValueError, match=r"`given_routes` names experts \[0, 5\]; allowed: 0 to 1"):
+        fixed_route_table(MoEOptions(num_experts=2, num_tasks=2, routes="given", given_routes=[[0, 5], [0, 0]]), 2)
+
+
+@pytest.mark.parametrize("router", ["mlp", "lstm", "gru", "transformer"])
+def test_router_gives_one_route_per_task(router):
+    options = MoEOptions(num_experts=3, num_tasks=4, router=router, task_dim=8, router_hidden=16)
+    table, task_router = TaskTable(4, 8), TaskRouter(options, 8, 5).train()
+    task_ids = torch.tensor([2, 0, 2, 2, 0])
+    weights = task_router(task_ids, table)
+    assert weights.shape == (5, 5, 3)
+    # one gumbel draw per distinct task: its examples share a route
+    assert torch.equal(weights[0], weights[2]) and torch.equal(weights[1], weights[4])
+    assert torch.equal(weights.detach().sum(-1), torch.ones(5, 5))
+
+
+def test_temperature_is_a_checkpointed_buffer():
+    task_router = TaskRouter(MoEOptions(num_experts=2, num_tasks=2), 8, 3)
+    task_router.set_temperature(0.3)
+    assert task_router.state_dict()["temperature"].item() == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        task_router.set_temperature(0.0)
+
+
+def test_task_vectors_load_from_files_and_name_bad_ones(tmp_path):
+    vectors = torch.randn(3, 4)
+    torch.save(vectors, tmp_path / "v.pt")
+    (tmp_path / "v.json").write_text(str(vectors.tolist()))
+    assert torch.equal(load_task_vectors(tmp_path / "v.pt", 3), vectors)
+    torch.testing.assert_close(load_task_vectors(tmp_path / "v.json", 3), vectors)
+    with pytest.raises(ValueError, match=r"v.pt holds \(3, 4\); expected a \(num_tasks=2, dim\) matrix"):
+        load_task_vectors(tmp_path / "v.pt", 2)
+    with pytest.raises(ValueError, match=r"missing.pt does not exist"):
+        load_task_vectors(tmp_path / "missing.pt", 3)
+    (tmp_path / "v.txt").write_text("1 2 3")
+    with pytest.raises(ValueError, match=r"suffix '.txt'; allowed: .pt, .npy, .json"):
+        load_task_vectors(tmp_path / "v.txt", 3)
