@@ -447,7 +447,6 @@ class MoEBartForConditionalGeneration(PreTrainedModel, GenerationMixin):
         return_dict: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
-        **kwargs,
     ) -> MoESeq2SeqLMOutput:
         """BART's forward with `task_ids` (B,); returns `MoESeq2SeqLMOutput` with the routes used."""
         if labels is not None:
