@@ -282,3 +282,27 @@ def test_generate_checks_task_ids():
     model = tiny_moe(num_experts=2, num_tasks=4).eval()
     with pytest.raises(ValueError, match=r"task ids: 0 to 3"):
         model.generate(torch.randint(3, 64, (2, 5)), task_ids=torch.tensor([0, 9]), max_new_tokens=2)
+
+
+def test_auto_model_loads_a_saved_moe_bart(batch, tmp_path):
+    from transformers import AutoModelForSeq2SeqLM
+
+    model = tiny_moe(num_experts=2, num_tasks=4).eval()
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForSeq2SeqLM.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, MoEBartForConditionalGeneration)
+    assert torch.equal(logits(loaded, batch), logits(model, batch))
+
+
+def test_plain_encoder_states_are_routed_from_task_ids(batch):
+    model = tiny_moe(num_experts=3, num_tasks=4).eval()
+    full = model(**batch, task_ids=TASKS)
+    states = (full.encoder_last_hidden_state,)
+    again = model(
+        attention_mask=batch["attention_mask"],
+        decoder_input_ids=batch["decoder_input_ids"],
+        encoder_outputs=states,
+        task_ids=TASKS,
+    )
+    assert torch.equal(again.logits, full.logits)
+    assert again.routes.keys() == {"decoder.0", "decoder.1"}
