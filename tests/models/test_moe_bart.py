@@ -306,3 +306,8 @@ def test_plain_encoder_states_are_routed_from_task_ids(batch):
     )
     assert torch.equal(again.logits, full.logits)
     assert again.routes.keys() == {"decoder.0", "decoder.1"}
+
+
+def test_layerdrop_is_refused_not_ignored():
+    with pytest.raises(ValueError, match=r"`encoder_layerdrop` is 0.1; MoE-BART supports only 0.0"):
+        tiny_moe(tiny_bart_config(encoder_layerdrop=0.1), num_experts=2)

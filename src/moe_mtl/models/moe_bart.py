@@ -331,6 +331,10 @@ class MoEBartForConditionalGeneration(PreTrainedModel, GenerationMixin):
 
     def __init__(self, config: MoEBartConfig, task_vectors: torch.Tensor | None = None):
         super().__init__(config)
+        for option in ("encoder_layerdrop", "decoder_layerdrop"):
+            if getattr(config, option):
+                # skipping layers at random would also make DDP ranks disagree on which experts ran
+                raise ValueError(f"config `{option}` is {getattr(config, option)}; MoE-BART supports only 0.0")
         options = config.moe_options
         if task_vectors is None and options.task_embeddings is not None:
             task_vectors = load_task_vectors(options.task_embeddings, options.num_tasks)
