@@ -1,0 +1,338 @@
+"""MultiTaskDataModule: tasks → tokenizer → cached token ids → batches with task ids, as one LightningDataModule."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+from datasets import Dataset
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from .encoding import EncodedSplit, SplitPart, collate, encode_split, truncation_counts
+from .sampling import (
+    TASK_SAMPLING,
+    HeterogeneousBatchSampler,
+    HomogeneousBatchSampler,
+    MultiTaskBatchSampler,
+    SequentialTaskBatchSampler,
+)
+from .sources import load_tasks
+from .tasks import PARTITIONS, DataError, Task, check_choice
+from .tokenizer import run_tokenizer
+
+log = logging.getLogger(__name__)
+
+# dataset name → (split of the tasks, option that picks the partitions)
+DATASETS = {
+    "train": ("train", "train_partitions"),
+    "val": ("dev", "val_partitions"),
+    "test": ("test", "test_partitions"),
+}
+STAGE_DATASETS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+
+
+class MultiTaskDataModule(LightningDataModule):
+    """Multi-task text-to-text data: tasks from a source, a tokenizer, homogeneous (one task per batch) training
+    batches and per-task evaluation batches.
+
+    Every task the partition names gets an id (its index in `task_names`): seen tasks first, then
+    dev, then test tasks, so the model's task table also covers unseen tasks. Training uses the
+    "train" split of the tasks in `train_partitions`, validation the "dev" split of
+    `val_partitions`, test and predict the "test" split of `test_partitions`; with `fewshot_seed`,
+    tasks that have k-shot splits use that seed's train/dev.
+
+    Batches are dicts: task_ids (B,), input_ids and attention_mask (B, L_in), labels (B, L_out;
+    padding -100), example_ids (B,), and the lists task_names, references and options (see `collate`).
+
+    Args:
+        source: Where tasks come from: "skills" (the built-in generated suite), "jsonl", "crossfit" or "hf".
+        data_dir: Directory of the tasks (sources "jsonl" and "crossfit").
+        partition: Task partition: a JSON file or mapping with "train", "dev", "test" lists of task names.
+            None: the source's own (the skill suite's; "train" for tasks without task information).
+        task_info: JSON file with metric, features and partition per task ("jsonl", "crossfit");
+            default `<data_dir>/tasks.json`. A mapping task → metric (CrossFit's task_metrics.json) also works.
+        skills: Options of the skill suite: seed, train_size, dev_size, test_size, shots, fewshot_seeds,
+            min_items, max_items (see `SkillSuiteOptions`).
+        hf: Tasks of source "hf", one mapping each: name, path, config, data_files, splits, input, target,
+            options, metric, features, partition (see `HFTaskSpec`).
+        tokenizer: Pretrained tokenizer name or folder (e.g. "facebook/bart-base"). None: train a byte-level
+            BPE on the training text, saved to `<output_dir>/tokenizer` and reused from there.
+        vocab_size: Vocabulary size of a trained tokenizer (the `vocab_size` property gives the actual size).
+        output_dir: Where the trained tokenizer and the tokenised-data cache go.
+        max_input_length: Maximum input tokens; longer inputs are cut (counted and warned per task).
+        max_target_length: Maximum target tokens; longer targets are cut (counted and warned per task).
+        batch_size: Training examples per batch on each device.
+        eval_batch_size: Evaluation examples per batch; None: `batch_size`.
+        batching: "homogeneous" (one task per batch) or "heterogeneous" (mixed tasks, the ablation).
+        task_sampling: Task of each batch drawn "proportional" to size (every example once per epoch),
+            "temperature"-scaled (p ∝ n^(1/T)) or "uniform".
+        sampling_temperature: T of temperature sampling.
+        sync_tasks: All devices draw the same task at each step (homogeneous batching).
+        train_partitions: Partition(s) whose tasks are trained on ("train" split).
+        val_partitions: Partition(s) whose tasks are validated ("dev" split).
+        test_partitions: Partition(s) whose tasks are tested and predicted ("test" split).
+        fewshot_seed: Seed of the k-shot train/dev splits to use for tasks that have them (held-out tasks).
+        seed: Seed of the batch order (with the epoch number).
+        num_workers: DataLoader worker processes.
+    """
+
+    def __init__(
+        self,
+        source: Literal["skills", "jsonl", "crossfit", "hf"] = "skills",
+        data_dir: str | None = None,
+        partition: str | dict[str, list[str]] | None = None,
+        task_info: str | None = None,
+        skills: dict[str, Any] | None = None,
+        hf: list[dict[str, Any]] | None = None,
+        tokenizer: str | None = None,
+        vocab_size: int = 1024,
+        output_dir: str = "runs/data",
+        max_input_length: int = 128,
+        max_target_length: int = 32,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        batching: Literal["homogeneous", "heterogeneous"] = "homogeneous",
+        task_sampling: Literal["proportional", "temperature", "uniform"] = "proportional",
+        sampling_temperature: float = 2.0,
+        sync_tasks: bool = True,
+        train_partitions: str | list[str] = "train",
+        val_partitions: str | list[str] = "train",
+        test_partitions: str | list[str] = "test",
+        fewshot_seed: int | None = None,
+        seed: int = 0,
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        check_choice("`batching`", batching, ("homogeneous", "heterogeneous"), "data module option")
+        check_choice("`task_sampling`", task_sampling, TASK_SAMPLING, "data module option")
+        for name in ("max_input_length", "max_target_length", "batch_size"):
+            if self.hparams[name] < 1:
+                raise DataError(f"data module option `{name}` is {self.hparams[name]}; it must be a positive integer")
+        self.partitions = {
+            option: [parts] if isinstance(parts, str) else list(parts)
+            for option, parts in (
+                ("train_partitions", train_partitions),
+                ("val_partitions", val_partitions),
+                ("test_partitions", test_partitions),
+            )
+        }
+        for option, parts in self.partitions.items():
+            for part in parts:
+                check_choice(f"a partition in `{option}`", part, PARTITIONS, "data module option")
+        self._tasks: list[Task] | None = None
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+        self._encoded: dict[str, Dataset] = {}
+        self.datasets: dict[str, EncodedSplit] = {}
+        self.train_sampler: MultiTaskBatchSampler | None = None
+        self._sampler_state: dict[str, Any] | None = None
+
+    # --- what the model needs -------------------------------------------------------------------------
+
+    @property
+    def tasks(self) -> list[Task]:
+        """All tasks, index = task id (read or generated on first use)."""
+        if self._tasks is None:
+            hp = self.hparams
+            self._tasks = load_tasks(
+                hp.source,
+                data_dir=hp.data_dir,
+                partition=hp.partition,
+                task_info=hp.task_info,
+                skills=hp.skills,
+                hf=hp.hf,
+            )
+        return self._tasks
+
+    @property
+    def task_names(self) -> list[str]:
+        return [task.name for task in self.tasks]
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+    @property
+    def task_metrics(self) -> list[str]:
+        """CrossFit metric name per task id."""
+        return [task.metric for task in self.tasks]
+
+    @property
+    def task_features(self) -> list[dict[str, Any]]:
+        """Features per task id (see `feature_table` for the numeric form)."""
+        return [task.features for task in self.tasks]
+
+    @property
+    def task_partitions(self) -> list[str]:
+        """Partition ("train", "dev", "test") per task id."""
+        return [task.partition for task in self.tasks]
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The run's tokenizer (loaded, or trained and saved, on first use)."""
+        if self._tokenizer is None:
+            directory = Path(self.hparams.output_dir) / "tokenizer"
+            self._tokenizer = run_tokenizer(
+                self.hparams.tokenizer, directory, self._training_texts, self.hparams.vocab_size
+            )
+        return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        """Tokens of the tokenizer, special tokens included: the model's vocabulary size."""
+        return len(self.tokenizer)
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    # --- data -----------------------------------------------------------------------------------------
+
+    def _parts(self, name: str) -> list[SplitPart]:
+        split, option = DATASETS[name]
+        parts = self.partitions[option]
+        fewshot_seed = self.hparams.fewshot_seed
+        chosen = [
+            SplitPart(task_id, task.name, task.examples(split, fewshot_seed))
+            for task_id, task in enumerate(self.tasks)
+            if task.partition in parts
+        ]
+        if not chosen:
+            counts = {part: self.task_partitions.count(part) for part in PARTITIONS}
+            raise DataError(
+                f"data module option `{option}` is {parts}, which hold no tasks; tasks per partition: {counts}"
+            )
+        return chosen
+
+    def _training_texts(self) -> Iterable[str]:
+        for part in self._parts("train"):
+            for example in part.examples:
+                yield example.input
+                yield from example.targets
+
+    def _encode(self, name: str) -> Dataset:
+        if name not in self._encoded:
+            hp = self.hparams
+            cache = Path(hp.output_dir) / "cache"
+            encoded, cached = encode_split(
+                name, self._parts(name), self.tokenizer, hp.max_input_length, hp.max_target_length, cache
+            )
+            log.info("%s data: %d examples, %s", name, len(encoded), "loaded from the cache" if cached else "tokenised")
+            self._encoded[name] = encoded
+        return self._encoded[name]
+
+    def _needed(self, names: Iterable[str]) -> list[str]:
+        return [name for name in names if self.partitions[DATASETS[name][1]]]
+
+    def prepare_data(self) -> None:
+        """Load the tasks, train or load the tokenizer, tokenise every split into the cache (once per node)."""
+        for name in self._needed(DATASETS):
+            self._encode(name)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the tokenised splits a stage needs from the cache (every rank); warn about cut examples."""
+        names = STAGE_DATASETS[stage] if stage is not None else tuple(DATASETS)
+        for name in self._needed(names):
+            if name in self.datasets:
+                continue
+            encoded = self._encode(name)
+            self.datasets[name] = EncodedSplit(encoded, self.task_names)
+            self._warn_truncated(name, encoded)
+
+    def _warn_truncated(self, name: str, encoded: Dataset) -> None:
+        hp = self.hparams
+        for task_id, (inputs, targets, total) in truncation_counts(encoded).items():
+            if inputs or targets:
+                rank_zero_warn(
+                    f"task {self.task_names[task_id]!r} ({name} data): {inputs} of {total} inputs cut to "
+                    f"max_input_length={hp.max_input_length}, {targets} targets cut to "
+                    f"max_target_length={hp.max_target_length}"
+                )
+
+    def _dataset(self, name: str) -> EncodedSplit:
+        if name not in self.datasets:
+            option = DATASETS[name][1]
+            if not self.partitions[option]:
+                raise DataError(f"no {name} data: data module option `{option}` is empty")
+            self.setup({"train": "fit", "val": "validate", "test": "test"}[name])
+        return self.datasets[name]
+
+    def _replicas(self) -> dict[str, int | None]:
+        """World size and rank from the trainer when attached; else the samplers ask torch.distributed."""
+        if self.trainer is None:
+            return {"num_replicas": None, "rank": None}
+        return {"num_replicas": self.trainer.world_size, "rank": self.trainer.global_rank}
+
+    def _loader(self, dataset: EncodedSplit, batch_sampler) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_sampler=batch_sampler,
+            collate_fn=partial(collate, pad_token_id=self.pad_token_id),
+            num_workers=self.hparams.num_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        hp = self.hparams
+        dataset = self._dataset("train")
+        options = {
+            "task_sampling": hp.task_sampling,
+            "temperature": hp.sampling_temperature,
+            "seed": hp.seed,
+            **self._replicas(),
+        }
+        if hp.batching == "homogeneous":
+            sampler = HomogeneousBatchSampler(dataset.task_sizes, hp.batch_size, sync_tasks=hp.sync_tasks, **options)
+        else:
+            sampler = HeterogeneousBatchSampler(dataset.task_sizes, hp.batch_size, **options)
+        if self._sampler_state is not None:
+            sampler.load_state_dict(self._sampler_state)
+            self._sampler_state = None
+        self.train_sampler = sampler
+        return self._loader(dataset, sampler)
+
+    def _eval_loader(self, name: str) -> DataLoader:
+        dataset = self._dataset(name)
+        batch_size = self.hparams.eval_batch_size or self.hparams.batch_size
+        return self._loader(dataset, SequentialTaskBatchSampler(dataset.task_sizes, batch_size, **self._replicas()))
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+    # --- resume ---------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training sampler's position, saved in checkpoints.
+
+        While fitting, the position is the number of batches the trainer has processed in the current
+        epoch, not what the sampler has handed out (the DataLoader fetches ahead of training).
+        """
+        if self.train_sampler is None:
+            return {}
+        state = self.train_sampler.state_dict()
+        trainer = self.trainer
+        if trainer is not None and trainer.state.fn == TrainerFn.FITTING:
+            epoch, position = trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            if position >= trainer.num_training_batches:  # the epoch is over (`limit_train_batches` included)
+                epoch, position = epoch + 1, 0
+            state.update(epoch=epoch, position=position)
+        return {"train_sampler": state}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the sampler position; the next training dataloader continues the saved batch sequence."""
+        self._sampler_state = state_dict.get("train_sampler")
+        if self.train_sampler is not None and self._sampler_state is not None:
+            self.train_sampler.load_state_dict(self._sampler_state)
+            self._sampler_state = None

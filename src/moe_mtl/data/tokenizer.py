@@ -1,0 +1,96 @@
+"""The tokenizer: a pretrained one by name or path, or a byte-level BPE trained here on the training text.
+
+The trained tokenizer is BART's kind: byte-level BPE with <s>=0, <pad>=1, </s>=2, <unk>=3, <mask>,
+inputs wrapped as `<s> text </s>`. It is saved with the run (`save_pretrained`) and loaded from
+there afterwards, so that test and predict runs use exactly the tokenizer training used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from .tasks import DataError
+
+log = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
+MIN_VOCAB_SIZE = len(pre_tokenizers.ByteLevel.alphabet()) + len(SPECIAL_TOKENS)
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer with BART's special tokens on `texts` (at most `vocab_size` tokens)."""
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise DataError(f"`vocab_size` is {vocab_size}; a byte-level BPE needs at least {MIN_VOCAB_SIZE}")
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(texts, trainer)
+    bpe.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0), add_prefix_space=False)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        mask_token="<mask>",
+        cls_token="<s>",
+        sep_token="</s>",
+    )
+
+
+def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
+    """A saved or pretrained tokenizer ("facebook/bart-base" needs the hub; a local folder does not)."""
+    try:
+        return AutoTokenizer.from_pretrained(str(name_or_path))
+    except OSError as err:
+        raise DataError(
+            f"`tokenizer` {str(name_or_path)!r} could not be loaded ({err}); give a hub name (online) or a folder "
+            "written by `save_pretrained`, or leave it unset to train one on the training text"
+        ) from err
+
+
+def run_tokenizer(
+    name_or_path: str | None, directory: Path, texts: Callable[[], Iterable[str]], vocab_size: int
+) -> PreTrainedTokenizerBase:
+    """The tokenizer of a run: `name_or_path` if given; else the one saved in `directory`; else one trained
+    on `texts()` and saved there.
+
+    Saving is atomic (a temporary folder renamed into place), so ranks that train at the same time
+    all end up loading the one folder that won.
+    """
+    if name_or_path is not None:
+        return load_tokenizer(name_or_path)
+    if not (directory / "tokenizer.json").is_file():
+        tokenizer = train_tokenizer(texts(), vocab_size)
+        staging = directory.with_name(f".{directory.name}.{os.getpid()}")
+        tokenizer.save_pretrained(staging)
+        try:
+            staging.rename(directory)
+            log.info("trained a byte-level BPE tokenizer of %d tokens, saved to %s", len(tokenizer), directory)
+        except OSError:  # another rank saved first
+            shutil.rmtree(staging)
+    else:
+        log.info("using the tokenizer saved in %s", directory)
+    return load_tokenizer(directory)
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A hash of everything that decides how the tokenizer splits text (its full serialisation)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    state = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    return hashlib.blake2b(f"{type(tokenizer).__name__}\n{state}".encode(), digest_size=16).hexdigest()
