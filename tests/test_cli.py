@@ -42,6 +42,12 @@ def test_upcycle_rejects_an_unknown_option_value(tmp_path, capsys):
     assert "moe.routing" in error and "task" in error and "token" in error
 
 
+def test_upcycle_reports_an_invalid_option_without_a_traceback(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["upcycle", "--dense=x", f"--output={tmp_path}", "--moe.num_experts=0"])
+    assert "MoE option `num_experts` is 0; it must be a positive integer" in capsys.readouterr().err
+
+
 def test_python_dash_m_runs_the_command():
     result = subprocess.run([sys.executable, "-m", "moe_mtl", "--help"], capture_output=True, text=True, check=True)
     assert "upcycle" in result.stdout

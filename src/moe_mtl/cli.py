@@ -40,7 +40,10 @@ def main(args: Sequence[str] | None = None) -> None:
     parser = build_parser()
     config = parser.parse_args(sys.argv[1:] if args is None else list(args))
     if config.command == "upcycle":
-        options = parser.instantiate(config).upcycle
-        model = upcycle(options.dense, options.output, options.moe)
+        try:
+            options = parser.instantiate(config).upcycle
+            model = upcycle(options.dense, options.output, options.moe)
+        except ValueError as err:  # a bad option value: a usage error, not a traceback
+            parser.error(str(err))
         layers = ", ".join(model.routed_layer_names)
         print(f"saved MoE-BART ({model.moe_options.num_experts} experts; routed: {layers}) to {options.output}")

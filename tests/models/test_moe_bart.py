@@ -311,3 +311,78 @@ def test_plain_encoder_states_are_routed_from_task_ids(batch):
 def test_layerdrop_is_refused_not_ignored():
     with pytest.raises(ValueError, match=r"`encoder_layerdrop` is 0.1; MoE-BART supports only 0.0"):
         tiny_moe(tiny_bart_config(encoder_layerdrop=0.1), num_experts=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("options", [dict(), dict(routing="token", expert_unit="ffn", capacity_factor=2.0)], ids=str)
+def test_a_model_cast_to_half_precision_routes(options, dtype):
+    dense = BartForConditionalGeneration(tiny_bart_config()).to(dtype)
+    model = MoEBartForConditionalGeneration.from_dense(dense, num_experts=3, num_tasks=4, **options)
+    assert model.dtype == dtype
+    ids = torch.randint(3, 64, (2, 6))
+    for mode in (model.eval(), model.train()):
+        out = mode(input_ids=ids, labels=ids, task_ids=torch.tensor([0, 3]))
+        assert torch.isfinite(out.logits.float()).all()
+        assert all(record.weights.dtype == torch.float32 for record in out.routes.values())
+
+
+def test_from_pretrained_keeps_the_task_table_frozen(tmp_path):
+    tiny_moe(num_experts=2, num_tasks=3, freeze_task_table=True).save_pretrained(tmp_path)
+    loaded = MoEBartForConditionalGeneration.from_pretrained(tmp_path)
+    assert not loaded.task_table.embedding.weight.requires_grad
+
+
+def test_task_vectors_travel_with_the_checkpoint_not_the_file(dense, batch, tmp_path):
+    vectors = torch.randn(4, 12)
+    torch.save(vectors, tmp_path / "tasks.pt")
+    model = MoEBartForConditionalGeneration.from_dense(
+        dense, num_experts=2, num_tasks=4, task_embeddings=str(tmp_path / "tasks.pt")
+    ).eval()
+    assert (model.moe_options.task_dim, model.moe_options.task_embeddings) == (12, None)
+    model.save_pretrained(tmp_path / "model")
+    (tmp_path / "tasks.pt").unlink()
+    loaded = MoEBartForConditionalGeneration.from_pretrained(tmp_path / "model").eval()
+    assert torch.equal(loaded.task_table.embedding.weight, vectors)
+    assert torch.equal(logits(loaded, batch), logits(model, batch))
+
+
+def test_tensor_task_vectors_must_have_a_row_per_task(dense):
+    with pytest.raises(ValueError, match=r"task vectors have shape \(3, 5\); expected \(num_tasks=4, dim\)"):
+        MoEBartForConditionalGeneration.from_dense(dense, task_vectors=torch.randn(3, 5), num_experts=2, num_tasks=4)
+
+
+def test_from_dense_keeps_the_generation_defaults(dense):
+    dense.generation_config.num_beams, dense.generation_config.no_repeat_ngram_size = 4, 3
+    model = MoEBartForConditionalGeneration.from_dense(dense, num_experts=2, num_tasks=2)
+    assert (model.generation_config.num_beams, model.generation_config.no_repeat_ngram_size) == (4, 3)
+
+
+def test_from_dense_reads_a_safetensors_state_without_tied_keys(dense, batch, tmp_path):
+    from safetensors.torch import load_file
+
+    dense.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    assert "model.encoder.embed_tokens.weight" not in state
+    moe = tiny_moe(num_experts=2, num_tasks=4)
+    moe.load_dense_state_dict(state)
+    torch.testing.assert_close(logits(moe.eval(), batch), dense(**batch).logits, atol=1e-5, rtol=0)
+
+
+def test_a_plain_forward_fills_no_cache_and_costs_dense_for_mixed_tasks():
+    config = tiny_bart_config(d_model=64, encoder_ffn_dim=128, decoder_ffn_dim=128)
+    dense = BartForConditionalGeneration(config).eval()
+    moe = MoEBartForConditionalGeneration.from_dense(dense, num_experts=3, num_tasks=4, routes="random").eval()
+    ids = torch.randint(3, 64, (4, 32))
+    inputs = dict(input_ids=ids, decoder_input_ids=ids)
+    assert moe(**inputs, task_ids=torch.tensor([0, 1, 2, 3])).past_key_values is None
+    assert count_flops(moe, **inputs, task_ids=torch.tensor([0, 1, 2, 3])) <= count_flops(
+        dense, **inputs, use_cache=False
+    )
+
+
+def test_static_caches_are_refused_for_whole_layer_experts():
+    model = tiny_moe(num_experts=2, num_tasks=2).eval()
+    with pytest.raises(ValueError, match=r"cache_implementation='static' .* need 4 slots; allowed: 'dynamic'"):
+        model.generate(
+            torch.randint(3, 64, (1, 5)), task_ids=torch.tensor([0]), max_new_tokens=2, cache_implementation="static"
+        )

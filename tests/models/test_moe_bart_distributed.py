@@ -8,10 +8,14 @@ from torch.nn.parallel import DistributedDataParallel
 from .conftest import tiny_moe
 
 
-def _train_one_step(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+def _train_one_step(rank: int, world_size: int, init_file: str, out_dir: str, options: dict) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     torch.manual_seed(0)  # same initial weights on every rank
-    model = DistributedDataParallel(tiny_moe(num_experts=3, num_tasks=4).train())
+    # hard fixed routes leave unrouted experts without a gradient: DDP must be told so
+    unused = options.get("routes") == "given"
+    model = DistributedDataParallel(
+        tiny_moe(num_experts=3, num_tasks=4, **options).train(), find_unused_parameters=unused
+    )
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     torch.manual_seed(100 + rank)  # different examples (and gumbel draws) per rank
     ids = torch.randint(3, 64, (2, 6))
@@ -23,16 +27,28 @@ def _train_one_step(rank: int, world_size: int, init_file: str, out_dir: str) ->
     dist.destroy_process_group()
 
 
-def test_ddp_averages_expert_router_and_task_table_gradients(tmp_path):
-    mp.spawn(_train_one_step, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+def run_ddp(tmp_path, options: dict) -> tuple[dict, dict]:
+    mp.spawn(_train_one_step, args=(2, str(tmp_path / "init"), str(tmp_path), options), nprocs=2, join=True)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert rank0["grads"].keys() == rank1["grads"].keys()
-    for name in ("model.encoder.task_table.embedding.weight", "model.encoder.router.network.layers.0.0.weight"):
-        assert name in rank0["grads"] and rank0["grads"][name].abs().sum() > 0
     for name, grad in rank0["grads"].items():
         torch.testing.assert_close(grad, rank1["grads"][name], msg=name)
     for name, value in rank0["params"].items():
         assert torch.equal(value, rank1["params"][name]), name
+    return rank0, rank1
+
+
+def test_ddp_averages_expert_router_and_task_table_gradients(tmp_path):
+    rank0, _ = run_ddp(tmp_path, {})
+    for name in ("model.encoder.task_table.embedding.weight", "model.encoder.router.network.layers.0.0.weight"):
+        assert name in rank0["grads"] and rank0["grads"][name].abs().sum() > 0
+
+
+def test_ddp_with_hard_fixed_routes_gives_unrouted_experts_no_gradient(tmp_path):
+    # task 1 routes every layer to expert 2: experts 0 and 1 never run, and DDP leaves their grad None
+    rank0, _ = run_ddp(tmp_path, {"routes": "given", "given_routes": [[0] * 4, [2] * 4, [0] * 4, [0] * 4]})
+    assert any(".experts.2." in name for name in rank0["grads"])
+    assert not any(".experts.0." in name or ".experts.1." in name for name in rank0["grads"])
 
 
 def test_bf16_autocast_keeps_routing_in_fp32():

@@ -68,6 +68,9 @@ def test_given_routes_accept_indices_or_weights_and_name_bad_shapes():
     assert torch.equal(fixed_route_table(soft, 2), torch.tensor(weights))
     with pytest.raises(ValueError, match=r"`given_routes` has shape \(2, 3\); expected .* \(2, 2\)"):
         fixed_route_table(MoEOptions(num_experts=2, num_tasks=2, routes="given", given_routes=[[0] * 3] * 2), 2)
+    for bad in ([[[0.5, -0.5], [1.0, 0.0]]] * 2, [[[0.0, 0.0], [1.0, 0.0]]] * 2):
+        with pytest.raises(ValueError, match=r"route weights must be >= 0 with a positive sum"):
+            fixed_route_table(MoEOptions(num_experts=2, num_tasks=2, routes="given", given_routes=bad), 2)
     with pytest.raises(ValueError, match=r"`given_routes` names experts \[0, 5\]; allowed: 0 to 1"):
         fixed_route_table(MoEOptions(num_experts=2, num_tasks=2, routes="given", given_routes=[[0, 5], [0, 0]]), 2)
 
@@ -76,6 +79,7 @@ def test_given_routes_accept_indices_or_weights_and_name_bad_shapes():
 def test_router_gives_one_route_per_task(router):
     options = MoEOptions(num_experts=3, num_tasks=4, router=router, task_dim=8, router_hidden=16)
     table, task_router = TaskTable(4, 8), TaskRouter(options, 8, 5).train()
+
     task_ids = torch.tensor([2, 0, 2, 2, 0])
     weights = task_router(task_ids, table)
     assert weights.shape == (5, 5, 3)
@@ -105,3 +109,10 @@ def test_task_vectors_load_from_files_and_name_bad_ones(tmp_path):
     (tmp_path / "v.txt").write_text("1 2 3")
     with pytest.raises(ValueError, match=r"suffix '.txt'; allowed: .pt, .npy, .json"):
         load_task_vectors(tmp_path / "v.txt", 3)
+
+
+def test_frozen_task_table_passes_no_gradient_even_if_made_trainable():
+    table = TaskTable(3, 4, frozen=True)
+    assert not table.embedding.weight.requires_grad
+    table.embedding.weight.requires_grad_(True)  # as a checkpoint loader does
+    assert not table(torch.tensor([0, 2])).requires_grad

@@ -11,13 +11,28 @@ def test_load_balancing_loss_is_one_when_balanced_and_e_when_collapsed():
     collapsed = torch.zeros(8, 4)
     collapsed[:, 2] = 1.0
     assert load_balancing_loss(collapsed, torch.full((8,), 2)).item() == 4.0
-    assert load_balancing_loss(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)).item() == 0.0
+
+
+def test_a_gate_without_tokens_has_no_aux_loss():
+    gate = TaskAwareTokenGate(d_model=4, task_dim=2, num_experts=2, top_k=1, capacity_factor=None)
+    routes = gate(torch.zeros(0, 4), torch.zeros(0, 2))
+    assert routes.aux_loss is None and routes.weights.shape == (0, 2)
 
 
 def test_capacity_keeps_each_experts_first_tokens():
-    assigned = torch.tensor([[1, 0], [1, 0], [0, 1], [1, 0]], dtype=torch.bool)
+    assigned = torch.tensor([[[1, 0], [1, 0], [0, 1], [1, 0]]], dtype=torch.bool)  # one choice per token
     kept = capacity_mask(assigned, capacity=2)
     assert torch.equal(kept, torch.tensor([[1, 0], [1, 0], [0, 1], [0, 0]], dtype=torch.bool))
+
+
+def test_capacity_serves_first_choices_before_second_choices():
+    first = torch.tensor([[1, 0], [0, 1], [1, 0]], dtype=torch.bool)
+    second = torch.tensor([[0, 1], [1, 0], [0, 1]], dtype=torch.bool)
+    kept = capacity_mask(torch.stack([first, second]), capacity=2)
+    # expert 0: first choices of tokens 0 and 2 fill it, so token 1's second choice is dropped
+    assert kept[:, 0].tolist() == [True, False, True]
+    # expert 1: token 1's first choice, then token 0's second choice; token 2's second choice is dropped
+    assert kept[:, 1].tolist() == [True, True, False]
 
 
 def test_top1_weight_is_one_forward_and_the_gate_learns():

@@ -30,6 +30,10 @@ def _check_positive(option: str, value: Any) -> None:
         raise ValueError(f"MoE option `{option}` is {value!r}; it must be a positive integer")
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 @dataclass
 class MoEOptions:
     """How the BART layers are turned into routed expert banks."""
@@ -67,7 +71,8 @@ class MoEOptions:
     route_seed: int = 0
     """Seed of routes="random"."""
     capacity_factor: float | None = None
-    """Token routing: an expert takes at most ceil(factor · tokens · top_k / E) tokens; None: no limit."""
+    """Token routing: an expert takes at most ceil(factor · tokens · top_k / E) of the tokens of one
+    forward pass (in cached generation: of one decoding step); None: no limit."""
 
     def __post_init__(self) -> None:
         _check_positive("num_experts", self.num_experts)
@@ -79,36 +84,50 @@ class MoEOptions:
         _check_choice("router", self.router, ROUTERS)
         _check_choice("selection", self.selection, SELECTIONS)
         _check_choice("routes", self.routes, ROUTE_SOURCES)
-        if self.routing == "token":
-            _check_choice("top_k", self.top_k, (1, 2))
-            if self.expert_unit != "ffn":
-                raise ValueError(
-                    f"MoE option `expert_unit` is {self.expert_unit!r}, but routing='token' routes tokens "
-                    "to feed-forward experts; allowed values with routing='token': 'ffn'"
-                )
-        elif not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.num_experts:
+        top_k_allowed = range(1, min(self.num_experts, 2 if self.routing == "token" else self.num_experts) + 1)
+        if isinstance(self.top_k, bool) or self.top_k not in top_k_allowed:
             raise ValueError(
-                f"MoE option `top_k` is {self.top_k!r}; allowed values: 1 to num_experts={self.num_experts}"
+                f"MoE option `top_k` is {self.top_k!r}; allowed values: {', '.join(map(str, top_k_allowed))} "
+                f"(num_experts={self.num_experts}, routing={self.routing!r})"
             )
-        if not self.temperature > 0:
-            raise ValueError(f"MoE option `temperature` is {self.temperature!r}; it must be > 0")
-        if self.capacity_factor is not None and not self.capacity_factor > 0:
-            raise ValueError(f"MoE option `capacity_factor` is {self.capacity_factor!r}; it must be > 0 or None")
+        if self.routing == "token" and self.expert_unit != "ffn":
+            raise ValueError(
+                f"MoE option `expert_unit` is {self.expert_unit!r}, but routing='token' routes tokens "
+                "to feed-forward experts; allowed values with routing='token': 'ffn'"
+            )
+        if not (_is_number(self.temperature) and self.temperature > 0):
+            raise ValueError(f"MoE option `temperature` is {self.temperature!r}; it must be a number > 0")
+        if self.capacity_factor is not None:
+            if not (_is_number(self.capacity_factor) and self.capacity_factor > 0):
+                raise ValueError(
+                    f"MoE option `capacity_factor` is {self.capacity_factor!r}; it must be a number > 0 or None"
+                )
+            if self.routing != "token":
+                raise ValueError("MoE option `capacity_factor` applies only to routing='token'; leave it None")
         if (self.routes == "given") != (self.given_routes is not None):
             raise ValueError("MoE option `given_routes` must be set exactly when routes='given'")
         if self.moe_layers is not None:
-            unknown = set(self.moe_layers) - {"encoder", "decoder"}
-            if unknown:
-                raise ValueError(
-                    f"MoE option `moe_layers` has keys {sorted(unknown)}; allowed keys: 'encoder', 'decoder'"
-                )
+            self._check_moe_layers()
+
+    def _check_moe_layers(self) -> None:
+        layers = self.moe_layers
+        if not isinstance(layers, dict) or set(layers) - {"encoder", "decoder"}:
+            keys = sorted(layers) if isinstance(layers, dict) else type(layers).__name__
+            raise ValueError(f"MoE option `moe_layers` has keys {keys}; allowed keys: 'encoder', 'decoder'")
+        for side, indices in layers.items():
+            if not isinstance(indices, list | tuple) or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in indices
+            ):
+                raise ValueError(f"MoE option `moe_layers`: {side} is {indices!r}; it must be a list of layer indices")
+        if not any(layers.values()):
+            raise ValueError("MoE option `moe_layers` routes no layer; name at least one encoder or decoder layer")
 
     def routed_layers(self, side: str, num_layers: int) -> list[int]:
         """Indices of the routed layers of one side ("encoder" or "decoder"), checked against its depth."""
         if self.moe_layers is None:
             return list(range(num_layers))
         layers = sorted(set(self.moe_layers.get(side, [])))
-        bad = [i for i in layers if not (isinstance(i, int) and 0 <= i < num_layers)]
+        bad = [i for i in layers if not 0 <= i < num_layers]
         if bad:
             raise ValueError(f"MoE option `moe_layers` names {side} layers {bad}; allowed: 0 to {num_layers - 1}")
         return layers

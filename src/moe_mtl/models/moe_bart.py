@@ -8,6 +8,7 @@ same routes at every decoding step (and expands them with the beams).
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from dataclasses import dataclass
@@ -135,13 +136,13 @@ class MoEBartStack(nn.Module):
 class MoEBartEncoder(MoEBartStack):
     """BART encoder with routed layers; owns the task table and the router of every routed layer."""
 
-    def __init__(self, config: MoEBartConfig, options: MoEOptions, task_vectors: torch.Tensor | None):
+    def __init__(self, config: MoEBartConfig, options: MoEOptions):
         super().__init__(config)
         self.routed = options.routed_layers("encoder", config.encoder_layers)
         self.decoder_routed = options.routed_layers("decoder", config.decoder_layers)
         self.num_tasks = options.num_tasks
-        task_dim = task_vectors.shape[1] if task_vectors is not None else options.task_dim
-        self.task_table = TaskTable(options.num_tasks, task_dim, task_vectors, frozen=options.freeze_task_table)
+        task_dim = options.task_dim
+        self.task_table = TaskTable(options.num_tasks, task_dim, frozen=options.freeze_task_table)
         self.router = None
         if options.routing == "task":
             self.router = TaskRouter(options, task_dim, len(self.routed) + len(self.decoder_routed))
@@ -293,12 +294,12 @@ def routed_layer(config, options: MoEOptions, layer_idx: int, dense_cls, ffn_cls
 class MoEBartModel(nn.Module):
     """Shared embeddings, the routed encoder (with task table and router) and the routed decoder."""
 
-    def __init__(self, config: MoEBartConfig, task_vectors: torch.Tensor | None = None):
+    def __init__(self, config: MoEBartConfig):
         super().__init__()
         options = config.moe_options
         self.shared = word_embedding(config)
-        self.encoder = MoEBartEncoder(config, options, task_vectors)
-        self.decoder = MoEBartDecoder(config, options, self.encoder.task_table.embedding.embedding_dim)
+        self.encoder = MoEBartEncoder(config, options)
+        self.decoder = MoEBartDecoder(config, options, options.task_dim)
 
 
 class MoEBartForConditionalGeneration(PreTrainedModel, GenerationMixin):
@@ -335,16 +336,40 @@ class MoEBartForConditionalGeneration(PreTrainedModel, GenerationMixin):
             if getattr(config, option):
                 # skipping layers at random would also make DDP ranks disagree on which experts ran
                 raise ValueError(f"config `{option}` is {getattr(config, option)}; MoE-BART supports only 0.0")
-        options = config.moe_options
-        if task_vectors is None and options.task_embeddings is not None:
-            task_vectors = load_task_vectors(options.task_embeddings, options.num_tasks)
-        self.model = MoEBartModel(config, task_vectors)
+        task_vectors = self._take_task_vectors(config, task_vectors)
+        self.model = MoEBartModel(config)
         self.final_logits_bias = nn.Buffer(torch.zeros((1, config.vocab_size)))
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.post_init()
         if task_vectors is not None:  # after post_init, which would re-initialise the table
             with torch.no_grad():
-                self.model.encoder.task_table.embedding.weight.copy_(task_vectors)
+                self.task_table.embedding.weight.copy_(task_vectors)
+
+    @staticmethod
+    def _take_task_vectors(config: MoEBartConfig, task_vectors: torch.Tensor | None) -> torch.Tensor | None:
+        """Given task vectors (a tensor, or the `task_embeddings` file), checked against `num_tasks`.
+
+        The config then records their width and no file: the table itself is saved with the
+        weights, so a checkpoint never needs the file again.
+        """
+        options = config.moe_options
+        if task_vectors is None and options.task_embeddings is not None:
+            task_vectors = load_task_vectors(options.task_embeddings, options.num_tasks)
+        if task_vectors is None:
+            return None
+        if task_vectors.dim() != 2 or task_vectors.shape[0] != options.num_tasks:
+            raise ValueError(
+                f"task vectors have shape {tuple(task_vectors.shape)}; expected (num_tasks={options.num_tasks}, dim)"
+            )
+        config.moe = {**config.moe, "task_dim": task_vectors.shape[1], "task_embeddings": None}
+        return task_vectors.float()
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs) -> MoEBartForConditionalGeneration:
+        model = super().from_pretrained(*args, **kwargs)
+        # loading rebuilds every float parameter as trainable; the frozen table stays frozen
+        model.task_table.freeze(model.moe_options.freeze_task_table)
+        return model
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -412,11 +437,19 @@ class MoEBartForConditionalGeneration(PreTrainedModel, GenerationMixin):
         config._attn_implementation = dense.config._attn_implementation
         model = cls(config, task_vectors=task_vectors)
         model.load_dense_state_dict(dense.state_dict())
-        return model.to(dense.dtype)
+        model.generation_config = copy.deepcopy(dense.generation_config)  # beams, n-gram blocking, lengths
+        return model.to(device=dense.device, dtype=dense.dtype)
 
     @torch.no_grad()
     def load_dense_state_dict(self, dense_state: dict[str, torch.Tensor]) -> None:
-        """Copy a dense BART state dict in: name-to-name after dropping `experts.{e}`, shapes asserted."""
+        """Copy a dense BART state dict in: name-to-name after dropping `experts.{e}`, shapes asserted.
+
+        Tied weights a safetensors file leaves out (embed_tokens, lm_head) come from their source.
+        """
+        dense_state = dict(dense_state)
+        for target, source in self._tied_weights_keys.items():
+            if target not in dense_state and source in dense_state:
+                dense_state[target] = dense_state[source]
         used = set()
         for name, tensor in self.state_dict().items():
             source = dense_name(name)
@@ -494,7 +527,9 @@ class MoEBartForConditionalGeneration(PreTrainedModel, GenerationMixin):
             encoder_attention_mask=attention_mask,
             past_key_values=past_key_values,
             inputs_embeds=decoder_inputs_embeds,
-            use_cache=bool(use_cache if use_cache is not None else self.config.use_cache),
+            # no cache unless asked for (generate asks): a filled cache makes decoder layer experts run
+            # on the whole batch
+            use_cache=bool(use_cache if use_cache is not None else past_key_values is not None),
         )
         logits = self.lm_head(hidden_states) + self.final_logits_bias.to(hidden_states.device)
 
@@ -521,10 +556,15 @@ class MoEBartForConditionalGeneration(PreTrainedModel, GenerationMixin):
     def generate(self, inputs: torch.Tensor | None = None, task_ids: torch.Tensor | None = None, **kwargs):
         """`GenerationMixin.generate` with `task_ids` (B,): every decoding step uses the routes the
         encoder pass computed, beams included. The default cache has one slot per whole-layer expert."""
-        if (
-            kwargs.get("past_key_values") is None
-            and kwargs.get("use_cache", True)
-            and not kwargs.get("cache_implementation")
-        ):
+        generation_config = kwargs.get("generation_config") or self.generation_config
+        cache = kwargs.get("cache_implementation", generation_config.cache_implementation)
+        slots = self.model.decoder.num_cache_slots
+        if cache not in (None, "dynamic") and slots != self.config.decoder_layers:
+            raise ValueError(
+                f"cache_implementation={cache!r} sizes the cache by decoder layers ({self.config.decoder_layers}), "
+                f"but whole-layer experts need {slots} slots; allowed: 'dynamic' (the default)"
+            )
+        if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True) and cache in (None, "dynamic"):
             kwargs["past_key_values"] = EncoderDecoderCache(DynamicCache(), DynamicCache())
+            kwargs.pop("cache_implementation", None)
         return super().generate(inputs, task_ids=task_ids, **kwargs)

@@ -71,16 +71,16 @@ def load_task_vectors(path: str | Path, num_tasks: int) -> torch.Tensor:
 
 
 class TaskTable(nn.Module):
-    """The task representation table (num_tasks × task_dim): learned, or initialised from given vectors."""
+    """The task representation table (num_tasks × task_dim): learned, or set from given vectors by its owner."""
 
-    def __init__(self, num_tasks: int, task_dim: int, vectors: torch.Tensor | None = None, frozen: bool = False):
+    def __init__(self, num_tasks: int, task_dim: int, frozen: bool = False):
         super().__init__()
         self.embedding = nn.Embedding(num_tasks, task_dim)
-        self.given = vectors is not None
-        if vectors is not None:
-            if tuple(vectors.shape) != (num_tasks, task_dim):
-                raise ValueError(f"task vectors have shape {tuple(vectors.shape)}; expected ({num_tasks}, {task_dim})")
-            self.embedding.weight.data.copy_(vectors)
+        self.frozen = frozen
+        self.freeze(frozen)
+
+    def freeze(self, frozen: bool = True) -> None:
+        self.frozen = frozen
         self.embedding.weight.requires_grad_(not frozen)
 
     @property
@@ -88,7 +88,9 @@ class TaskTable(nn.Module):
         return self.embedding.num_embeddings
 
     def forward(self, task_ids: torch.Tensor) -> torch.Tensor:  # (B,) -> (B, task_dim)
-        return self.embedding(task_ids)
+        vectors = self.embedding(task_ids)
+        # a frozen table passes no gradient even if a loader turned requires_grad back on
+        return vectors.detach() if self.frozen else vectors
 
 
 class MLPRouter(nn.Module):
@@ -166,7 +168,12 @@ def fixed_route_table(options: MoEOptions, num_layers: int) -> torch.Tensor:
             )
         return F.one_hot(given, options.num_experts).float()
     if tuple(given.shape) == shape:
-        return given.float()
+        given = given.float()
+        if given.min() < 0 or (given.sum(-1) <= 0).any():
+            raise ValueError(
+                "MoE option `given_routes`: route weights must be >= 0 with a positive sum for every task and layer"
+            )
+        return given
     raise ValueError(
         f"MoE option `given_routes` has shape {tuple(given.shape)}; expected expert indices of shape {shape[:2]} "
         f"(num_tasks, routed layers) or weights of shape {shape}"
@@ -204,17 +211,20 @@ class TaskRouter(nn.Module):
         self.temperature.fill_(value)
 
     def logits(self, task_vectors: torch.Tensor) -> torch.Tensor:
-        """Router logits (U, L, E) in fp32, whatever the autocast dtype (routing is precision-sensitive)."""
+        """Router logits (U, L, E) as fp32. Outside autocast (routing is precision-sensitive), in the
+        network's own dtype: fp32 under mixed precision, bf16/fp16 only for a model cast as a whole."""
+        dtype = next(self.network.parameters()).dtype
         with torch.autocast(device_type=task_vectors.device.type, enabled=False):
-            return self.network(task_vectors.float())
+            return self.network(task_vectors.to(dtype)).float()
 
     def forward(self, task_ids: torch.Tensor, task_table: TaskTable) -> torch.Tensor:
+        """Route weights (B, L, E), fp32."""
         if not self.learned:
-            return self.fixed_routes[task_ids]
+            return self.fixed_routes[task_ids].float()
         tasks, inverse = torch.unique(task_ids, return_inverse=True)
         logits = self.logits(task_table(tasks))
         if self.training:
-            weights = select_experts(logits, self.selection, self.temperature)
+            weights = select_experts(logits, self.selection, self.temperature.float())
         else:
             weights = hard_top_k(logits, self.top_k)
         return weights[inverse]

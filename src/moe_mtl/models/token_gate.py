@@ -20,16 +20,20 @@ def load_balancing_loss(probs: torch.Tensor, top1: torch.Tensor) -> torch.Tensor
     f_e is the fraction of tokens dispatched to e, P_e the mean probability given to e.
     """
     num_experts = probs.shape[-1]
-    if probs.shape[0] == 0:
-        return probs.new_zeros(())
     fraction = F.one_hot(top1, num_experts).float().mean(0)
     return num_experts * (fraction * probs.float().mean(0)).sum()
 
 
-def capacity_mask(assigned: torch.Tensor, capacity: int) -> torch.Tensor:
-    """Which assignments fit: an expert keeps its first `capacity` tokens in order (N, E) bool."""
-    position = assigned.long().cumsum(0) - 1
-    return assigned & (position < capacity)
+def capacity_mask(choices: torch.Tensor, capacity: int) -> torch.Tensor:
+    """Which assignments fit, (N, E) bool: an expert keeps its first `capacity` assignments.
+
+    choices: (k, N, E) bool, the j-th choice of every token in choices[j]. First choices take
+    priority over second ones (GShard), and tokens in order within a choice.
+    """
+    k, n, e = choices.shape
+    flat = choices.reshape(k * n, e)
+    kept = flat & (flat.long().cumsum(0) <= capacity)
+    return kept.view(k, n, e).any(0)
 
 
 @dataclass
@@ -38,7 +42,7 @@ class TokenRoutes:
 
     weights: torch.Tensor  # (N, E) combine weights; 0 for experts not selected or over capacity
     probs: torch.Tensor  # (N, E) gate probabilities, fp32
-    aux_loss: torch.Tensor  # () load-balancing loss
+    aux_loss: torch.Tensor | None  # () load-balancing loss; None when there are no tokens
     overflow: torch.Tensor  # () selected (token, expert) pairs dropped for capacity
 
 
@@ -58,8 +62,10 @@ class TaskAwareTokenGate(nn.Module):
     def forward(self, tokens: torch.Tensor, task_vectors: torch.Tensor) -> TokenRoutes:
         """tokens: (N, d); task_vectors: (N, t), the task of each token's example."""
         num_experts = self.proj.out_features
+        # outside autocast, in the gate's own dtype (fp32 unless the whole model was cast)
         with torch.autocast(device_type=tokens.device.type, enabled=False):
-            logits = self.proj(torch.cat([tokens, task_vectors.to(tokens.dtype)], -1).float())
+            gate_input = torch.cat([tokens, task_vectors.to(tokens.dtype)], -1).to(self.proj.weight.dtype)
+            logits = self.proj(gate_input).float()
         probs = logits.softmax(-1)
         top = probs.topk(self.top_k, dim=-1)
         if self.top_k == 1:
@@ -70,8 +76,9 @@ class TaskAwareTokenGate(nn.Module):
         overflow = torch.zeros((), dtype=torch.long, device=tokens.device)
         if self.capacity_factor is not None:
             capacity = math.ceil(self.capacity_factor * tokens.shape[0] * self.top_k / num_experts)
-            assigned = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, top.indices, True)
-            kept = capacity_mask(assigned, capacity)
-            overflow = (assigned & ~kept).sum()
+            choices = F.one_hot(top.indices.T, num_experts).bool()  # (k, N, E)
+            kept = capacity_mask(choices, capacity)
+            overflow = (choices.any(0) & ~kept).sum()
             weights = weights * kept
-        return TokenRoutes(weights, probs, load_balancing_loss(probs, top.indices[:, 0]), overflow)
+        aux_loss = load_balancing_loss(probs, top.indices[:, 0]) if tokens.shape[0] else None
+        return TokenRoutes(weights, probs, aux_loss, overflow)
