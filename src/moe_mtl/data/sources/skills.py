@@ -108,15 +108,17 @@ SUITE = (
     # Seen tasks: every skill alone (where it makes sense on its own), then compositions.
     *_suite("train", "digits", "reverse", "sort", "rotate", "evens", "above_4", "increment", "double"),
     *_suite("train", "digits", "count", "sum", "max", "min", "is_sorted", "has_duplicates", "contains_7"),
-    *_suite("train", "digits", "odds-count", "evens-sum", "reverse-first", "sort-last", "increment-max"),
+    *_suite("train", "digits", "odds-count", "evens-sum", "reverse-first", "double-last", "increment-max"),
     *_suite("train", "digits", "double-sum", "above_4-min", "rotate-first", "reverse-increment", "sort-double"),
-    *_suite("train", "digits", "reverse-is_sorted", "odds-contains_7", "increment-has_duplicates"),
-    *_suite("train", "digits", "evens-increment-sum", "above_4-sort-first"),
+    *_suite("train", "digits", "reverse-is_sorted", "odds-contains_7", "evens-has_duplicates"),
+    *_suite("train", "digits", "evens-increment-sum", "above_4-double-sort"),
     *_suite("train", "words", "upper", "vowels", "upper-reverse", "vowels-count", "vowels-is_sorted"),
-    # Held-out tasks: new compositions of the skills above.
-    *_suite("dev", "digits", "evens-max", "rotate-sum", "odds-has_duplicates"),
+    # Held-out tasks: new compositions of the skills above, each computing a function no other task
+    # computes (sort-first would be min, rotate-sum would be sum: unseen only in name).
+    *_suite("dev", "digits", "evens-max", "rotate-is_sorted", "odds-has_duplicates"),
     *_suite("dev", "words", "upper-sort"),
-    *_suite("test", "digits", "odds-sum", "evens-count", "sort-first", "reverse-last", "rotate-last", "double-max"),
+    *_suite("test", "digits", "odds-sum", "evens-count", "sort-rotate", "reverse-last", "increment-first"),
+    *_suite("test", "digits", "double-max"),
     *_suite("test", "digits", "above_4-reverse", "double-has_duplicates", "increment-contains_7"),
     *_suite("test", "words", "vowels-upper"),
 )
@@ -163,7 +165,7 @@ class SkillSuiteOptions:
         return cls(**values)
 
 
-def _solve(task: SkillTask, items: list) -> Any:
+def solve(task: SkillTask, items: list) -> Any:
     """The task's answer for `items`, or None when a filter leaves nothing to work on."""
     value = items
     for name in task.skills:
@@ -199,7 +201,7 @@ def _examples(task: SkillTask, size: int, rng: random.Random, options: SkillSuit
         wanted = len(examples) % 2 == 0 if task.output_type == "label" else None
         for _ in range(MAX_TRIES):
             items = _draw(task, rng, options)
-            answer = _solve(task, items)
+            answer = solve(task, items)
             text = f"{task.prefix}: {_render(items)}"
             if answer is not None and (wanted is None or answer == wanted) and text not in taken:
                 break
