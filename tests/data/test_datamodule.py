@@ -100,6 +100,29 @@ def test_a_given_tokenizer_is_used(module, tmp_path, small_skills):
     assert not (tmp_path / "other" / "tokenizer").exists()
 
 
+def test_a_saved_tokenizer_is_not_reused_for_another_vocab_size(module, tmp_path, small_skills):
+    options = dict(skills=small_skills, output_dir=str(tmp_path / "run"), batch_size=8)
+    with pytest.raises(DataError, match=r"trained with vocab_size=1024; this run asks for vocab_size=2000"):
+        MultiTaskDataModule(**options, vocab_size=2000).prepare_data()
+    test_only = MultiTaskDataModule(**options, train_partitions=[], val_partitions=[])  # no training text
+    test_only.setup("test")
+    assert test_only.tokenizer.get_vocab() == module.tokenizer.get_vocab()
+
+
+def test_maximum_lengths_too_short_for_the_special_tokens(tmp_path, small_skills):
+    data = MultiTaskDataModule(skills=small_skills, output_dir=str(tmp_path), max_input_length=2)
+    with pytest.raises(DataError, match="option `max_input_length` is 2; it must be at least 3"):
+        data.prepare_data()
+
+
+def test_an_empty_reference_names_its_file_and_line(tmp_path, write_jsonl):
+    rows = [{"input": "x", "target": ["a"], "split": "train"}, {"input": "y", "target": ["b", " "], "split": "train"}]
+    write_jsonl(tmp_path / "data" / "t.jsonl", rows)
+    data = MultiTaskDataModule(source="jsonl", data_dir=str(tmp_path / "data"), output_dir=str(tmp_path / "run"))
+    with pytest.raises(DataError, match=r"t\.jsonl:2: target 2 of 2 is ' '; every target \(reference\) must hold text"):
+        data.prepare_data()
+
+
 def test_cut_examples_are_warned_per_task(tmp_path, write_jsonl):
     write_jsonl(tmp_path / "data" / "long.jsonl", [{"input": "a " * 40, "target": "b", "split": "train"}] * 3)
     write_jsonl(tmp_path / "data" / "short.jsonl", [{"input": "a", "target": "b " * 20, "split": "train"}] * 2)
@@ -193,10 +216,12 @@ class Recorder(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.0)
 
 
-def fit(data, max_steps, ckpt_path=None, callbacks=(), limit_train_batches=None):
+def fit(data, max_steps=-1, ckpt_path=None, callbacks=(), limit_train_batches=None, max_epochs=None, save_to=None):
+    """Fit a `Recorder` (`save_to`: then save a checkpoint there); returns its record of training batches."""
     recorder = Recorder()
-    L.Trainer(
+    trainer = L.Trainer(
         max_steps=max_steps,
+        max_epochs=max_epochs,
         limit_train_batches=limit_train_batches,
         accelerator="cpu",
         logger=False,
@@ -206,8 +231,24 @@ def fit(data, max_steps, ckpt_path=None, callbacks=(), limit_train_batches=None)
         enable_model_summary=False,
         enable_checkpointing=bool(callbacks),
         callbacks=list(callbacks),
-    ).fit(recorder, datamodule=data, ckpt_path=ckpt_path)
+    )
+    trainer.fit(recorder, datamodule=data, ckpt_path=ckpt_path)
+    if save_to is not None:
+        trainer.save_checkpoint(save_to)
     return recorder.seen
+
+
+def resume_data(tmp_path, skills, num_workers=0):
+    """A data module factory: 8 seen tasks × 16 training examples, 8 per batch: 16 batches per epoch."""
+    seen_tasks = [t.name for t in SUITE if t.partition == "train"][:8]
+    return lambda: MultiTaskDataModule(
+        skills=skills,
+        partition={"train": seen_tasks},
+        output_dir=str(tmp_path),
+        batch_size=8,
+        test_partitions=[],
+        num_workers=num_workers,
+    )
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
@@ -217,18 +258,7 @@ def fit(data, max_steps, ckpt_path=None, callbacks=(), limit_train_batches=None)
 def test_lightning_resume_continues_the_batch_sequence(tmp_path, small_skills, stop, num_workers, limit):
     """16 batches per epoch (or `limit`); the DataLoader and Lightning fetch ahead, which the saved position must
     not count."""
-    seen_tasks = [t.name for t in SUITE if t.partition == "train"][:8]
-
-    def data():
-        return MultiTaskDataModule(
-            skills=small_skills,
-            partition={"train": seen_tasks},
-            output_dir=str(tmp_path),
-            batch_size=8,
-            test_partitions=[],
-            num_workers=num_workers,
-        )
-
+    data = resume_data(tmp_path, small_skills, num_workers)
     full = fit(data(), 40, limit_train_batches=limit)
     epochs = [[s for s in full if s[0] == epoch] for epoch in (0, 1)]
     assert len(epochs[0]) == len(epochs[1]) == (limit or 16) and epochs[0] != epochs[1]  # set_epoch reached it
@@ -236,6 +266,42 @@ def test_lightning_resume_continues_the_batch_sequence(tmp_path, small_skills, s
     head = fit(data(), stop, callbacks=[checkpoint], limit_train_batches=limit)
     (path,) = (tmp_path / "ckpt").glob(f"*step={stop}.ckpt")
     assert head + fit(data(), 40, ckpt_path=path, limit_train_batches=limit) == full
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize(
+    ("first", "then", "resumed"),
+    [
+        ({"max_steps": 20}, {"max_steps": 60}, 40),  # stopped in epoch 1: its last 12 batches come next
+        ({"max_steps": 20}, {"max_epochs": 3}, 12),  # Lightning runs them as epoch 2, the last of 3
+        ({"max_epochs": 2}, {"max_epochs": 4}, 32),  # stopped at an epoch end
+    ],
+)
+def test_a_checkpoint_saved_after_fit_resumes_the_batch_sequence(tmp_path, small_skills, first, then, resumed):
+    """Lightning counts the epoch that `max_steps` cut short as completed, and calls `set_epoch` with the next
+    number when it resumes; the rest of the cut epoch must still come next, then the following ones."""
+    data = resume_data(tmp_path, small_skills)
+    full = fit(data(), 64)
+    head = fit(data(), **first, save_to=tmp_path / "after.ckpt")
+    tail = fit(data(), **then, ckpt_path=tmp_path / "after.ckpt")
+    assert len(tail) == resumed
+    assert [s[1:] for s in head + tail] == [s[1:] for s in full[: len(head) + len(tail)]]  # (task, examples)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_resuming_twice_after_fits_cut_mid_epoch_and_from_epoch_end_checkpoints(tmp_path, small_skills):
+    data = resume_data(tmp_path, small_skills)
+    full = fit(data(), 60)
+    first = fit(data(), 20, save_to=tmp_path / "first.ckpt")
+    second = fit(data(), 37, ckpt_path=tmp_path / "first.ckpt", save_to=tmp_path / "second.ckpt")
+    assert [s[1:] for s in first + second + fit(data(), 60, ckpt_path=tmp_path / "second.ckpt")] == [
+        s[1:] for s in full
+    ]
+    # saved in `on_train_epoch_end` of the epoch `max_steps` cut short, which Lightning has counted as processed
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_on_train_epoch_end=True, save_top_k=-1)
+    assert fit(data(), 20, callbacks=[checkpoint]) == first
+    (path,) = (tmp_path / "ckpt").glob("*step=20.ckpt")
+    assert [s[1:] for s in first + fit(data(), 60, ckpt_path=path)] == [s[1:] for s in full]
 
 
 class RankRecorder(Recorder):

@@ -52,13 +52,34 @@ def test_second_encoding_is_read_from_the_cache(tokenizer, tmp_path):
     assert not cached  # another maximum length is another fingerprint
 
 
-def test_target_that_tokenises_to_nothing_names_its_origin(tokenizer, tmp_path):
-    bad = [SplitPart(0, "t", [Example("x", ("ok",)), Example("y", ("",), origin="data/t.jsonl:2")])]
-    with pytest.raises(DataError, match=r"data/t\.jsonl:2: the target '' tokenises to nothing"):
-        encode_split("train", bad, tokenizer, 8, 8, tmp_path)
-    blank = [SplitPart(0, "t", [Example("y", ("  ",))])]
-    with pytest.raises(DataError, match="task 't' dev example 0: the target '  ' tokenises to nothing"):
+@pytest.mark.parametrize(
+    ("targets", "message"),
+    [(("",), "target 1 of 1 is ''"), (("  ",), "target 1 of 1 is '  '"), (("ok", " \n"), r"target 2 of 2 is ' \\n'")],
+)
+def test_empty_target_names_its_origin(tokenizer, tmp_path, targets, message):
+    bad = [SplitPart(0, "t", [Example("x", ("ok",)), Example("y", targets, origin="data/t.jsonl:2")])]
+    with pytest.raises(DataError, match=rf"data/t\.jsonl:2: {message}; every target \(reference\) must hold text"):
+        encode_split("test", bad, tokenizer, 8, 8, tmp_path)
+    blank = [SplitPart(0, "t", [Example("y", targets)])]
+    with pytest.raises(DataError, match=f"task 't' dev example 0: {message}"):
         encode_split("dev", blank, tokenizer, 8, 8, tmp_path)
+
+
+@pytest.mark.parametrize(("max_input_length", "max_target_length", "option"), [(2, 8, "input"), (8, 1, "target")])
+def test_maximum_lengths_leave_room_for_text(tokenizer, tmp_path, max_input_length, max_target_length, option):
+    message = rf"option `max_{option}_length` is \d; it must be at least 3 \(the tokenizer's 2 special tokens"
+    with pytest.raises(DataError, match=message):
+        encode_split("train", parts(), tokenizer, max_input_length, max_target_length, tmp_path)
+
+
+def test_the_shortest_maximum_lengths_keep_one_token_of_text(tokenizer, tmp_path):
+    encoded, _ = encode_split("train", parts(), tokenizer, 3, 3, tmp_path)
+    split = EncodedSplit(encoded, [f"task{i}" for i in range(6)])
+    for row in range(len(split)):
+        for column in ("input_ids", "labels"):
+            ids = split[row][column].tolist()
+            assert len(ids) == 3 and (ids[0], ids[-1]) == (0, 2) and ids[1] not in (0, 1, 2)
+    assert truncation_counts(encoded) == {3: (2, 1, 2), 5: (1, 1, 2)}
 
 
 def test_collate_pads_dynamically(tokenizer, tmp_path):

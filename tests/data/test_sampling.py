@@ -116,6 +116,18 @@ def test_resume_continues_the_same_sequence(cls, stop):
     assert drawn + rest == expected
 
 
+def test_epoch_offset_maps_the_trainers_epoch_numbers_and_is_saved():
+    def sampler():
+        return HomogeneousBatchSampler(SIZES, 2, num_replicas=1, rank=0)
+
+    expected = sampler()
+    expected.set_epoch(3)
+    shifted = sampler()
+    shifted.load_state_dict({**expected.state_dict(), "epoch_offset": 1})
+    shifted.sampler.set_epoch(4)  # the trainer's epoch 4 is plan epoch 3
+    assert list(shifted) == list(expected) and shifted.state_dict()["epoch_offset"] == 1
+
+
 def test_resume_with_another_layout_warns_and_keeps_the_fraction():
     state = HomogeneousBatchSampler(SIZES, 2, num_replicas=1, rank=0).state_dict()
     state["position"] = 22  # half of the 44 batches
@@ -182,6 +194,36 @@ def test_sequential_eval_batches_every_row_once_in_order(world):
         flat = [row for batch in batches for row in batch]
         assert flat == sorted(flat) and all(len(b) <= 3 for b in batches)
     assert max(map(len, per_rank)) - min(map(len, per_rank)) <= len(sizes)
+
+
+@pytest.mark.parametrize(
+    ("sizes", "world"), [([2, 2], 4), ([5, 1], 4), ([1, 1, 1, 1, 1], 3), ([7, 1, 12], 8), ([4], 4)]
+)
+def test_sequential_eval_gives_every_rank_rows_when_the_split_has_enough(sizes, world):
+    per_rank = [list(SequentialTaskBatchSampler(sizes, 2, num_replicas=world, rank=r)) for r in range(world)]
+    rows = [[row for batch in batches for row in batch] for batches in per_rank]
+    assert sorted(row for mine in rows for row in mine) == list(range(sum(sizes)))
+    assert min(map(len, rows)) >= 1 and max(map(len, rows)) - min(map(len, rows)) <= 1
+
+
+def test_sequential_eval_with_fewer_rows_than_ranks_is_an_error():
+    with pytest.raises(ValueError, match=r"has 3 examples for 4 ranks \(world size\).*at most 3 devices"):
+        SequentialTaskBatchSampler([1, 2], 8, num_replicas=4, rank=0)
+
+
+@pytest.mark.parametrize("cls", [HomogeneousBatchSampler, HeterogeneousBatchSampler])
+@pytest.mark.parametrize(("task_sampling", "temperature"), [("temperature", 1.0), ("temperature", 0.5), ("uniform", 1)])
+def test_a_task_drawn_for_no_slot_is_fine(cls, task_sampling, temperature):
+    """With sizes [1000, 2] the small task often gets no slot in an epoch."""
+    epochs = []
+    for seed in range(40):
+        sampler = cls([1000, 2], 16, task_sampling=task_sampling, temperature=temperature, seed=seed, rank=0)
+        batches = list(sampler)
+        assert len(batches) == len(sampler) and all(0 < len(batch) <= 16 for batch in batches)
+        epochs.append([row for batch in batches for row in batch])
+        assert set(epochs[-1]) <= set(range(1002))
+    if task_sampling == "temperature":
+        assert any(all(row < 1000 for row in rows) for rows in epochs)  # the case that crashed
 
 
 def test_invalid_arguments():

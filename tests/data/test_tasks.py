@@ -13,6 +13,7 @@ from moe_mtl.data.tasks import (
     Task,
     check_unique_names,
     feature_table,
+    numbered_lines,
     order_by_partition,
     read_task_info,
     read_utf8,
@@ -148,6 +149,11 @@ def test_non_utf8_names_file_line_and_byte(tmp_path):
     path.write_bytes(b'{"a": 1}\n{"input": "caf\xe9"}\n')
     with pytest.raises(DataError, match=r"t\.jsonl:2: not UTF-8 \(byte 0xe9"):
         read_utf8(path)
+
+
+def test_lines_end_at_newline_only():
+    text = "a\u2028b\tc\x85d\u2029e\x1cf\r\nsecond\n\nfourth"
+    assert list(numbered_lines(text)) == [(1, "a\u2028b\tc\x85d\u2029e\x1cf"), (2, "second"), (3, ""), (4, "fourth")]
 
 
 def test_feature_table_expands_strings_and_lists():

@@ -1,3 +1,6 @@
+import json
+import logging
+
 import pytest
 
 from moe_mtl.data.tasks import DataError
@@ -5,6 +8,7 @@ from moe_mtl.data.tokenizer import (
     MIN_VOCAB_SIZE,
     load_tokenizer,
     run_tokenizer,
+    text_hash,
     tokenizer_fingerprint,
     train_tokenizer,
 )
@@ -54,19 +58,47 @@ def test_save_load_round_trip(tokenizer, tmp_path):
 
 
 def test_run_tokenizer_trains_once_then_reuses(tmp_path):
-    calls = []
-
-    def texts():
-        calls.append(1)
-        return TEXTS
-
-    first = run_tokenizer(None, tmp_path / "run" / "tokenizer", texts, 300)
-    saved = (tmp_path / "run" / "tokenizer" / "tokenizer.json").stat().st_mtime_ns
-    second = run_tokenizer(None, tmp_path / "run" / "tokenizer", texts, 300)
-    assert len(calls) == 1
-    assert (tmp_path / "run" / "tokenizer" / "tokenizer.json").stat().st_mtime_ns == saved
+    folder = tmp_path / "run" / "tokenizer"
+    first = run_tokenizer(None, folder, lambda: TEXTS, 300)
+    saved = (folder / "tokenizer.json").stat().st_mtime_ns
+    second = run_tokenizer(None, folder, lambda: TEXTS, 300)
+    assert (folder / "tokenizer.json").stat().st_mtime_ns == saved  # not trained again
     assert second("apple 3 8")["input_ids"] == first("apple 3 8")["input_ids"]
     assert [p.name for p in (tmp_path / "run").iterdir()] == ["tokenizer"]  # no staging folder left
+    assert json.loads((folder / "training.json").read_text()) == {"vocab_size": 300, "training_text": text_hash(TEXTS)}
+
+
+def test_reusing_a_tokenizer_trained_with_another_vocab_size_is_an_error(tmp_path):
+    folder = tmp_path / "tokenizer"
+    run_tokenizer(None, folder, lambda: TEXTS, 300)
+    message = (
+        rf"{folder}: the tokenizer saved there was trained with vocab_size=300; this run asks for vocab_size=400\. "
+        rf"Use another `output_dir`, delete {folder} to train a new one, or set `tokenizer: {folder}`"
+    )
+    with pytest.raises(DataError, match=message):
+        run_tokenizer(None, folder, lambda: TEXTS, 400)
+    assert len(run_tokenizer(str(folder), tmp_path / "unused", lambda: TEXTS, 400)) <= 300  # given: not checked
+
+
+def test_reusing_a_tokenizer_trained_on_other_text_warns(tmp_path, recwarn):
+    folder = tmp_path / "tokenizer"
+    first = run_tokenizer(None, folder, lambda: TEXTS, 300)
+    with pytest.warns(UserWarning, match=rf"{folder}: the tokenizer saved there was trained on other training text"):
+        second = run_tokenizer(None, folder, lambda: ["other text"] * 50, 300)
+    assert tokenizer_fingerprint(second) == tokenizer_fingerprint(first)
+    recwarn.clear()
+    run_tokenizer(None, folder, None, 300)  # a run without training text (test, predict) has nothing to compare
+    run_tokenizer(str(folder), tmp_path / "unused", lambda: ["other text"] * 50, 300)  # given: not checked
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
+
+
+def test_a_run_without_training_text_needs_a_saved_tokenizer(tmp_path, caplog):
+    with pytest.raises(DataError, match="no tokenizer saved there and this run has no training text"):
+        run_tokenizer(None, tmp_path / "tokenizer", None, 300)
+    train_tokenizer(TEXTS, 300).save_pretrained(tmp_path / "tokenizer")  # saved without its training settings
+    with caplog.at_level(logging.WARNING):
+        run_tokenizer(None, tmp_path / "tokenizer", lambda: TEXTS, 1000)
+    assert "has no training.json: cannot check" in caplog.text
 
 
 def test_run_tokenizer_prefers_a_given_tokenizer(tokenizer, tmp_path):

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from datasets import Dataset
-from lightning.pytorch import LightningDataModule
+from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
@@ -62,12 +62,15 @@ class MultiTaskDataModule(LightningDataModule):
             min_items, max_items (see `SkillSuiteOptions`).
         hf: Tasks of source "hf", one mapping each: name, path, config, data_files, splits, input, target,
             options, metric, features, partition (see `HFTaskSpec`).
-        tokenizer: Pretrained tokenizer name or folder (e.g. "facebook/bart-base"). None: train a byte-level
-            BPE on the training text, saved to `<output_dir>/tokenizer` and reused from there.
+        tokenizer: Pretrained tokenizer name or folder (e.g. "facebook/bart-base"), used as it is. None: train a
+            byte-level BPE on the training text, saved to `<output_dir>/tokenizer` and reused from there (an error
+            if it was trained with another `vocab_size`, a warning if on other training text).
         vocab_size: Vocabulary size of a trained tokenizer (the `vocab_size` property gives the actual size).
         output_dir: Where the trained tokenizer and the tokenised-data cache go.
-        max_input_length: Maximum input tokens; longer inputs are cut (counted and warned per task).
-        max_target_length: Maximum target tokens; longer targets are cut (counted and warned per task).
+        max_input_length: Maximum input tokens, at least the tokenizer's special tokens + 1 (3 for BART's);
+            longer inputs are cut (counted and warned per task).
+        max_target_length: Maximum target tokens, at least the tokenizer's special tokens + 1; longer targets
+            are cut (counted and warned per task).
         batch_size: Training examples per batch on each device.
         eval_batch_size: Evaluation examples per batch; None: `batch_size`.
         batching: "homogeneous" (one task per batch) or "heterogeneous" (mixed tasks, the ablation).
@@ -179,9 +182,8 @@ class MultiTaskDataModule(LightningDataModule):
         """The run's tokenizer (loaded, or trained and saved, on first use)."""
         if self._tokenizer is None:
             directory = Path(self.hparams.output_dir) / "tokenizer"
-            self._tokenizer = run_tokenizer(
-                self.hparams.tokenizer, directory, self._training_texts, self.hparams.vocab_size
-            )
+            texts = self._training_texts if self.partitions["train_partitions"] else None
+            self._tokenizer = run_tokenizer(self.hparams.tokenizer, directory, texts, self.hparams.vocab_size)
         return self._tokenizer
 
     @property
@@ -294,6 +296,8 @@ class MultiTaskDataModule(LightningDataModule):
         if self._sampler_state is not None:
             sampler.load_state_dict(self._sampler_state)
             self._sampler_state = None
+        elif self.train_sampler is not None:  # reloaded (`reload_dataloaders_every_n_epochs`): same epoch numbering
+            sampler.epoch_offset = self.train_sampler.epoch_offset
         self.train_sampler = sampler
         return self._loader(dataset, sampler)
 
@@ -317,18 +321,34 @@ class MultiTaskDataModule(LightningDataModule):
         """The training sampler's position, saved in checkpoints.
 
         While fitting, the position is the number of batches the trainer has processed in the current
-        epoch, not what the sampler has handed out (the DataLoader fetches ahead of training).
+        epoch, not what the sampler has handed out (the DataLoader fetches ahead of training). A
+        checkpoint saved after `fit` (or in `on_train_epoch_end`) of an epoch that `max_steps` or early
+        stopping cut short resumes with the rest of that epoch.
         """
         if self.train_sampler is None:
             return {}
         state = self.train_sampler.state_dict()
         trainer = self.trainer
         if trainer is not None and trainer.state.fn == TrainerFn.FITTING:
-            epoch, position = trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
-            if position >= trainer.num_training_batches:  # the epoch is over (`limit_train_batches` included)
-                epoch, position = epoch + 1, 0
-            state.update(epoch=epoch, position=position)
+            state.update(self._fit_position(trainer, self.train_sampler))
         return {"train_sampler": state}
+
+    @staticmethod
+    def _fit_position(trainer: Trainer, sampler: MultiTaskBatchSampler) -> dict[str, int]:
+        """Epoch, position and epoch offset of the next training batch, from the trainer's batch counter."""
+        epoch = sampler.selected_epoch
+        if epoch is None:  # no epoch started since the sampler was restored: it is where it was restored
+            return {}
+        position = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if position >= trainer.num_training_batches:  # the epoch is over (`limit_train_batches` included)
+            return {"epoch": epoch + 1, "position": 0}
+        offset = sampler.epoch_offset
+        epochs = trainer.fit_loop.epoch_progress.current
+        if epochs.processed == epochs.started:
+            # The epoch stopped early (`max_steps`, early stopping) and Lightning has counted it as processed
+            # (after `fit`, or in `on_train_epoch_end`): a resumed fit runs its rest under the next epoch number.
+            offset += 1
+        return {"epoch": epoch, "position": position, "epoch_offset": offset}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the sampler position; the next training dataloader continues the saved batch sequence."""

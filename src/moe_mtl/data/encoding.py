@@ -26,7 +26,7 @@ from transformers import PreTrainedTokenizerBase
 from .tasks import DataError, Example
 from .tokenizer import tokenizer_fingerprint
 
-ENCODING_VERSION = "1"  # bump when the encoded columns change
+ENCODING_VERSION = "2"  # bump when the encoded columns or the checks of `_encode_batch` change
 LABEL_PAD = -100  # ignored by the cross-entropy loss
 MODEL_INPUTS = ("task_ids", "input_ids", "attention_mask", "labels")  # the batch keys the model's forward takes
 RAW_FEATURES = Features(
@@ -74,10 +74,29 @@ def split_fingerprint(parts: Sequence[SplitPart], tokenizer: PreTrainedTokenizer
     return digest.hexdigest()
 
 
+def check_max_lengths(tokenizer: PreTrainedTokenizerBase, **lengths: int) -> None:
+    """Each maximum length (a data module option) must leave room for one token besides the special ones:
+    the tokenizer does not cut below that, and a cut target would hold nothing."""
+    minimum = tokenizer.num_special_tokens_to_add(pair=False) + 1
+    for option, length in lengths.items():
+        if length < minimum:
+            raise DataError(
+                f"data module option `{option}` is {length}; it must be at least {minimum} (the tokenizer's "
+                f"{minimum - 1} special tokens and one token of text)"
+            )
+
+
 def _encode_batch(
     batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, max_input_length: int, max_target_length: int
 ) -> dict[str, list]:
     """Token ids of inputs and first references, cut to the maximum lengths; cut examples are flagged."""
+    for references, origin in zip(batch["references"], batch["origin"], strict=True):
+        for number, reference in enumerate(references, start=1):
+            if not reference.strip():
+                raise DataError(
+                    f"{origin}: target {number} of {len(references)} is {reference!r}; every target (reference) "
+                    "must hold text"
+                )
     specials = tokenizer.num_special_tokens_to_add(pair=False)
     encoded = {}
     for column, flag, texts, limit in (
@@ -93,7 +112,7 @@ def _encode_batch(
             ids = [next(replacements) if c else row for row, c in zip(ids, cut, strict=True)]
         encoded[column], encoded[flag] = ids, cut
     for row, target, origin in zip(encoded["labels"], batch["references"], batch["origin"], strict=True):
-        if len(row) <= specials or not target[0].strip():
+        if len(row) <= specials:  # text the tokenizer drops, e.g. characters a pretrained one does not know
             raise DataError(f"{origin}: the target {target[0]!r} tokenises to nothing; every example needs a target")
     return encoded
 
@@ -110,6 +129,7 @@ def encode_split(
 
     Returns (dataset, whether it came from the cache). Rows follow `parts` (tasks contiguous).
     """
+    check_max_lengths(tokenizer, max_input_length=max_input_length, max_target_length=max_target_length)
     fingerprint = split_fingerprint(parts, tokenizer, (max_input_length, max_target_length))
     path = cache_dir / f"{name}-{fingerprint}.arrow"
     if path.is_file():

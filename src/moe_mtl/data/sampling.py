@@ -54,6 +54,8 @@ def _offsets(sizes: Sequence[int]) -> np.ndarray:
 
 def _stream(size: int, count: int, rng: np.random.Generator) -> np.ndarray:
     """`count` rows of one task: successive permutations, so no row repeats before all have been drawn."""
+    if count == 0:  # a task that temperature or uniform sampling gave no slot
+        return np.empty(0, dtype=np.int64)
     passes = math.ceil(count / size)
     return np.concatenate([rng.permutation(size) for _ in range(passes)])[:count]
 
@@ -160,10 +162,19 @@ class MultiTaskBatchSampler(Sampler[list[int]]):
         self.num_replicas, self.rank = _replicas(num_replicas, rank)
         self.epoch = 0
         self.position = 0  # batches of `epoch` this rank has yielded
+        self.epoch_offset = 0  # the trainer's epoch number minus the plan's (see `set_epoch`)
+        self.selected_epoch: int | None = None  # the plan epoch of the last `set_epoch`: the one the trainer runs
         self.sampler = EpochForwarder(self)
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose plan `__iter__` yields; a new epoch starts at its first batch."""
+        """Select the plan of the trainer's epoch `epoch`, plan epoch `epoch - epoch_offset`; a new epoch starts
+        at its first batch.
+
+        The offset is 0 unless the sampler resumed a checkpoint saved after a fit that stopped mid-epoch:
+        Lightning counts that epoch as completed and runs its rest under the next epoch number.
+        """
+        epoch -= self.epoch_offset
+        self.selected_epoch = epoch
         if epoch != self.epoch:
             self.epoch, self.position = epoch, 0
 
@@ -194,7 +205,13 @@ class MultiTaskBatchSampler(Sampler[list[int]]):
     def state_dict(self) -> dict[str, Any]:
         """Where the next batch comes from (epoch, position in it), for checkpoints."""
         epoch, position = self._next_batch(self.epoch, self.position)
-        return {"epoch": epoch, "position": position, "num_batches": len(self), "seed": self.seed}
+        return {
+            "epoch": epoch,
+            "position": position,
+            "num_batches": len(self),
+            "seed": self.seed,
+            "epoch_offset": self.epoch_offset,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a saved position. If the epoch length changed (another world size or batch
@@ -209,6 +226,7 @@ class MultiTaskBatchSampler(Sampler[list[int]]):
                 stacklevel=2,
             )
         self.epoch, self.position = self._next_batch(epoch, position)
+        self.epoch_offset = int(state.get("epoch_offset", 0))
 
 
 class HomogeneousBatchSampler(MultiTaskBatchSampler):
@@ -256,10 +274,18 @@ class HeterogeneousBatchSampler(MultiTaskBatchSampler):
 class SequentialTaskBatchSampler(Sampler[list[int]]):
     """Evaluation batches: task by task, in row order, each task's rows split into W contiguous slices.
 
-    Every row is yielded exactly once across ranks (no padding, so nothing counts twice). Ranks may
-    yield different numbers of batches (at most one more per task): evaluation steps must not run
-    collectives; reduce metrics at epoch end (torchmetrics' sync, or `self.log(..., sync_dist=True)`
-    in `on_validation_epoch_end`).
+    Every row is yielded exactly once across ranks (no padding, so nothing counts twice). Which rank
+    takes a task's first (longest) slice rotates from task to task, so the ranks' row counts differ by
+    at most one and every rank gets a batch; fewer rows than ranks is an error. Ranks may still yield
+    different numbers of batches and a rank may see no row of a small task, so under DDP the module's
+    evaluation must follow one contract:
+
+    - no collectives in `validation_step` / `test_step`: no per-step `self.log(..., sync_dist=True)`,
+      and no per-step logging under task-dependent keys (ranks would log different keys and hang);
+    - accumulate per-task sums (e.g. correct and total counts) in tensors over ALL task ids, so every
+      rank holds the same keys and shapes, tasks it never saw included;
+    - reduce once at epoch end (`all_reduce` of the sums, torchmetrics' sync, or `self.log(...,
+      sync_dist=True)` of every key in `on_validation_epoch_end`), then log.
     """
 
     def __init__(
@@ -270,9 +296,18 @@ class SequentialTaskBatchSampler(Sampler[list[int]]):
         self.task_sizes = [int(n) for n in task_sizes]
         self.batch_size = batch_size
         self.num_replicas, self.rank = _replicas(num_replicas, rank)
+        total = sum(self.task_sizes)
+        if total < self.num_replicas:  # Lightning stops with "DataLoader within local rank has zero length"
+            raise ValueError(
+                f"the evaluation split has {total} examples for {self.num_replicas} ranks (world size): every rank "
+                f"needs at least one; evaluate on at most {total} devices, or give the split more examples"
+            )
         self._batches = []
-        for n, offset in zip(self.task_sizes, _offsets(self.task_sizes) if self.task_sizes else [], strict=True):
-            mine = np.array_split(np.arange(n) + offset, self.num_replicas)[self.rank]
+        first = 0  # the rank of the task's first slice
+        for n, offset in zip(self.task_sizes, _offsets(self.task_sizes), strict=True):
+            slices = np.array_split(np.arange(n) + offset, self.num_replicas)  # the first n % W are one row longer
+            mine = slices[(self.rank - first) % self.num_replicas]
+            first = (first + n) % self.num_replicas
             self._batches.extend(mine[i : i + batch_size].tolist() for i in range(0, len(mine), batch_size))
 
     def __len__(self) -> int:

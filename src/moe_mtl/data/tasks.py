@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,10 +66,20 @@ def read_utf8(path: Path) -> str:
         ) from None
 
 
+def numbered_lines(text: str) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a text file's content, numbered from 1.
+
+    Lines end at "\n" only (a "\r" before it is dropped): `str.splitlines` also breaks at U+2028,
+    U+2029, U+0085 and other separators, which JSON strings and TSV cells may hold raw.
+    """
+    for number, line in enumerate(text.split("\n"), start=1):
+        yield number, line.removesuffix("\r")
+
+
 def line_of(text: str, key: str) -> int | None:
     """The first line of a JSON text where the string `key` appears (the json module keeps no positions)."""
     needle = json.dumps(key)
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in numbered_lines(text):
         if needle in line:
             return number
     return None

@@ -13,7 +13,7 @@ def write_task(root, name, k=16, seeds=(13, 100), lines=None):
     for seed in seeds:
         for split in ("train", "dev", "test"):
             rows = lines or [f"{name} {split} {seed} a\tx", f"{name} {split} {seed} b\ty\tz", "q\tr1 [SEP] r2"]
-            (folder / f"{name}_{k}_{seed}_{split}.tsv").write_text("\n".join(rows) + "\n")
+            (folder / f"{name}_{k}_{seed}_{split}.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
     return folder
 
 
@@ -48,6 +48,21 @@ def test_task_metrics_file_as_task_info(data_dir, tmp_path):
 def test_partition_selects_tasks(data_dir):
     tasks = load_tasks("crossfit", data_dir=data_dir, partition={"train": ["squad-no_context"], "test": []})
     assert [(t.name, t.partition) for t in tasks] == [("squad-no_context", "train")]
+
+
+def test_unicode_line_separators_inside_cells_stay_in_their_line(tmp_path):
+    lines = ["question one\x85 part two\tanswer A", "who wrote it?\tJane Doe\u2028(editor)\tJ. Doe", "q\ta"]
+    folder = write_task(tmp_path, "t", seeds=(13,), lines=lines)
+    (folder / "t_16_13_dev.tsv").write_text("\r\n".join(lines) + "\r\n", encoding="utf-8")
+    (task,) = crossfit_tasks(tmp_path)
+    for split in ("train", "dev"):
+        examples = task.fewshot[13][split]
+        assert [(e.input, e.targets) for e in examples] == [
+            ("question one\x85 part two", ("answer A",)),
+            ("who wrote it?", ("Jane Doe\u2028(editor)", "J. Doe")),
+            ("q", ("a",)),
+        ]
+        assert examples[2].origin.endswith(f"t_16_13_{split}.tsv:3")
 
 
 def test_line_without_output_column(tmp_path):

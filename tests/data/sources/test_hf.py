@@ -1,7 +1,7 @@
 import json
 
 import pytest
-from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
+from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Value
 
 from moe_mtl.data.sources import load_tasks
 from moe_mtl.data.sources.hf import HFTaskSpec, hf_tasks
@@ -40,6 +40,50 @@ def test_saved_dataset_with_class_labels(saved_dataset):
         ("bad", ("negative",)),
         ("fine", ("positive",)),
     ]
+
+
+def saved(tmp_path, features, **splits):
+    """A `save_to_disk` folder of the given splits (name → columns); returns its path."""
+    path = tmp_path / "saved"
+    DatasetDict({name: Dataset.from_dict(rows, features=features) for name, rows in splits.items()}).save_to_disk(path)
+    return str(path)
+
+
+def test_unlabeled_class_label_names_the_row(tmp_path):
+    """GLUE's test splits mark every row unlabeled with -1, which used to become the last class name."""
+    features = Features({"sentence": Value("string"), "label": ClassLabel(names=["negative", "positive"])})
+    spec = {
+        "name": "sst2",
+        "path": saved(
+            tmp_path, features, train={"sentence": ["good"], "label": [1]}, test={"sentence": ["meh"], "label": [-1]}
+        ),
+        "input": "sentence",
+        "target": "label",
+    }
+    message = r"saved\[test\] row 0: class label -1 of column 'label' is not one of 0\.\.1 \(negative, positive\)"
+    with pytest.raises(DataError, match=message + ".*leave such a split out with the task's `splits`"):
+        hf_tasks([spec])
+    (task,) = hf_tasks([{**spec, "splits": {"train": "train"}}])
+    assert task.splits["train"][0].targets == ("positive",)
+
+
+@pytest.mark.parametrize("template", ["sentence", "s: {sentence}"])
+def test_null_input_names_the_row(tmp_path, template):
+    features = Features({"sentence": Value("string"), "label": Value("string")})
+    path = saved(tmp_path, features, train={"sentence": ["good", None], "label": ["a", "b"]})
+    with pytest.raises(DataError, match=r"saved\[train\] row 1: column 'sentence' is null"):
+        hf_tasks([{"name": "t", "path": path, "input": template, "target": "label"}])
+
+
+def test_lists_of_class_labels_become_label_names(tmp_path):
+    topics = ClassLabel(names=["sports", "politics", "tech"])
+    features = Features({"text": Value("string"), "labels": List(topics), "answer": {"label": topics}})
+    rows = {"text": ["x"], "labels": [[0, 2]], "answer": [{"label": 1}]}
+    spec = {"name": "t", "path": saved(tmp_path, features, train=rows), "input": "text"}
+    (task,) = hf_tasks([{**spec, "target": "labels"}])
+    assert task.splits["train"][0].targets == ("sports", "tech")
+    (task,) = hf_tasks([{**spec, "target": "answer.label"}])
+    assert task.splits["train"][0].targets == ("politics",)
 
 
 def test_load_dataset_json_with_template_and_nested_references(json_files):

@@ -71,6 +71,21 @@ def test_bad_lines_name_file_and_line(tmp_path, write_jsonl, line, message):
         jsonl_tasks(tmp_path)
 
 
+def test_unicode_line_separators_inside_strings_stay_in_their_line(tmp_path):
+    text = "first\u2028second\u2029third\x85fourth"
+    lines = [
+        json.dumps({"input": text, "target": "ok", "split": "train"}, ensure_ascii=False),
+        json.dumps({"input": "x", "target": "y", "split": "dev"}),
+        '{"input": "x"',
+    ]
+    (tmp_path / "t.jsonl").write_text("\r\n".join(lines[:2]) + "\r\n", encoding="utf-8")
+    (task,) = jsonl_tasks(tmp_path)
+    assert task.splits["train"][0].input == text and task.splits["dev"][0].origin == f"{tmp_path}/t.jsonl:2"
+    (tmp_path / "t.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"t\.jsonl:3: invalid JSON"):  # the separators do not shift line numbers
+        jsonl_tasks(tmp_path)
+
+
 def test_folder_split_field_must_agree(tmp_path, write_jsonl):
     write_jsonl(tmp_path / "t" / "dev.jsonl", [{"input": "x", "target": "y", "split": "train"}])
     with pytest.raises(DataError, match=r"dev\.jsonl:1: 'split' is 'train' in dev\.jsonl; expected 'dev'"):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ..tasks import DataError, Example, Task, read_utf8, task_info_for, where
+from ..tasks import DataError, Example, Task, numbered_lines, read_utf8, task_info_for, where
 
 FILE_NAME = re.compile(r"^(?P<task>.+)_(?P<k>\d+)_(?P<seed>\d+)_(?P<split>train|dev|test)\.tsv$")
 REFERENCE_SEPARATOR = " [SEP] "
@@ -21,7 +21,7 @@ REFERENCE_SEPARATOR = " [SEP] "
 def read_tsv(path: Path) -> list[Example]:
     """The examples of one CrossFit file; a line without an output column is an error naming the line."""
     examples = []
-    for number, line in enumerate(read_utf8(path).splitlines(), start=1):
+    for number, line in numbered_lines(read_utf8(path)):
         if not line.strip():
             continue
         columns = line.split("\t")

@@ -7,9 +7,10 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from string import Formatter
 from typing import Any
 
-from datasets import Dataset, load_dataset, load_from_disk
+from datasets import ClassLabel, Dataset, load_dataset, load_from_disk
 
 from ..tasks import DEFAULT_METRIC, DataError, Example, Task
 
@@ -36,7 +37,7 @@ class HFTaskSpec:
     """Input column, or a template of columns such as "premise: {premise} hypothesis: {hypothesis}"."""
     target: str = "target"
     """Target column (dotted for nested fields, e.g. "answers.text"); lists give several references and
-    class-label integers their label names."""
+    class labels (or lists of them) their label names."""
     options: str | None = None
     """Column of answer options (a list of strings), if any."""
     metric: str = DEFAULT_METRIC
@@ -81,34 +82,64 @@ def _value(row: Mapping[str, Any], column: str, origin: str) -> Any:
     return value
 
 
+def _present(value: Any, column: str, origin: str) -> Any:
+    if value is None:
+        raise DataError(f"{origin}: column {column!r} is null; every row needs its input, target and options")
+    return value
+
+
 def _text(row: Mapping[str, Any], template: str, origin: str) -> str:
     if "{" not in template:
-        return str(_value(row, template, origin))
-    try:
-        return template.format_map(row)
-    except KeyError as err:
-        raise DataError(f"{origin}: the input template names column {err}; columns: {', '.join(row)}") from None
+        return str(_present(_value(row, template, origin), template, origin))
+    fields = {name.split(".")[0].split("[")[0] for _, name, _, _ in Formatter().parse(template) if name}
+    for name in sorted(fields):
+        if name not in row:
+            raise DataError(f"{origin}: the input template names column {name!r}; columns: {', '.join(row)}")
+        _present(row[name], name, origin)
+    return template.format_map(row)
 
 
-def _references(value: Any, label_names: list[str] | None, origin: str) -> tuple[str, ...]:
+def _label_names(features: Mapping[str, Any], column: str) -> list[str] | None:
+    """The class names of a (dotted) target column of class labels, or of lists of them; None for other columns."""
+    feature: Any = features
+    for key in column.split("."):
+        while hasattr(feature, "feature"):  # List / Sequence: a list of what it holds
+            feature = feature.feature
+        if not isinstance(feature, Mapping) or key not in feature:
+            return None
+        feature = feature[key]
+    while hasattr(feature, "feature"):
+        feature = feature.feature
+    return list(feature.names) if isinstance(feature, ClassLabel) else None
+
+
+def _references(value: Any, label_names: list[str] | None, column: str, origin: str) -> tuple[str, ...]:
     values = value if isinstance(value, list) else [value]
     if not values or any(v is None for v in values):
         raise DataError(f"{origin}: the target is empty or null; each row needs a target")
-    return tuple(label_names[v] if label_names is not None and isinstance(v, int) else str(v) for v in values)
+    if label_names is None:
+        return tuple(map(str, values))
+    for v in values:
+        if not 0 <= v < len(label_names):
+            raise DataError(
+                f"{origin}: class label {v} of column {column!r} is not one of 0..{len(label_names) - 1} "
+                f"({', '.join(label_names)}); -1 marks an unlabeled row, as in GLUE's test splits: leave such a "
+                "split out with the task's `splits` mapping, e.g. {train: train, dev: validation}"
+            )
+    return tuple(label_names[v] for v in values)
 
 
 def _split_examples(spec: HFTaskSpec, dataset, split_name: str) -> list[Example]:
-    column = dataset.features.get(spec.target.split(".")[0])
-    label_names = getattr(column, "names", None) if "." not in spec.target else None
+    label_names = _label_names(dataset.features, spec.target)
     examples = []
     for number, row in enumerate(dataset):
         origin = f"{spec.path}[{split_name}] row {number}"
-        options = _value(row, spec.options, origin) if spec.options else []
+        options = _present(_value(row, spec.options, origin), spec.options, origin) if spec.options else []
         examples.append(
             Example(
                 _text(row, spec.input, origin),
-                _references(_value(row, spec.target, origin), label_names, origin),
-                tuple(map(str, options)),
+                _references(_value(row, spec.target, origin), label_names, spec.target, origin),
+                tuple(str(_present(option, spec.options, origin)) for option in options),
                 origin=origin,
             )
         )

@@ -21,6 +21,7 @@ from ..tasks import (
     Example,
     Task,
     check_choice,
+    numbered_lines,
     read_utf8,
     task_info_for,
     where,
@@ -55,7 +56,7 @@ def read_jsonl(path: Path, split: str | None = None) -> dict[str, list[Example]]
     """The examples of one file by split. With `split` (folder layout) every line belongs to it and a
     "split" field, if present, must agree; without it each line must name its split."""
     splits: dict[str, list[Example]] = {}
-    for number, line in enumerate(read_utf8(path).splitlines(), start=1):
+    for number, line in numbered_lines(read_utf8(path)):
         if not line.strip():
             continue
         example, line_split = parse_line(line, path, number)
