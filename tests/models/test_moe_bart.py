@@ -386,3 +386,11 @@ def test_static_caches_are_refused_for_whole_layer_experts():
         model.generate(
             torch.randint(3, 64, (1, 5)), task_ids=torch.tensor([0]), max_new_tokens=2, cache_implementation="static"
         )
+
+
+@pytest.mark.parametrize("unit", ["layer", "ffn"])
+def test_expert_parameters_are_those_of_one_expert(unit):
+    model = tiny_moe(num_experts=3, num_tasks=2, expert_unit=unit)
+    named = dict(model.named_parameters())
+    expected = {id(p) for name, p in named.items() if name.startswith("model.decoder.layers.1.experts.2.")}
+    assert expected and {id(p) for p in model.expert_parameters("decoder.1", 2)} == expected
