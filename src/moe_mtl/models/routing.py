@@ -76,7 +76,6 @@ class TaskTable(nn.Module):
     def __init__(self, num_tasks: int, task_dim: int, frozen: bool = False):
         super().__init__()
         self.embedding = nn.Embedding(num_tasks, task_dim)
-        self.frozen = frozen
         self.freeze(frozen)
 
     def freeze(self, frozen: bool = True) -> None:
