@@ -94,17 +94,18 @@ def run_tokenizer(
     """
     if name_or_path is not None:
         return load_tokenizer(name_or_path)
-    settings = {"vocab_size": vocab_size, "training_text": None if texts is None else text_hash(texts())}
+    corpus = None if texts is None else list(texts())  # read once: hashed, and trained on if none is saved
+    settings = {"vocab_size": vocab_size, "training_text": None if corpus is None else text_hash(corpus)}
     if (directory / "tokenizer.json").is_file():
         _check_reuse(directory, settings)
         log.info("using the tokenizer saved in %s", directory)
         return load_tokenizer(directory)
-    if texts is None:
+    if corpus is None:
         raise DataError(
             f"{directory}: no tokenizer saved there and this run has no training text to train one on; set "
             "`tokenizer` to the tokenizer folder of the training run"
         )
-    tokenizer = train_tokenizer(texts(), vocab_size)
+    tokenizer = train_tokenizer(corpus, vocab_size)
     staging = directory.with_name(f".{directory.name}.{os.getpid()}")
     tokenizer.save_pretrained(staging)
     (staging / TRAINING_FILE).write_text(json.dumps(settings, indent=1) + "\n")
