@@ -1,6 +1,9 @@
 """The `moe-mtl` command (also `python -m moe_mtl`).
 
 Subcommands:
+    fit, validate, test, predict   LightningCLI over `MoEMultiTaskModule` and `MultiTaskDataModule`
+              (`moe-mtl fit --config configs/quickstart.yaml`); what the model needs from the data is
+              linked, never repeated in configs; the resolved config is saved with each run.
     upcycle   turn a dense BART (hub name or local folder) into a saved MoE-BART: every expert a
               copy of the dense weights at its position (Ye et al.), MoE options from `MoEOptions`.
 """
@@ -11,10 +14,70 @@ import sys
 from collections.abc import Sequence
 
 from jsonargparse import ArgumentParser, set_parsing_settings
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from .data import MultiTaskDataModule
 from .models import MoEBartForConditionalGeneration, MoEOptions
+from .training import MoEMultiTaskModule
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)  # option help from MoEOptions' docstrings
+
+# datamodule fact → model option, set when the datamodule is instantiated
+DATA_LINKS = {
+    "num_tasks": "moe.num_tasks",
+    "task_names": "task_names",
+    "task_metrics": "task_metrics",
+    "task_partitions": "task_partitions",
+    "vocab_size": "tokenizer_size",
+    "pad_token_id": "pad_token_id",
+    "tokenizer_path": "tokenizer_path",
+}
+# which way is better for each selection metric (the paper selects by val/score: loss and score disagree)
+SELECTION_MODES = {"val/score": "max", "val/loss": "min"}
+
+
+class MoEMTLCLI(LightningCLI):
+    """LightningCLI with the data → model links and checkpoint selection by val/score or val/loss."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        for source, target in DATA_LINKS.items():
+            parser.link_arguments(f"data.{source}", f"model.{target}", apply_on="instantiate")
+        parser.link_arguments("data.max_target_length", "model.max_target_length")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/score",
+                "checkpoint.mode": "max",
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "best-step{step}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        monitor, mode = config.checkpoint.monitor, config.checkpoint.mode
+        if monitor in SELECTION_MODES and mode != SELECTION_MODES[monitor]:
+            raise ValueError(
+                f"checkpoint.monitor is {monitor!r} with checkpoint.mode {mode!r}; "
+                f"use checkpoint.mode {SELECTION_MODES[monitor]!r} (higher score, lower loss is better)"
+            )
+
+
+def run_lightning(args: Sequence[str] | None = None) -> MoEMTLCLI:
+    """fit / validate / test / predict through LightningCLI (`args` None: the command line)."""
+    return MoEMTLCLI(
+        MoEMultiTaskModule,
+        MultiTaskDataModule,
+        # a requeued job writes config.yaml into the same run folder again
+        save_config_kwargs={"overwrite": True},
+        # the batch samplers shard by rank themselves
+        trainer_defaults={"use_distributed_sampler": False},
+        auto_configure_optimizers=False,
+        parser_kwargs={"description": __doc__},
+        args=None if args is None else list(args),
+    )
 
 
 def upcycle(dense: str, output: str, moe: MoEOptions) -> MoEBartForConditionalGeneration:
@@ -24,26 +87,31 @@ def upcycle(dense: str, output: str, moe: MoEOptions) -> MoEBartForConditionalGe
     return model
 
 
-def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="moe-mtl", description="Multi-task learning with task-level sparse MoE BART.")
-    commands = parser.add_subcommands(dest="command")
-    upcycle_parser = ArgumentParser(description=upcycle.__doc__)
-    upcycle_parser.add_argument("--dense", required=True, help="dense BART: hub name (online) or local folder")
-    upcycle_parser.add_argument("--output", required=True, help="folder the MoE-BART is saved to")
-    upcycle_parser.add_argument("--config", action="config", help="YAML file with any of these options")
-    upcycle_parser.add_class_arguments(MoEOptions, "moe")
-    commands.add_subcommand("upcycle", upcycle_parser, help="turn a dense BART into a saved MoE-BART")
+def build_upcycle_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="moe-mtl upcycle", description=upcycle.__doc__)
+    parser.add_argument("--dense", required=True, help="dense BART: hub name (online) or local folder")
+    parser.add_argument("--output", required=True, help="folder the MoE-BART is saved to")
+    parser.add_argument("--config", action="config", help="YAML file with any of these options")
+    parser.add_class_arguments(MoEOptions, "moe")
     return parser
 
 
+def run_upcycle(args: Sequence[str]) -> MoEBartForConditionalGeneration:
+    parser = build_upcycle_parser()
+    config = parser.parse_args(list(args))
+    try:
+        options = parser.instantiate(config)
+        model = upcycle(options.dense, options.output, options.moe)
+    except ValueError as err:  # a bad option value: a usage error, not a traceback
+        parser.error(str(err))
+    layers = ", ".join(model.routed_layer_names)
+    print(f"saved MoE-BART ({model.moe_options.num_experts} experts; routed: {layers}) to {options.output}")
+    return model
+
+
 def main(args: Sequence[str] | None = None) -> None:
-    parser = build_parser()
-    config = parser.parse_args(sys.argv[1:] if args is None else list(args))
-    if config.command == "upcycle":
-        try:
-            options = parser.instantiate(config).upcycle
-            model = upcycle(options.dense, options.output, options.moe)
-        except ValueError as err:  # a bad option value: a usage error, not a traceback
-            parser.error(str(err))
-        layers = ", ".join(model.routed_layer_names)
-        print(f"saved MoE-BART ({model.moe_options.num_experts} experts; routed: {layers}) to {options.output}")
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["upcycle"]:
+        run_upcycle(argv[1:])
+    else:
+        run_lightning(args)

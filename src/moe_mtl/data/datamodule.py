@@ -187,6 +187,14 @@ class MultiTaskDataModule(LightningDataModule):
         return self._tokenizer
 
     @property
+    def tokenizer_path(self) -> str:
+        """Where the run's tokenizer loads from: its name, or the folder of the one trained here."""
+        if self.hparams.tokenizer is not None:
+            return self.hparams.tokenizer
+        _ = self.tokenizer  # trains and saves it on first use
+        return str((Path(self.hparams.output_dir) / "tokenizer").resolve())
+
+    @property
     def vocab_size(self) -> int:
         """Tokens of the tokenizer, special tokens included: the model's vocabulary size."""
         return len(self.tokenizer)

@@ -16,7 +16,7 @@ from transformers import BartConfig
 EXPERT_UNITS = ("layer", "ffn")
 ROUTINGS = ("task", "token")
 ROUTERS = ("mlp", "lstm", "gru", "transformer")
-SELECTIONS = ("softmax", "gumbel", "gumbel_st")
+SELECTIONS = ("softmax", "gumbel", "gumbel_st", "argmax")
 ROUTE_SOURCES = ("learned", "average", "random", "given")
 
 
@@ -58,8 +58,9 @@ class MoEOptions:
     """Router network from a task vector to per-layer expert logits ("task" routing)."""
     router_hidden: int = 64
     """Hidden width of the router network."""
-    selection: Literal["softmax", "gumbel", "gumbel_st"] = "gumbel_st"
-    """Training-time selection; evaluation always uses hard top-k."""
+    selection: Literal["softmax", "gumbel", "gumbel_st", "argmax"] = "gumbel_st"
+    """Training-time selection; evaluation always uses hard top-k. "argmax" uses the hard top-k in training
+    too (no router gradient): the fixed routes of two-stage training's second stage."""
     temperature: float = 1.0
     """Initial selection temperature; callbacks change it during training, checkpoints keep it."""
     top_k: int = 1

@@ -222,7 +222,7 @@ class TaskRouter(nn.Module):
             return self.fixed_routes[task_ids].float()
         tasks, inverse = torch.unique(task_ids, return_inverse=True)
         logits = self.logits(task_table(tasks))
-        if self.training:
+        if self.training and self.selection != "argmax":
             weights = select_experts(logits, self.selection, self.temperature.float())
         else:
             weights = hard_top_k(logits, self.top_k)

@@ -1,0 +1,1 @@
+"""Evaluation: CrossFit metrics and ARG, and route analysis."""

@@ -1,0 +1,232 @@
+"""CrossFit's task metrics and the average relative gain (ARG), as pure functions.
+
+Every metric takes `predictions` (one string per example) and `references` (one or more
+reference strings per example) and returns a Python float; higher is better. EM, ACC, QA-F1,
+Classification-F1 and Rouge-L lie in [0, 1]; Matthew-Correlation and Pearson-Correlation in
+[-1, 1]. Definitions follow CrossFit (Ye, Lin & Ren 2021), re-implemented without nltk,
+rouge/rouge_score or sklearn.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import string
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+from moe_mtl.data.tasks import METRICS
+
+POSITIVE_LABEL = "acceptable"
+"""The positive class of Matthew-Correlation (glue-cola's labels are "acceptable"/"unacceptable")."""
+
+UNPARSEABLE_FLOAT = 3.0
+"""Pearson-Correlation's value for a prediction that is not a finite float. CrossFit uses NaN,
+which turns the whole score into NaN; the task-level MoE code substitutes 3.0, and so do we."""
+
+_PUNCTUATION = frozenset(string.punctuation)
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-case, remove punctuation, remove the articles a/an/the, collapse white space (SQuAD's order)."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def exact_match(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    """EM: mean over examples of max over references of [normalize(pred) == normalize(ref)]."""
+    return _best_over_references(
+        lambda p, r: float(normalize_answer(p) == normalize_answer(r)), predictions, references
+    )
+
+
+def accuracy(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    """ACC: mean over examples of max over references of [pred.lower() == ref.lower()]; no other normalisation."""
+    return _best_over_references(lambda p, r: float(p.lower() == r.lower()), predictions, references)
+
+
+def qa_f1(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    """QA-F1: bag-of-tokens F1 of normalised prediction and reference, max over references, mean over examples.
+
+    As in SQuAD v1, a pair with no token in common scores 0, even when both are empty.
+    """
+    return _best_over_references(
+        lambda p, r: _token_f1(normalize_answer(p).split(), normalize_answer(r).split()), predictions, references
+    )
+
+
+def classification_f1(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    """Classification-F1: macro-F1 over label strings; the gold label is an example's first reference.
+
+    The label set is the union of gold and predicted labels, as sklearn's
+    `f1_score(average="macro")` (which CrossFit calls) uses: a label the model invents but
+    never gets right counts as one more class with F1 0, so spraying wrong labels is
+    penalised. Labels compare as exact strings.
+    """
+    _check_inputs(predictions, references)
+    gold = [refs[0] for refs in references]
+    true_pos: Counter[str] = Counter(g for g, p in zip(gold, predictions, strict=True) if g == p)
+    gold_count, predicted_count = Counter(gold), Counter(predictions)
+    labels = gold_count.keys() | predicted_count.keys()
+    # Per label F1 = 2TP / (2TP + FP + FN) = 2TP / (#gold + #predicted); never 0/0 as the label occurs.
+    return _mean(2 * true_pos[label] / (gold_count[label] + predicted_count[label]) for label in labels)
+
+
+def rouge_l(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    """Rouge-L: ROUGE-L F1 from the longest common subsequence, max over references, mean over examples.
+
+    Tokens are the white-space tokens of the lower-cased text with punctuation removed, so
+    "cat." matches "cat" (CrossFit's ROUGE splits sentences at "." and rouge_score drops
+    non-alphanumerics; neither lets trailing punctuation break a match). No article removal.
+    The F-measure is plain F1 (beta = 1), as rouge_score's `rougeL` fmeasure. As in CrossFit,
+    a prediction that is empty after removing punctuation scores 0; so does an empty reference.
+    """
+    return _best_over_references(lambda p, r: _lcs_f1(_rouge_tokens(p), _rouge_tokens(r)), predictions, references)
+
+
+def matthew_correlation(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    """Matthew-Correlation: MCC of [pred == "acceptable"] against [first reference == "acceptable"].
+
+    0.0 when the denominator is 0 (a side that is constant), as sklearn's `matthews_corrcoef`.
+    """
+    _check_inputs(predictions, references)
+    pairs = Counter(
+        (refs[0] == POSITIVE_LABEL, p == POSITIVE_LABEL) for p, refs in zip(predictions, references, strict=True)
+    )
+    tp, tn, fp, fn = pairs[True, True], pairs[False, False], pairs[False, True], pairs[True, False]
+    denominator = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    return _clip((tp * tn - fp * fn) / denominator) if denominator else 0.0
+
+
+def pearson_correlation(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    """Pearson-Correlation: Pearson r of float(pred) against float(first reference).
+
+    A prediction that is not a finite float becomes `UNPARSEABLE_FLOAT` (3.0), as in the
+    task-level MoE code (CrossFit would return NaN). 0.0 when either side has zero variance, so
+    NaN is never returned. A reference that is not a finite float raises `ValueError`.
+    """
+    _check_inputs(predictions, references)
+    xs = [_parse_float(p, UNPARSEABLE_FLOAT) for p in predictions]
+    ys = []
+    for i, refs in enumerate(references):
+        y = _parse_float(refs[0], math.nan)
+        if math.isnan(y):
+            raise ValueError(f"Pearson-Correlation: reference {refs[0]!r} of example {i} is not a finite number")
+        ys.append(y)
+    # Exact test: with all values equal the centred sums can be rounding noise rather than 0.
+    if len(set(xs)) == 1 or len(set(ys)) == 1:
+        return 0.0
+    mean_x, mean_y = math.fsum(xs) / len(xs), math.fsum(ys) / len(ys)
+    dx, dy = [x - mean_x for x in xs], [y - mean_y for y in ys]
+    covariance = math.fsum(a * b for a, b in zip(dx, dy, strict=True))
+    return _clip(covariance / math.sqrt(math.fsum(a * a for a in dx) * math.fsum(b * b for b in dy)))
+
+
+METRIC_FUNCTIONS: dict[str, Callable[[Sequence[str], Sequence[Sequence[str]]], float]] = {  # keys: METRICS, in order
+    "EM": exact_match,
+    "ACC": accuracy,
+    "Classification-F1": classification_f1,
+    "QA-F1": qa_f1,
+    "Rouge-L": rouge_l,
+    "Matthew-Correlation": matthew_correlation,
+    "Pearson-Correlation": pearson_correlation,
+}
+
+
+def score(metric: str, predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    """The value of the CrossFit metric named `metric` (one of `METRICS`) on a task's predictions."""
+    if metric not in METRIC_FUNCTIONS:
+        raise ValueError(f"unknown metric {metric!r}; allowed: {', '.join(map(repr, METRICS))}")
+    return METRIC_FUNCTIONS[metric](predictions, references)
+
+
+def average_relative_gain(method: Mapping[str, float], baseline: Mapping[str, float]) -> float:
+    """ARG of a method over a baseline: mean over tasks of (method − baseline) / baseline, as a fraction (0.05 = 5%).
+
+    Both mappings go from task name to score and must hold the same tasks.
+    """
+    only_method, only_baseline = sorted(method.keys() - baseline.keys()), sorted(baseline.keys() - method.keys())
+    if only_method or only_baseline:
+        raise ValueError(
+            f"ARG needs the same tasks on both sides; only in method: {only_method}, only in baseline: {only_baseline}"
+        )
+    if not method:
+        raise ValueError("ARG needs at least one task")
+    zero = sorted(task for task, b in baseline.items() if b == 0)
+    if zero:
+        raise ValueError(f"ARG is undefined for tasks whose baseline score is 0: {zero}")
+    return _mean((method[task] - b) / b for task, b in baseline.items())
+
+
+def _check_inputs(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> None:
+    """Raise `ValueError` unless there is one non-empty reference list per prediction and at least one example."""
+    if len(predictions) != len(references):
+        raise ValueError(f"got {len(predictions)} predictions but {len(references)} reference lists")
+    if not predictions:
+        raise ValueError("got no predictions; a metric needs at least one example")
+    for i, refs in enumerate(references):
+        # A bare string is a Sequence[str] too: its characters would silently become references.
+        if isinstance(refs, str):
+            raise ValueError(f"references of example {i} is the string {refs!r}; expected a list of reference strings")
+        if len(refs) == 0:
+            raise ValueError(f"example {i} has no reference")
+
+
+def _best_over_references(
+    pair_score: Callable[[str, str], float], predictions: Sequence[str], references: Sequence[Sequence[str]]
+) -> float:
+    """Mean over examples of the max over an example's references of `pair_score(prediction, reference)`."""
+    _check_inputs(predictions, references)
+    return _mean(max(pair_score(p, r) for r in refs) for p, refs in zip(predictions, references, strict=True))
+
+
+def _mean(values: Iterable[float]) -> float:
+    values = list(values)
+    return math.fsum(values) / len(values)
+
+
+def _clip(r: float) -> float:
+    """Rounding can push a correlation a hair past ±1."""
+    return max(-1.0, min(1.0, r))
+
+
+def _rouge_tokens(text: str) -> list[str]:
+    return "".join(ch for ch in text.lower() if ch not in _PUNCTUATION).split()
+
+
+def _parse_float(text: str, default: float) -> float:
+    """float(text), or `default` when it does not parse or is not finite ("nan" and "inf" parse)."""
+    try:
+        value = float(text)
+    except ValueError:
+        return default
+    return value if math.isfinite(value) else default
+
+
+def _token_f1(prediction: list[str], reference: list[str]) -> float:
+    """F1 of the multiset overlap of two token lists."""
+    same = sum((Counter(prediction) & Counter(reference)).values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(prediction), same / len(reference)
+    return 2 * precision * recall / (precision + recall)
+
+
+def _lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
+    """Length of the longest common subsequence, by dynamic programming over one row."""
+    row = [0] * (len(b) + 1)
+    for x in a:
+        diagonal = 0  # row[j - 1] of the previous row
+        for j, y in enumerate(b, start=1):
+            diagonal, row[j] = row[j], diagonal + 1 if x == y else max(row[j], row[j - 1])
+    return row[-1]
+
+
+def _lcs_f1(prediction: list[str], reference: list[str]) -> float:
+    """ROUGE-L F1: precision LCS/len(prediction), recall LCS/len(reference); 0 when either is empty."""
+    lcs = _lcs_length(prediction, reference)
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(prediction), lcs / len(reference)
+    return 2 * precision * recall / (precision + recall)

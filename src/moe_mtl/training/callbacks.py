@@ -1,0 +1,278 @@
+"""Callbacks that change or watch routing: temperature annealing, two-stage training, the routing monitor.
+
+Each does one job through `MoEMultiTaskModule`'s public routing state (`model`, `stage`, `route_table`,
+`enter_stage_two`) and has `state_dict`/`load_state_dict`, so a resumed run restores it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from transformers import BartForConditionalGeneration
+
+from ..evaluation.analysis import (
+    expert_utilisation,
+    route_entropy,
+    route_heatmap,
+    route_table_record,
+    write_route_table,
+)
+from .module import require_unused_parameter_detection
+from .schedules import TEMPERATURE_SCHEDULES, TemperatureSchedule, temperature_at
+
+
+@dataclass
+class TemperaturePlan:
+    """A temperature schedule: `temperature_at(step, start, end, schedule, rate, total_steps)`."""
+
+    start: float = 2.0
+    end: float = 0.1
+    schedule: TemperatureSchedule = "exp"
+    rate: float = 3e-4
+    total_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.schedule not in TEMPERATURE_SCHEDULES:
+            raise ValueError(
+                f"TemperatureAnnealing: schedule is {self.schedule!r}; allowed: {', '.join(TEMPERATURE_SCHEDULES)}"
+            )
+        if not (self.start > 0 and self.end > 0):
+            raise ValueError(f"TemperatureAnnealing: start ({self.start}) and end ({self.end}) must be > 0")
+
+    def at(self, step: int, total_steps: int) -> float:
+        return temperature_at(step, self.start, self.end, self.schedule, self.rate, self.total_steps or total_steps)
+
+
+class TemperatureAnnealing(Callback):
+    """Anneal the router's selection temperature τ, set before every optimizer step.
+
+    Default (the paper's stage one): τ = max(2.0 · exp(−3e-4 · step), 0.1). "linear" and "cosine" go from
+    `start` to `end` over `total_steps` (default: the run's training steps). With `stage_two`, a second
+    schedule runs from the two-stage switch on (e.g. the paper's softmax τ 300 → 1.0, rate 1e-4); without
+    it, the stage-two temperature set at the switch is kept. The module logs τ as train/temperature.
+
+    Args:
+        start: τ at step 0.
+        end: τ at the end (linear, cosine) or its floor (exp).
+        schedule: "exp", "linear" or "cosine".
+        rate: r of the exp schedule.
+        total_steps: Steps of a linear or cosine schedule; None: the trainer's estimated training steps.
+        stage_two: Schedule after the two-stage switch, counted from the switch step.
+    """
+
+    def __init__(
+        self,
+        start: float = 2.0,
+        end: float = 0.1,
+        schedule: TemperatureSchedule = "exp",
+        rate: float = 3e-4,
+        total_steps: int | None = None,
+        stage_two: TemperaturePlan | None = None,
+    ):
+        self.plan = TemperaturePlan(start, end, schedule, rate, total_steps)
+        self.stage_two = stage_two
+        self.temperature: float | None = None
+
+    def temperature_for(self, trainer: Trainer, pl_module: LightningModule) -> float | None:
+        """τ for the coming optimizer step (None: leave the module's τ alone)."""
+        total = max(1, int(trainer.estimated_stepping_batches))
+        if getattr(pl_module, "stage", 1) == 2:
+            if self.stage_two is None:
+                return None
+            since = trainer.global_step - pl_module.stage_info.get("switch_step", 0)
+            return self.stage_two.at(max(0, since), max(1, total - pl_module.stage_info.get("switch_step", 0)))
+        return self.plan.at(trainer.global_step, total)
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        temperature = self.temperature_for(trainer, pl_module)
+        if temperature is not None:
+            pl_module.model.set_temperature(temperature)
+            self.temperature = temperature
+
+    def state_dict(self) -> dict[str, Any]:
+        stage_two = asdict(self.stage_two) if self.stage_two else None
+        return {"plan": asdict(self.plan), "stage_two": stage_two, "temperature": self.temperature}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        mine = self.state_dict()
+        if (state_dict["plan"], state_dict["stage_two"]) != (mine["plan"], mine["stage_two"]):
+            rank_zero_warn(
+                f"TemperatureAnnealing: the checkpoint's schedule {state_dict['plan']} (stage two: "
+                f"{state_dict['stage_two']}) differs from this run's {mine['plan']} ({mine['stage_two']}); "
+                "the resumed run follows this run's"
+            )
+        self.temperature = state_dict["temperature"]
+
+
+class TwoStageTraining(Callback):
+    """Ye et al.'s two-stage training: learn routes, then fix them and train the experts.
+
+    At the switch (the first optimizer step at or after `switch_step`, or the start of epoch
+    `switch_epoch`): the routes become the router's argmax per task and layer, or its softmax at
+    `temperature`; router and task table are frozen; experts (and the other BART weights) are optionally
+    re-initialised from a dense checkpoint; optimizer state is cleared for every parameter changed;
+    the learning-rate warmup/decay optionally restarts. A run resumed in stage two stays there: the module
+    restores the fixed routes from its checkpoint and nothing is frozen or re-initialised again.
+
+    Args:
+        switch_step: Optimizer step at which stage two begins.
+        switch_epoch: Epoch at whose start stage two begins (instead of `switch_step`).
+        routes: Stage-two routes: "argmax" (hard, only the chosen expert runs) or "softmax" at `temperature`.
+        temperature: τ of softmax routes at the switch (the paper: 300, annealed to 1.0 by TemperatureAnnealing's
+            `stage_two`); None keeps the current τ.
+        reinit_experts_from: Dense BART (hub name or folder) whose weights overwrite experts, embeddings and
+            layer norms at the switch, as the paper does; None keeps the stage-one weights.
+        reset_optimizer_state: Clear the Adam moments of the frozen and re-initialised parameters.
+        restart_lr_schedule: Start a new warmup and linear decay over the remaining steps.
+    """
+
+    def __init__(
+        self,
+        switch_step: int | None = None,
+        switch_epoch: int | None = None,
+        routes: Literal["argmax", "softmax"] = "argmax",
+        temperature: float | None = None,
+        reinit_experts_from: str | None = None,
+        reset_optimizer_state: bool = True,
+        restart_lr_schedule: bool = True,
+    ):
+        if (switch_step is None) == (switch_epoch is None):
+            raise ValueError("TwoStageTraining: give exactly one of `switch_step` and `switch_epoch`")
+        for option, value in (("switch_step", switch_step), ("switch_epoch", switch_epoch)):
+            if value is not None and value < 0:
+                raise ValueError(f"TwoStageTraining: `{option}` is {value}; it must be >= 0")
+        if routes not in ("argmax", "softmax"):
+            raise ValueError(f"TwoStageTraining: `routes` is {routes!r}; allowed: 'argmax', 'softmax'")
+        self.switch_step = switch_step
+        self.switch_epoch = switch_epoch
+        self.routes = routes
+        self.temperature = temperature
+        self.reinit_experts_from = reinit_experts_from
+        self.reset_optimizer_state = reset_optimizer_state
+        self.restart_lr_schedule = restart_lr_schedule
+        self.switched_at: int | None = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        router = pl_module.model.router
+        if router is None or not router.learned:
+            raise ValueError(
+                "TwoStageTraining needs learned task routes (MoE options routing='task', routes='learned')"
+            )
+        if stage == "fit":
+            require_unused_parameter_detection(trainer, "TwoStageTraining fixes the routes in stage two")
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        window_start = batch_idx % trainer.accumulate_grad_batches == 0  # never mid-accumulation
+        if self.switch_step is not None and trainer.global_step >= self.switch_step and window_start:
+            self._switch(trainer, pl_module)
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.switch_epoch is not None and trainer.current_epoch >= self.switch_epoch:
+            self._switch(trainer, pl_module)
+
+    def _switch(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if pl_module.stage == 2:
+            return
+        changed = pl_module.enter_stage_two(self.routes, self.temperature)
+        if self.reinit_experts_from is not None:
+            dense = BartForConditionalGeneration.from_pretrained(self.reinit_experts_from)
+            pl_module.model.load_dense_state_dict(dense.state_dict())
+            frozen = {id(p) for p in changed}
+            changed += [p for p in pl_module.model.parameters() if id(p) not in frozen]
+        cleared = 0
+        if self.reset_optimizer_state:
+            for optimizer in trainer.optimizers:
+                for param in changed:
+                    cleared += optimizer.state.pop(param, None) is not None
+        if self.restart_lr_schedule:
+            pl_module.restart_lr_schedule()
+        self.switched_at = trainer.global_step
+        rank_zero_info(
+            f"TwoStageTraining: stage two from step {trainer.global_step} (epoch {trainer.current_epoch}): "
+            f"{self.routes} routes, router and task table frozen, experts "
+            f"{'re-initialised from ' + self.reinit_experts_from if self.reinit_experts_from else 'kept'}, "
+            f"optimizer state cleared for {cleared} parameters"
+        )
+        for logger in trainer.loggers:
+            logger.log_metrics({"train/stage_switch": float(trainer.global_step)}, step=trainer.global_step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"switched_at": self.switched_at}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.switched_at = state_dict["switched_at"]
+
+
+class RoutingMonitor(Callback):
+    """Routing statistics in TensorBoard every `every_n_steps` optimizer steps, and the route table as JSON
+    at every validation (for learning-dynamics plots).
+
+    Per routed layer, over the seen (training) tasks: routing/entropy_per_task/<layer> (the mean entropy
+    of each task's route; low = decisive routes), routing/entropy_task_avg/<layer> (entropy of the
+    task-averaged route; high = tasks spread over the experts), routing/utilisation/<layer>/expert<e>
+    (share of routing mass); the same entropies averaged over layers; and routing/route_map, a
+    task × (layer, expert) heatmap image of every task's route. Route tables go to
+    `<run dir>/routes/step<N>.json`.
+
+    Args:
+        every_n_steps: Optimizer steps between two logs.
+        heatmap: Also log the route map image (TensorBoard loggers only).
+        save_route_tables: Save the route table as JSON at each validation.
+    """
+
+    def __init__(self, every_n_steps: int = 50, heatmap: bool = True, save_route_tables: bool = True):
+        if every_n_steps < 1:
+            raise ValueError(f"RoutingMonitor: `every_n_steps` is {every_n_steps}; it must be >= 1")
+        self.every_n_steps = every_n_steps
+        self.heatmap = heatmap
+        self.save_route_tables = save_route_tables
+        self.last_logged_step = -1
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step % self.every_n_steps == 0 and step != self.last_logged_step:
+            self.last_logged_step = step
+            self.log_routes(trainer, pl_module)
+
+    def log_routes(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
+        """Log the routing statistics at the current step; returns the scalars logged."""
+        routes = pl_module.route_table().float().cpu()  # (T, L, E)
+        seen = routes[pl_module.seen_tasks or list(range(routes.shape[0]))]
+        per_task, averaged = route_entropy(seen)
+        utilisation = expert_utilisation(seen)
+        metrics = {
+            "routing/entropy_per_task/mean": per_task.mean().item(),
+            "routing/entropy_task_avg/mean": averaged.mean().item(),
+        }
+        for j, layer in enumerate(pl_module.model.routed_layer_names):
+            metrics[f"routing/entropy_per_task/{layer}"] = per_task[j].item()
+            metrics[f"routing/entropy_task_avg/{layer}"] = averaged[j].item()
+            for expert, share in enumerate(utilisation[j].tolist()):
+                metrics[f"routing/utilisation/{layer}/expert{expert}"] = share
+        step = trainer.global_step
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+            if self.heatmap and isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
+                logger.experiment.add_image("routing/route_map", route_heatmap(routes), step, dataformats="CHW")
+        return metrics
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self.save_route_tables or trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        with torch.no_grad():
+            routes = pl_module.route_table().float().cpu()
+        record = route_table_record(
+            routes, pl_module.task_names, pl_module.model.routed_layer_names, trainer.global_step
+        )
+        write_route_table(pl_module.run_dir / "routes" / f"step{trainer.global_step}.json", record)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_logged_step": self.last_logged_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.last_logged_step = state_dict["last_logged_step"]

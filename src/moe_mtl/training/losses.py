@@ -1,0 +1,29 @@
+"""Sequence-to-sequence losses as pure functions of logits and labels (label padding is -100)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def label_smoothed_nll(logits: torch.Tensor, labels: torch.Tensor, epsilon: float = 0.1) -> torch.Tensor:
+    """Mean over target tokens of the label-smoothed NLL: (1 − ε) · NLL + ε · mean over the vocabulary of
+    −log p (the target distribution puts ε/V on every token), computed in fp32.
+
+    logits (B, T, V), labels (B, T) → scalar.
+    """
+    if not 0.0 <= epsilon < 1.0:
+        raise ValueError(f"label smoothing ε is {epsilon}; it must be in [0, 1)")
+    return F.cross_entropy(
+        logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, label_smoothing=epsilon
+    )
+
+
+def sequence_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per example: the summed NLL of its target tokens and their count, both (B,), in fp32."""
+    token_nll = F.cross_entropy(
+        logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"
+    )  # (B, T), 0 at padding
+    return token_nll.sum(1), (labels != IGNORE_INDEX).sum(1)

@@ -1,0 +1,551 @@
+"""MoEMultiTaskModule: the sparse MoE-BART trained on many tasks at once, as one LightningModule."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from collections import defaultdict
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch import LightningModule
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
+from torch.optim.lr_scheduler import LambdaLR
+from transformers import AutoConfig, BartConfig
+
+from ..data import MODEL_INPUTS, load_tokenizer
+from ..evaluation.metrics import score
+from ..models import MoEBartConfig, MoEBartForConditionalGeneration, MoEOptions
+from ..models.routing import hard_top_k
+from .losses import label_smoothed_nll, sequence_nll
+from .optim import (
+    PARAMETER_GROUPS,
+    build_param_groups,
+    clip_grad_norms,
+    drop_unrouted_expert_grads,
+    expert_usage,
+)
+from .schedules import WarmupLinearDecay, warmup_steps_for
+
+log = logging.getLogger(__name__)
+
+# a small from-scratch BART (the quick start's); `bart` overrides any of these
+SMALL_BART = dict(
+    d_model=128,
+    encoder_layers=2,
+    decoder_layers=2,
+    encoder_attention_heads=4,
+    decoder_attention_heads=4,
+    encoder_ffn_dim=512,
+    decoder_ffn_dim=512,
+    max_position_embeddings=256,
+    dropout=0.1,
+)
+STAGE_ROUTES = ("argmax", "softmax")
+
+
+def build_model(
+    pretrained: str | None,
+    bart: dict[str, Any] | None,
+    moe: MoEOptions,
+    vocab_size: int | None,
+    pad_token_id: int | None,
+) -> MoEBartForConditionalGeneration:
+    """The MoE-BART: a saved MoE-BART loaded as it is, a dense BART upcycled (`from_dense`), or (no
+    `pretrained`) a new BART of the `bart` sizes over the data's vocabulary."""
+    if pretrained is not None:
+        if bart:
+            raise ValueError("model option `bart` sets the sizes of a new model; leave it unset with `pretrained`")
+        if AutoConfig.from_pretrained(pretrained).model_type == MoEBartConfig.model_type:
+            model = MoEBartForConditionalGeneration.from_pretrained(pretrained)
+            if model.task_table.num_tasks != moe.num_tasks:
+                raise ValueError(
+                    f"the MoE-BART in {pretrained} has a task table of {model.task_table.num_tasks} tasks; "
+                    f"the data has {moe.num_tasks}"
+                )
+        else:
+            model = MoEBartForConditionalGeneration.from_dense(pretrained, **asdict(moe))
+        if vocab_size is not None and vocab_size > model.config.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {vocab_size} tokens but the model {pretrained} only {model.config.vocab_size}; "
+                f"use the model's own tokenizer (data option `tokenizer: {pretrained}`)"
+            )
+        return model
+    if vocab_size is None:
+        raise ValueError("a new model (no `pretrained`) needs `vocab_size` (linked from the data's tokenizer)")
+    sizes = {**SMALL_BART, **(bart or {})}
+    special = {} if pad_token_id is None else {"pad_token_id": pad_token_id}
+    config = BartConfig(vocab_size=vocab_size, **special, **sizes)
+    return MoEBartForConditionalGeneration(MoEBartConfig.from_bart_config(config, moe))
+
+
+def require_unused_parameter_detection(trainer, why: str) -> None:
+    """DDP must be told that some experts get no gradient in a step, or it stops with "Expected to have
+    finished reduction in the prior iteration"."""
+    strategy = trainer.strategy
+    plain_ddp = isinstance(strategy, DDPStrategy) and not isinstance(strategy, DeepSpeedStrategy)
+    if plain_ddp and not strategy._ddp_kwargs.get("find_unused_parameters", False):
+        raise ValueError(
+            f"{why}, so some experts get no gradient in a step; DDP needs to know: use trainer option "
+            "`strategy: ddp_find_unused_parameters_true` (or DDPStrategy(find_unused_parameters=True))"
+        )
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """`obj` of every rank (a list with only `obj` outside distributed runs)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+class MoEMultiTaskModule(LightningModule):
+    """Multi-task training of a sparse MoE-BART with task-aware routing (Ye et al. 2022; Gupta et al. 2022).
+
+    Training: label-smoothed NLL plus the weighted auxiliary (load-balancing) loss of token routing;
+    AdamW with separate learning rates for backbone, router and task table, warmup then linear decay;
+    per-group gradient clipping; expert-sparse updates; a NaN policy. Validation and test: loss,
+    generation and each task's CrossFit metric, their average, per task in the logger and in a CSV and
+    JSON file per evaluation. Predict: generated outputs per task as JSONL.
+
+    What the model needs from the data (tasks, vocabulary, pad id, tokenizer) is linked from
+    `MultiTaskDataModule` by the CLI; set it by hand only when using the module alone.
+
+    Args:
+        pretrained: A dense BART to upcycle (hub name or local folder, e.g. "facebook/bart-base": every expert
+            starts as a copy of its layer), or a saved MoE-BART folder. None: a new BART of the `bart` sizes.
+        bart: Sizes of a new BART (`BartConfig` fields: d_model, encoder_layers, …) over `SMALL_BART`.
+        moe: How layers become experts and how tasks are routed (`num_tasks` is linked from the data).
+        task_names: Name per task id (linked).
+        task_metrics: CrossFit metric per task id (linked).
+        task_partitions: "train", "dev" or "test" per task id (linked); routing statistics use the "train" tasks.
+        tokenizer_size: Tokens of the tokenizer (linked); a new model's vocabulary size.
+        pad_token_id: Padding id of the tokenizer (linked).
+        tokenizer_path: Tokenizer name or folder (linked), loaded to decode generated outputs.
+        max_target_length: Most tokens to generate (linked from the data's maximum target length).
+        label_smoothing: ε of the label-smoothed training loss.
+        aux_loss_weight: Weight of the token-routing load-balancing loss in the training loss.
+        lr: Learning rate of the backbone (experts and every other BART weight).
+        router_lr: Learning rate of the router networks and token gates.
+        task_lr: Learning rate of the task table.
+        weight_decay: AdamW weight decay of matrices (none on biases and LayerNorm weights).
+        betas: AdamW betas.
+        warmup: Warmup before the linear decay: a fraction of the training steps if below 1, else a step count.
+        clip_backbone: Max gradient L2 norm of the backbone group (None: not clipped).
+        clip_router: Max gradient L2 norm of the router group (None: not clipped).
+        clip_task_table: Max gradient L2 norm of the task-table group (None: not clipped).
+        expert_sparse_updates: An expert that got zero routing weight from every example of the global
+            batch (all ranks, all accumulated micro-batches) is left exactly as it is by the optimizer step.
+        nan_policy: On a non-finite training loss, "stop" with an error naming the step and task, or "skip"
+            the batch (on every rank) and count it.
+        num_beams: Beams of generation in validation, test and predict.
+        results_dir: Folder of evaluation files, route tables and predictions; None: the logger's run folder.
+    """
+
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        bart: dict[str, Any] | None = None,
+        moe: MoEOptions = MoEOptions(),  # noqa: B008 (a frozen-by-convention default, copied by asdict)
+        task_names: list[str] | None = None,
+        task_metrics: list[str] | None = None,
+        task_partitions: list[str] | None = None,
+        tokenizer_size: int | None = None,
+        pad_token_id: int | None = None,
+        tokenizer_path: str | None = None,
+        max_target_length: int = 64,
+        label_smoothing: float = 0.1,
+        aux_loss_weight: float = 0.01,
+        lr: float = 1e-5,
+        router_lr: float = 1e-3,
+        task_lr: float = 1e-2,
+        weight_decay: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup: float = 0.06,
+        clip_backbone: float | None = None,
+        clip_router: float | None = None,
+        clip_task_table: float | None = None,
+        expert_sparse_updates: bool = True,
+        nan_policy: Literal["stop", "skip"] = "stop",
+        num_beams: int = 4,
+        results_dir: str | None = None,
+    ):
+        super().__init__()
+        if nan_policy not in ("stop", "skip"):
+            raise ValueError(f"`nan_policy` is {nan_policy!r}; allowed: 'stop', 'skip'")
+        self.save_hyperparameters()
+        self.model = build_model(pretrained, bart, moe, tokenizer_size, pad_token_id)
+        num_tasks = self.model.task_table.num_tasks
+        self.task_names = task_names or [f"task{i}" for i in range(num_tasks)]
+        self.task_metrics = task_metrics or ["EM"] * num_tasks
+        self.task_partitions = task_partitions or ["train"] * num_tasks
+        for option, values in (("task_names", self.task_names), ("task_metrics", self.task_metrics)):
+            if len(values) != num_tasks:
+                raise ValueError(f"`{option}` names {len(values)} tasks; the model's task table has {num_tasks}")
+        self.max_norms = {"backbone": clip_backbone, "router": clip_router, "task_table": clip_task_table}
+        self.lr_schedule: WarmupLinearDecay | None = None
+        self.stage = 1  # two-stage training: 2 once routes are fixed (see `enter_stage_two`)
+        self.stage_info: dict[str, Any] = {}
+        self.skipped_batches = 0
+        self._tokenizer = None
+        self._used: torch.Tensor | None = None  # (L, E) experts used since the last optimizer step
+        self._token_routes: dict[str, torch.Tensor] = {}  # token routing: per-task gate sums for `route_table`
+        self._eval: dict[str, Any] = {}
+
+    # --- routing state, read and changed by the callbacks -----------------------------------------
+
+    @property
+    def seen_tasks(self) -> list[int]:
+        """Ids of the tasks trained on (partition "train")."""
+        return [i for i, p in enumerate(self.task_partitions) if p == "train"]
+
+    @torch.no_grad()
+    def route_table(self) -> torch.Tensor:
+        """Current routes (T, L, E) as distributions, one per task and routed layer.
+
+        Learned task routes: the selection probabilities: softmax(logits / τ) for softmax selection,
+        softmax(logits) for gumbel selection (the Gumbel-max probability of each expert), one-hot argmax
+        for argmax selection (stage two). Fixed routes: their table. Token routing: the mean gate weight
+        per task over the training batches since the last call (uniform for tasks not seen since).
+        """
+        router = self.model.router
+        if router is None:
+            return self._token_route_table()
+        if not router.learned:
+            return router.fixed_routes.float() / router.fixed_routes.float().sum(-1, keepdim=True)
+        task_ids = torch.arange(self.model.task_table.num_tasks, device=self.device)
+        logits = router.logits(self.model.task_table(task_ids))
+        if router.selection == "argmax":
+            return hard_top_k(logits, 1)
+        temperature = router.temperature.float() if router.selection == "softmax" else 1.0
+        return (logits / temperature).softmax(-1)
+
+    def _record_token_routes(self, routes, task_ids: torch.Tensor) -> None:
+        layers = self.model.routed_layer_names
+        sums = self._token_routes.setdefault(
+            "sums", torch.zeros(self.model.task_table.num_tasks, len(layers), self.model.moe_options.num_experts)
+        )
+        counts = self._token_routes.setdefault("counts", torch.zeros(self.model.task_table.num_tasks))
+        for j, layer in enumerate(layers):
+            weights = routes[layer].weights.detach().float()  # (B, T, E), 0 at padding
+            per_example = weights.sum(1) / weights.sum((1, 2)).clamp_min(1e-9)[:, None]  # (B, E)
+            sums[:, j].index_add_(0, task_ids.cpu(), per_example.cpu())
+        counts.index_add_(0, task_ids.cpu(), torch.ones(len(task_ids)))
+
+    def _token_route_table(self) -> torch.Tensor:
+        num_tasks, num_experts = self.model.task_table.num_tasks, self.model.moe_options.num_experts
+        table = torch.full((num_tasks, len(self.model.routed_layer_names), num_experts), 1.0 / num_experts)
+        if self._token_routes:
+            seen = self._token_routes["counts"] > 0
+            table[seen] = self._token_routes["sums"][seen] / self._token_routes["counts"][seen, None, None]
+            self._token_routes = {}
+        return table
+
+    def enter_stage_two(self, routes: Literal["argmax", "softmax"] = "argmax", temperature: float | None = None):
+        """Fix the routes (Ye et al.'s second stage): the router's argmax per task and layer, or its softmax
+        at `temperature`; freeze router and task table. Returns the parameters frozen here."""
+        router = self.model.router
+        if router is None or not router.learned:
+            raise ValueError(
+                "two-stage training needs learned task routes (MoE options routing='task', routes='learned')"
+            )
+        if routes not in STAGE_ROUTES:
+            raise ValueError(f"stage-two routes are {routes!r}; allowed: {', '.join(STAGE_ROUTES)}")
+        router.selection = routes
+        if temperature is not None:
+            router.set_temperature(temperature)
+        frozen = [*router.parameters(), *self.model.task_table.parameters()]
+        for param in frozen:
+            param.requires_grad_(False)
+        self.model.task_table.freeze(True)
+        self.model.config.moe = {**self.model.config.moe, "selection": routes, "freeze_task_table": True}
+        self.stage = 2
+        self.stage_info = {"routes": routes, "switch_step": self.trainer.global_step if self._trainer else 0}
+        return frozen
+
+    # --- training ---------------------------------------------------------------------------------
+
+    def forward(self, batch: dict[str, Any]):
+        """The model's outputs for a batch (teacher forcing on `labels`; the loss is computed by the caller)."""
+        inputs = {key: batch[key] for key in MODEL_INPUTS if key != "labels"}
+        decoder_input_ids = self.model.prepare_decoder_input_ids_from_labels(batch["labels"])
+        return self.model(**inputs, decoder_input_ids=decoder_input_ids)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int):
+        out = self(batch)
+        loss = label_smoothed_nll(out.logits, batch["labels"], self.hparams.label_smoothing)
+        if out.aux_loss is not None:
+            loss = loss + self.hparams.aux_loss_weight * out.aux_loss
+            self.log("train/aux_loss", out.aux_loss, batch_size=len(batch["task_ids"]))
+        if not self._loss_is_finite(loss, batch):
+            return None
+        if out.routes:
+            used = expert_usage(self.model, out.expert_mask)
+            self._used = used if self._used is None else self._used | used
+            if self.model.router is None:
+                self._record_token_routes(out.routes, batch["task_ids"])
+        size = len(batch["task_ids"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        if self.model.router is not None and self.model.router.learned:
+            self.log("train/temperature", self.model.router.temperature.float(), batch_size=size)
+        self.log("train/stage", float(self.stage), batch_size=size)
+        for group in self.trainer.optimizers[0].param_groups if self._trainer else []:
+            if not group["name"].endswith("no_decay"):
+                self.log(f"lr/{group['name']}", group["lr"], batch_size=size)
+        return loss
+
+    def _loss_is_finite(self, loss: torch.Tensor, batch: dict[str, Any]) -> bool:
+        """Apply the NaN policy; every rank takes the same decision (a skip on one rank alone hangs DDP)."""
+        bad = (~torch.isfinite(loss.detach())).float()
+        if self._trainer is not None and self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
+        if bad.item() == 0:
+            return True
+        tasks = sorted(set(batch["task_names"]))
+        where = (
+            f"task {', '.join(tasks)}" if not torch.isfinite(loss.detach()) else f"another rank (this rank: {tasks})"
+        )
+        message = f"non-finite training loss at step {self.global_step} (epoch {self.current_epoch}), {where}"
+        if self.hparams.nan_policy == "stop":
+            raise FloatingPointError(f"{message}; set `nan_policy: skip` to skip such batches")
+        self.skipped_batches += 1
+        log.warning("%s: batch skipped (%d so far)", message, self.skipped_batches)
+        self.log("train/skipped_batches", float(self.skipped_batches), batch_size=len(batch["task_ids"]))
+        return False
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self._used is None:
+            return
+        used = self._used.float()
+        if self.trainer.world_size > 1:  # an expert used on any rank was updated there, so keep it
+            used = self.trainer.strategy.reduce(used, reduce_op="sum")
+        self._used = None
+        if self.hparams.expert_sparse_updates:
+            drop_unrouted_expert_grads(self.model, used > 0)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Per-group clipping (grads are unscaled and all-reduced here); then the Trainer's global clipping
+        if `gradient_clip_val` is set."""
+        norms = clip_grad_norms(optimizer, self.max_norms)
+        for group, norm in norms.items():
+            self.log(f"grad_norm/{group}", norm, batch_size=1)
+        if gradient_clip_val:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def setup(self, stage: str) -> None:
+        strategy = self.trainer.strategy
+        clipping = any(v is not None for v in self.max_norms.values())
+        local_grads = isinstance(strategy, SingleDeviceStrategy | DDPStrategy) and not isinstance(
+            strategy, DeepSpeedStrategy
+        )
+        if stage == "fit" and clipping and not local_grads:
+            raise ValueError(
+                f"per-group gradient clipping (clip_backbone, clip_router, clip_task_table) cannot be applied "
+                f"correctly under {type(strategy).__name__}: its gradients are sharded or clipped by the engine. "
+                "Set all three to null and use the strategy's own clipping, or train with strategy 'ddp' or one device"
+            )
+        if stage == "fit":
+            options = self.model.moe_options
+            if options.routing == "token":
+                require_unused_parameter_detection(self.trainer, "token routing sends a rank's tokens to some experts")
+            elif options.routes in ("random", "given") or options.selection == "argmax":
+                require_unused_parameter_detection(self.trainer, f"routes are fixed and hard ({options.routes})")
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        lrs = {"backbone": hp.lr, "router": hp.router_lr, "task_table": hp.task_lr}
+        groups = build_param_groups(self.model, lrs, hp.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        self.lr_schedule = WarmupLinearDecay(warmup_steps_for(hp.warmup, total), total)
+        scheduler = LambdaLR(optimizer, self.lr_schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def restart_lr_schedule(self) -> None:
+        """Start a new warmup and decay over the remaining steps (a training stage switch)."""
+        if self.lr_schedule is None:
+            return
+        step = self.trainer.global_step
+        remaining = max(1, int(self.trainer.estimated_stepping_batches) - step)
+        self.lr_schedule.restart(step, remaining, warmup_steps_for(self.hparams.warmup, remaining))
+
+    # --- checkpoints ------------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["moe_mtl"] = {"stage": self.stage, "stage_info": self.stage_info, "skipped": self.skipped_batches}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # runs before the weights load: re-fix stage-two routes so the run goes on in stage two
+        state = checkpoint.get("moe_mtl", {})
+        if state.get("stage") == 2:
+            self.enter_stage_two(state["stage_info"]["routes"])
+            self.stage_info = state["stage_info"]
+        self.skipped_batches = state.get("skipped", 0)
+
+    # --- evaluation -------------------------------------------------------------------------------
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            if self.hparams.tokenizer_path is None:
+                raise ValueError("decoding generated outputs needs `tokenizer_path` (linked from the data by the CLI)")
+            self._tokenizer = load_tokenizer(self.hparams.tokenizer_path)
+        return self._tokenizer
+
+    @torch.no_grad()
+    def generate(self, batch: dict[str, Any]) -> list[str]:
+        """Generated output text per example (beam search, `num_beams`)."""
+        ids = self.model.generate(
+            batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            task_ids=batch["task_ids"],
+            num_beams=self.hparams.num_beams,
+            max_new_tokens=self.hparams.max_target_length,
+        )
+        return [text.strip() for text in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+    def _evaluation_start(self) -> None:
+        num_tasks = self.model.task_table.num_tasks
+        self._eval = {
+            "nll": torch.zeros(num_tasks, dtype=torch.float64, device=self.device),
+            "tokens": torch.zeros(num_tasks, dtype=torch.float64, device=self.device),
+            "records": [],
+        }
+
+    def _evaluation_step(self, batch: dict[str, Any]) -> None:
+        # no collectives and no task-dependent log keys here: ranks may hold different tasks (see
+        # SequentialTaskBatchSampler); sums over all task ids are reduced at epoch end
+        nll, tokens = sequence_nll(self(batch).logits, batch["labels"])
+        self._eval["nll"].index_add_(0, batch["task_ids"], nll.double())
+        self._eval["tokens"].index_add_(0, batch["task_ids"], tokens.double())
+        predictions = self.generate(batch)
+        for task, example, prediction, references in zip(
+            batch["task_ids"].tolist(), batch["example_ids"].tolist(), predictions, batch["references"], strict=True
+        ):
+            self._eval["records"].append((task, example, prediction, list(references)))
+
+    def _evaluation_end(self, stage: str) -> dict[str, Any]:
+        strategy = self.trainer.strategy
+        nll = strategy.reduce(self._eval["nll"], reduce_op="sum")
+        tokens = strategy.reduce(self._eval["tokens"], reduce_op="sum")
+        by_task: dict[int, list[tuple]] = defaultdict(list)
+        for records in gather_objects(self._eval["records"]):
+            for task, example, prediction, references in records:
+                by_task[task].append((example, prediction, references))
+        rows = []
+        for task in sorted(by_task):
+            examples = sorted(by_task[task])
+            value = score(self.task_metrics[task], [e[1] for e in examples], [e[2] for e in examples])
+            loss = (nll[task] / tokens[task]).item() if tokens[task] > 0 else math.nan
+            rows.append(
+                {
+                    "task": self.task_names[task],
+                    "partition": self.task_partitions[task],
+                    "metric": self.task_metrics[task],
+                    "score": value,
+                    "loss": loss,
+                    "examples": len(examples),
+                }
+            )
+        mean_loss = (nll.sum() / tokens.sum().clamp_min(1)).item()
+        average = sum(r["score"] for r in rows) / len(rows) if rows else math.nan
+        metrics = {f"{stage}/loss": mean_loss, f"{stage}/score": average}
+        for row in rows:
+            metrics[f"{stage}/score/{row['task']}"] = row["score"]
+            metrics[f"{stage}/loss/{row['task']}"] = row["loss"]
+        # every rank holds the same gathered values, so no sync_dist is needed
+        self.log_dict(metrics, batch_size=1)
+        if not self.trainer.sanity_checking and self.trainer.is_global_zero:
+            self._write_evaluation(stage, rows, {"loss": mean_loss, "score": average})
+        self._eval = {}
+        return metrics
+
+    @property
+    def run_dir(self) -> Path:
+        """Where evaluation files, route tables and predictions go: `results_dir`, else the logger's run folder."""
+        if self.hparams.results_dir is not None:
+            return Path(self.hparams.results_dir)
+        return Path(self.trainer.log_dir or self.trainer.default_root_dir)
+
+    def _write_evaluation(self, stage: str, rows: list[dict[str, Any]], average: dict[str, float]) -> None:
+        folder = self.run_dir / "evaluation"
+        folder.mkdir(parents=True, exist_ok=True)
+        stem = folder / f"{stage}-epoch{self.current_epoch}-step{self.global_step}"
+        with open(stem.with_suffix(".csv"), "w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=["task", "partition", "metric", "score", "loss", "examples"])
+            writer.writeheader()
+            writer.writerows(rows)
+            writer.writerow({"task": "average", "score": average["score"], "loss": average["loss"]})
+        summary = {"stage": stage, "epoch": self.current_epoch, "step": self.global_step, "average": average}
+        stem.with_suffix(".json").write_text(json.dumps({**summary, "tasks": rows}, indent=1) + "\n")
+
+    def on_validation_epoch_start(self) -> None:
+        self._evaluation_start()
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluation_step(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._evaluation_end("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._evaluation_start()
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluation_step(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._evaluation_end("test")
+
+    # --- predict ----------------------------------------------------------------------------------
+
+    def on_predict_epoch_start(self) -> None:
+        self._eval = {"records": []}
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        inputs = self.tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)
+        rows = [
+            {
+                "task": self.task_names[task],
+                "example_id": example,
+                "input": text,
+                "prediction": prediction,
+                "references": list(references),
+            }
+            for task, example, text, prediction, references in zip(
+                batch["task_ids"].tolist(),
+                batch["example_ids"].tolist(),
+                inputs,
+                self.generate(batch),
+                batch["references"],
+                strict=True,
+            )
+        ]
+        self._eval["records"].extend(rows)
+        return rows
+
+    def on_predict_epoch_end(self) -> None:
+        """Write `<run dir>/predictions/<task>.jsonl`, rows in example order, all ranks' rows gathered."""
+        rows = [row for records in gather_objects(self._eval["records"]) for row in records]
+        self._eval = {}
+        if not self.trainer.is_global_zero:
+            return
+        folder = self.run_dir / "predictions"
+        folder.mkdir(parents=True, exist_ok=True)
+        by_task: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for row in rows:
+            by_task[row["task"]].append(row)
+        for task, task_rows in by_task.items():
+            with open(folder / f"{task}.jsonl", "w") as file:
+                for row in sorted(task_rows, key=lambda r: r["example_id"]):
+                    file.write(json.dumps(row) + "\n")
+        log.info("wrote predictions of %d tasks to %s", len(by_task), folder)
+
+
+__all__ = ["PARAMETER_GROUPS", "SMALL_BART", "MoEMultiTaskModule", "build_model"]
