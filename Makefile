@@ -5,9 +5,9 @@ BIN := $(VENV)/bin
 # torch is installed before the package so pip keeps it; GPU users may set e.g. TORCH_SPEC="torch>=2.5".
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
-SOURCES := src tests benchmarks
+SOURCES := src tests benchmarks experiments
 
-.PHONY: install test lint format clean
+.PHONY: install quickstart test lint format clean
 
 install: $(STAMP)
 
@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $(STAMP)
+
+# The main job on the built-in offline default: skill suite, small MoE-BART, two-stage training (~5 min on 2 cores).
+quickstart: $(STAMP)
+	$(BIN)/moe-mtl fit --config configs/quickstart.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

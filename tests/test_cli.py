@@ -1,16 +1,285 @@
-"""The `moe-mtl` command."""
+"""The `moe-mtl` command: fit, test and predict through LightningCLI on a tiny run, and upcycle."""
 
+import csv
+import json
+import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import BartForConditionalGeneration
 
 from moe_mtl import MoEBartForConditionalGeneration
 from moe_mtl.cli import main
 
 from .models.conftest import tiny_bart_config
+
+TINY_BART = dict(
+    d_model=16,
+    encoder_layers=2,
+    decoder_layers=2,
+    encoder_attention_heads=2,
+    decoder_attention_heads=2,
+    encoder_ffn_dim=32,
+    decoder_ffn_dim=32,
+    max_position_embeddings=64,
+    dropout=0.0,
+)
+ROUTED_LAYERS = ("encoder.0", "encoder.1", "decoder.0", "decoder.1")
+
+
+def tiny_run_config(**trainer) -> dict:
+    """The quick start's shape at toy size: skill suite, two-stage training, routing logs, val every 2 steps."""
+    return {
+        "seed_everything": 1,
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_steps": 4,
+            "val_check_interval": 2,
+            "limit_val_batches": 3,
+            "num_sanity_val_steps": 0,
+            "log_every_n_steps": 1,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": "runs", "name": "tiny"},
+            },
+            "callbacks": [
+                {"class_path": "moe_mtl.training.TemperatureAnnealing", "init_args": {"rate": 0.1}},
+                {"class_path": "moe_mtl.training.TwoStageTraining", "init_args": {"switch_step": 2}},
+                {"class_path": "moe_mtl.training.RoutingMonitor", "init_args": {"every_n_steps": 1}},
+            ],
+            **trainer,
+        },
+        "model": {"bart": TINY_BART, "moe": {"num_experts": 2, "task_dim": 8}, "lr": 1e-3, "num_beams": 1},
+        "data": {
+            "skills": {"train_size": 4, "dev_size": 2, "test_size": 2, "shots": 2},
+            "vocab_size": 300,
+            "batch_size": 2,
+            "output_dir": "runs/data",
+            "max_target_length": 8,
+        },
+    }
+
+
+def write_config(path: Path, **trainer) -> str:
+    path.write_text(yaml.safe_dump(tiny_run_config(**trainer)))
+    return str(path)
+
+
+def event_values(run_dir: Path) -> tuple[dict[str, list[tuple[int, float]]], set[str]]:
+    """(scalar tag → [(step, value)], image tags) of every TensorBoard event file in `run_dir`."""
+    scalars, images = {}, set()
+    for events in sorted(run_dir.glob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0, "images": 0})
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend((e.step, e.value) for e in accumulator.Scalars(tag))
+        images.update(accumulator.Tags()["images"])
+    return scalars, images
+
+
+def validation_averages(run_dir: Path, kind: str) -> dict[int, float]:
+    """Global step → average val score or loss, from the run's evaluation files."""
+    averages = {}
+    for path in run_dir.glob("evaluation/val-*.json"):
+        evaluation = json.loads(path.read_text())
+        averages[evaluation["step"]] = evaluation["average"][kind]
+    return averages
+
+
+def tasks_of(run_dir: Path, partition: str) -> list[str]:
+    """Names of the run's tasks in `partition`, in task-id order (from the model's hyper-parameters)."""
+    hparams = yaml.safe_load((run_dir / "hparams.yaml").read_text())
+    return [
+        name for name, part in zip(hparams["task_names"], hparams["task_partitions"], strict=True) if part == partition
+    ]
+
+
+def checkpoint_state(path: Path) -> dict:
+    """The saved state of the run's ModelCheckpoint callback."""
+    callbacks = torch.load(path, map_location="cpu", weights_only=False)["callbacks"]
+    (state,) = (state for key, state in callbacks.items() if key.startswith("ModelCheckpoint"))
+    return state
+
+
+# --- fit, test and predict on one tiny run --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """`moe-mtl fit`, then `test` from its best checkpoint (stage one) and `predict` from its last (stage two);
+    the folder they ran in (runs/tiny/version_0, _1, _2)."""
+    root = tmp_path_factory.mktemp("cli")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        config = write_config(root / "tiny.yaml")
+        main(["fit", "--config", config])
+        checkpoints = root / "runs/tiny/version_0/checkpoints"
+        (best,) = checkpoints.glob("best-step*.ckpt")
+        main(["test", "--config", config, "--ckpt_path", str(best)])
+        main(["predict", "--config", config, "--ckpt_path", str(checkpoints / "last.ckpt")])
+    return root
+
+
+def test_fit_logs_training_routing_and_validation_to_tensorboard(run):
+    scalars, images = event_values(run / "runs/tiny/version_0")
+    assert [step for step, _ in scalars["train/loss"]] == [0, 1, 2, 3]
+    temperature = [value for _, value in scalars["train/temperature"]]
+    assert temperature[0] == pytest.approx(2.0) and temperature[1] == pytest.approx(2.0 * math.exp(-0.1))
+    assert [value for _, value in scalars["train/stage"]] == [1.0, 1.0, 2.0, 2.0]  # TwoStageTraining at step 2
+    for kind in ("entropy_per_task", "entropy_task_avg"):
+        for layer in (*ROUTED_LAYERS, "mean"):
+            assert [step for step, _ in scalars[f"routing/{kind}/{layer}"]] == [1, 2, 3, 4]
+    assert "routing/route_map" in images
+    folder = run / "runs/tiny/version_0/evaluation"
+    evaluations = [json.loads((folder / f"val-epoch0-step{step}.json").read_text()) for step in (2, 4)]
+    # Lightning logs validation at its batch counter (one behind the global step here), so compare values in order
+    for kind in ("score", "loss"):
+        logged = [value for _, value in scalars[f"val/{kind}"]]
+        assert logged == pytest.approx([evaluation["average"][kind] for evaluation in evaluations])
+    assert len(evaluations[1]["tasks"]) == 3  # limit_val_batches 3, one task per evaluation batch
+    for row in evaluations[1]["tasks"]:
+        assert scalars[f"val/score/{row['task']}"][-1][1] == pytest.approx(row["score"])
+
+
+def test_fit_writes_evaluation_files_and_route_tables(run):
+    folder = run / "runs/tiny/version_0"
+    for step in (2, 4):
+        rows = list(csv.DictReader((folder / f"evaluation/val-epoch0-step{step}.csv").open()))
+        assert [row["task"] for row in rows][-1] == "average" and len(rows) == 4
+        assert json.loads((folder / f"evaluation/val-epoch0-step{step}.json").read_text())["step"] == step
+        assert json.loads((folder / f"routes/step{step}.json").read_text())["step"] == step
+
+
+def test_the_best_checkpoint_is_selected_by_val_score(run):
+    folder = run / "runs/tiny/version_0"
+    scores = validation_averages(folder, "score")
+    best_step = max(scores, key=lambda step: (scores[step], -step))  # higher is better; ties keep the first
+    state = checkpoint_state(folder / "checkpoints/last.ckpt")
+    assert state["monitor"] == "val/score" and float(state["best_model_score"]) == pytest.approx(scores[best_step])
+    assert Path(state["best_model_path"]).name == f"best-step{best_step}.ckpt"
+    assert [path.name for path in (folder / "checkpoints").glob("best-step*.ckpt")] == [f"best-step{best_step}.ckpt"]
+
+
+def test_the_saved_config_leaves_out_linked_values_and_runs_again(run, capsys):
+    saved = yaml.safe_load((run / "runs/tiny/version_0/config.yaml").read_text())
+    # LightningCLI saves the parsed config without link targets: what the data decides is not frozen in it
+    assert not {"task_names", "task_metrics", "task_partitions", "tokenizer_path", "max_target_length"} & set(
+        saved["model"]
+    )
+    assert "num_tasks" not in saved["model"]["moe"]
+    assert saved["data"]["max_target_length"] == 8 and saved["checkpoint"]["monitor"] == "val/score"
+    # the linked values the model was built with are in its hyper-parameters (hparams.yaml and checkpoints)
+    hparams = yaml.safe_load((run / "runs/tiny/version_0/hparams.yaml").read_text())
+    assert len(hparams["task_names"]) == hparams["moe"]["num_tasks"] == len(hparams["task_partitions"])
+    assert hparams["max_target_length"] == 8
+    assert Path(hparams["tokenizer_path"]) == run / "runs/data/tokenizer"
+    with pytest.raises(SystemExit) as printed:
+        main(["fit", "--config", str(run / "runs/tiny/version_0/config.yaml"), "--print_config"])
+    assert printed.value.code == 0
+    assert yaml.safe_load(capsys.readouterr().out)["model"] == saved["model"]
+
+
+def test_test_from_the_best_checkpoint_logs_test_scores(run):
+    scalars, _ = event_values(run / "runs/tiny/version_1")
+    (evaluation,) = (run / "runs/tiny/version_1/evaluation").glob("test-*.json")
+    result = json.loads(evaluation.read_text())
+    assert [value for _, value in scalars["test/score"]] == [pytest.approx(result["average"]["score"])]
+    test_tasks = tasks_of(run / "runs/tiny/version_0", "test")
+    assert [row["task"] for row in result["tasks"]] == test_tasks
+    assert all(f"test/score/{task}" in scalars for task in test_tasks)
+    assert evaluation.with_suffix(".csv").is_file()
+
+
+def test_predict_writes_predictions_per_task(run):
+    test_tasks = tasks_of(run / "runs/tiny/version_0", "test")
+    folder = run / "runs/tiny/version_2/predictions"
+    assert sorted(path.stem for path in folder.glob("*.jsonl")) == sorted(test_tasks)
+    for task in test_tasks:
+        rows = [json.loads(line) for line in (folder / f"{task}.jsonl").read_text().splitlines()]
+        assert [(row["task"], row["example_id"]) for row in rows] == [(task, 0), (task, 1)]  # test_size 2
+        assert all(row["input"] and row["references"] and isinstance(row["prediction"], str) for row in rows)
+
+
+# --- requeued jobs and checkpoint selection --------------------------------------------------------
+
+
+def test_a_requeued_job_overwrites_its_config_and_resumes_from_last(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    logger = {
+        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+        "init_args": {"save_dir": "runs", "name": "tiny", "version": "requeue"},
+    }
+    config = write_config(tmp_path / "tiny.yaml", max_steps=2, limit_val_batches=0, logger=logger)
+    command = ["fit", "--config", config, "--ckpt_path", "last"]  # no last.ckpt yet: starts from scratch
+    main(command)
+    main([*command, "--trainer.max_steps=3"])  # the same job, requeued (with a later stop)
+    folder = tmp_path / "runs/tiny/requeue"
+    assert yaml.safe_load((folder / "config.yaml").read_text())["trainer"]["max_steps"] == 3  # overwritten
+    assert torch.load(folder / "checkpoints/last.ckpt", weights_only=False)["global_step"] == 3
+    scalars, _ = event_values(folder)
+    assert [step for step, _ in scalars["train/loss"]] == [0, 1, 2]  # resumed at step 2, nothing repeated
+
+
+def test_checkpoint_mode_against_the_monitored_metric_is_a_usage_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as error:
+        main(["fit", "--config", write_config(tmp_path / "tiny.yaml"), "--checkpoint.monitor=val/loss"])
+    assert error.value.code == 2
+    message = capsys.readouterr().err.splitlines()[-1]
+    assert message == (
+        "error: checkpoint.monitor is 'val/loss' with checkpoint.mode 'max'; "
+        "use checkpoint.mode 'min' (higher score, lower loss is better)"
+    )
+    assert not (tmp_path / "runs").exists()  # stopped before anything was built
+
+
+def test_checkpoints_selected_by_val_loss(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = write_config(tmp_path / "tiny.yaml", limit_val_batches=1)
+    main(["fit", "--config", config, "--checkpoint.monitor=val/loss", "--checkpoint.mode=min"])
+    folder = tmp_path / "runs/tiny/version_0"
+    losses = validation_averages(folder, "loss")
+    best_step = min(losses, key=lambda step: (losses[step], step))
+    state = checkpoint_state(folder / "checkpoints/last.ckpt")
+    assert state["monitor"] == "val/loss" and float(state["best_model_score"]) == pytest.approx(losses[best_step])
+    assert Path(state["best_model_path"]).name == f"best-step{best_step}.ckpt"
+
+
+# --- help ----------------------------------------------------------------------------------------
+
+
+def test_fit_help_lists_options_but_not_the_linked_ones(capsys):
+    with pytest.raises(SystemExit) as shown:
+        main(["fit", "--help"])
+    assert shown.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--model.lr", "--model.moe.num_experts", "--data.batch_size", "--checkpoint.monitor"):
+        assert f"{option} " in text
+    for linked in (
+        "--model.task_names",
+        "--model.moe.num_tasks",
+        "--model.tokenizer_path",
+        "--model.max_target_length",
+    ):
+        assert linked not in text
+    assert "data.task_names --> model.task_names" in text  # listed as links instead
+
+
+def test_python_dash_m_runs_the_command():
+    result = subprocess.run([sys.executable, "-m", "moe_mtl", "--help"], capture_output=True, text=True, check=True)
+    assert "upcycle" in result.stdout
+    assert "{fit,validate,test,predict}" in result.stdout
+
+
+# --- upcycle -------------------------------------------------------------------------------------
 
 
 def test_upcycle_saves_a_moe_bart_that_matches_the_dense_model(tmp_path, capsys):
@@ -46,8 +315,3 @@ def test_upcycle_reports_an_invalid_option_without_a_traceback(tmp_path, capsys)
     with pytest.raises(SystemExit):
         main(["upcycle", "--dense=x", f"--output={tmp_path}", "--moe.num_experts=0"])
     assert "MoE option `num_experts` is 0; it must be a positive integer" in capsys.readouterr().err
-
-
-def test_python_dash_m_runs_the_command():
-    result = subprocess.run([sys.executable, "-m", "moe_mtl", "--help"], capture_output=True, text=True, check=True)
-    assert "upcycle" in result.stdout

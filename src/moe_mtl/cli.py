@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
+import torch
 from jsonargparse import ArgumentParser, set_parsing_settings
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -33,6 +35,9 @@ DATA_LINKS = {
     "pad_token_id": "pad_token_id",
     "tokenizer_path": "tokenizer_path",
 }
+# model options a checkpoint decides (the shape of its weights, its tasks and tokenizer); the rest (num_beams,
+# results_dir, learning rates, …) stay as the command gives them
+CHECKPOINT_OPTIONS = ("pretrained", "bart", "moe", "task_names", "task_metrics", "task_partitions", "tokenizer_size")
 # which way is better for each selection metric (the paper selects by val/score: loss and score disagree)
 SELECTION_MODES = {"val/score": "max", "val/loss": "min"}
 
@@ -55,11 +60,26 @@ class MoEMTLCLI(LightningCLI):
             }
         )
 
+    def _parse_ckpt_path(self) -> None:
+        """With `--ckpt_path`, take the model's architecture options from the checkpoint, as LightningCLI does, but
+        only those: LightningCLI would also override evaluation options given on the command line (`--model.num_beams`,
+        `--model.results_dir`) with the checkpoint's values, silently."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+        kept = {key: hparams[key] for key in CHECKPOINT_OPTIONS if key in hparams}
+        if kept:
+            self.config = self.parser.parse_object({subcommand: {"model": kept}}, self.config)
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         monitor, mode = config.checkpoint.monitor, config.checkpoint.mode
         if monitor in SELECTION_MODES and mode != SELECTION_MODES[monitor]:
-            raise ValueError(
+            # a usage error like jsonargparse's own (usage, tip, message; exit code 2), not a traceback
+            parser = self._subcommand_parsers[self.subcommand] if self.subcommand else self.parser
+            parser.error(
                 f"checkpoint.monitor is {monitor!r} with checkpoint.mode {mode!r}; "
                 f"use checkpoint.mode {SELECTION_MODES[monitor]!r} (higher score, lower loss is better)"
             )

@@ -13,7 +13,7 @@ from .conftest import tiny_bart_config
         (dict(routing="expert"), r"`routing` is 'expert'; allowed values: 'task', 'token'"),
         (dict(expert_unit="block"), r"`expert_unit` is 'block'; allowed values: 'layer', 'ffn'"),
         (dict(router="cnn"), r"`router` is 'cnn'; allowed values: 'mlp', 'lstm', 'gru', 'transformer'"),
-        (dict(selection="argmax"), r"`selection` is 'argmax'; allowed values: 'softmax', 'gumbel', 'gumbel_st'"),
+        (dict(selection="hard"), r"`selection` is 'hard'; allowed values: 'softmax', 'gumbel', 'gumbel_st', 'argmax'"),
         (dict(routes="fixed"), r"`routes` is 'fixed'; allowed values: 'learned', 'average', 'random', 'given'"),
         (dict(num_experts=0), r"`num_experts` is 0; it must be a positive integer"),
         (dict(num_tasks=2.5), r"`num_tasks` is 2.5; it must be a positive integer"),

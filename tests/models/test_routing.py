@@ -14,6 +14,8 @@ from moe_mtl.models.routing import (
     select_experts,
 )
 
+from .conftest import tiny_moe
+
 
 def test_hard_top_k_is_one_hot_argmax_or_renormalised_top_k():
     logits = torch.tensor([[0.1, 2.0, -1.0], [3.0, 1.0, 2.0]])
@@ -116,3 +118,31 @@ def test_frozen_task_table_passes_no_gradient_even_if_made_trainable():
     assert not table.embedding.weight.requires_grad
     table.embedding.weight.requires_grad_(True)  # as a checkpoint loader does
     assert not table(torch.tensor([0, 2])).requires_grad
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_argmax_selection_routes_hard_in_training_too_and_passes_no_gradient(top_k):
+    options = MoEOptions(num_experts=3, num_tasks=4, task_dim=8, selection="argmax", top_k=top_k)
+    table, task_router = TaskTable(4, 8), TaskRouter(options, 8, 5)
+    task_ids = torch.tensor([2, 0, 2, 3])
+    task_router.set_temperature(0.01)  # the temperature plays no part in hard routes
+    training = task_router.train()(task_ids, table)
+    task_router.set_temperature(100.0)
+    evaluation = task_router.eval()(task_ids, table)
+    assert torch.equal(training, evaluation)
+    # the same as the evaluation routes of the logits (close: the router runs once per distinct task)
+    torch.testing.assert_close(training, hard_top_k(task_router.logits(table(task_ids)), top_k))
+    assert torch.equal((training > 0).sum(-1), torch.full((4, 5), top_k))
+    assert not training.requires_grad
+
+    # in a whole model: the loss reaches the chosen experts only, and neither router nor task table
+    model = tiny_moe(num_experts=3, num_tasks=4, task_dim=8, selection="argmax", top_k=top_k).train()
+    ids = torch.randint(3, 64, (4, 6))
+    out = model(input_ids=ids, decoder_input_ids=ids, task_ids=torch.tensor([1, 1, 1, 1]))
+    out.logits.logsumexp(-1).sum().backward()
+    assert all(p.grad is None for p in [*model.router.parameters(), *model.task_table.parameters()])
+    for layer, record in out.routes.items():
+        assert record.used.sum() == top_k  # one task: its top-k experts run, the others get no gradient
+        for expert in range(3):
+            has_grad = [p.grad is not None for p in model.expert_parameters(layer, expert)]
+            assert has_grad == [bool(record.used[expert])] * len(has_grad), (layer, expert)

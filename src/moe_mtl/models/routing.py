@@ -224,6 +224,6 @@ class TaskRouter(nn.Module):
         logits = self.logits(task_table(tasks))
         if self.training and self.selection != "argmax":
             weights = select_experts(logits, self.selection, self.temperature.float())
-        else:
-            weights = hard_top_k(logits, self.top_k)
+        else:  # argmax routes are fixed: no gradient, even through top-k's renormalised weights
+            weights = hard_top_k(logits.detach() if self.selection == "argmax" else logits, self.top_k)
         return weights[inverse]

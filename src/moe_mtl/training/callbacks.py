@@ -49,7 +49,8 @@ class TemperaturePlan:
 
 
 class TemperatureAnnealing(Callback):
-    """Anneal the router's selection temperature τ, set before every optimizer step.
+    """Anneal the router's selection temperature τ, set before every optimizer step: step s (counted from 0)
+    runs at τ(s), so after N steps the router holds τ(N − 1).
 
     Default (the paper's stage one): τ = max(2.0 · exp(−3e-4 · step), 0.1). "linear" and "cosine" go from
     `start` to `end` over `total_steps` (default: the run's training steps). With `stage_two`, a second
@@ -89,6 +90,10 @@ class TemperatureAnnealing(Callback):
         return self.plan.at(trainer.global_step, total)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self.apply(trainer, pl_module)
+
+    def apply(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Set τ for the coming optimizer step (TwoStageTraining calls it again right after its switch)."""
         temperature = self.temperature_for(trainer, pl_module)
         if temperature is not None:
             pl_module.model.set_temperature(temperature)
@@ -179,6 +184,10 @@ class TwoStageTraining(Callback):
         if pl_module.stage == 2:
             return
         changed = pl_module.enter_stage_two(self.routes, self.temperature)
+        for callback in trainer.callbacks:
+            if isinstance(callback, TemperatureAnnealing):
+                # it may have run before this callback in this batch: the switch step gets the stage-two τ too
+                callback.apply(trainer, pl_module)
         if self.reinit_experts_from is not None:
             dense = BartForConditionalGeneration.from_pretrained(self.reinit_experts_from)
             pl_module.model.load_dense_state_dict(dense.state_dict())
@@ -232,6 +241,12 @@ class RoutingMonitor(Callback):
         self.heatmap = heatmap
         self.save_route_tables = save_route_tables
         self.last_logged_step = -1
+        # (step, route table) logged since the last training batch: token routing's table holds the gate weights
+        # since the previous read, so a validation at a logged step saves this one instead of reading an empty one
+        self._logged_routes: tuple[int, torch.Tensor] | None = None
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._logged_routes = None
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -242,6 +257,7 @@ class RoutingMonitor(Callback):
     def log_routes(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
         """Log the routing statistics at the current step; returns the scalars logged."""
         routes = pl_module.route_table().float().cpu()  # (T, L, E)
+        self._logged_routes = (trainer.global_step, routes)
         seen = routes[pl_module.seen_tasks or list(range(routes.shape[0]))]
         per_task, averaged = route_entropy(seen)
         utilisation = expert_utilisation(seen)
@@ -264,7 +280,9 @@ class RoutingMonitor(Callback):
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.save_route_tables or trainer.sanity_checking or not trainer.is_global_zero:
             return
-        with torch.no_grad():
+        if self._logged_routes is not None and self._logged_routes[0] == trainer.global_step:
+            routes = self._logged_routes[1]
+        else:
             routes = pl_module.route_table().float().cpu()
         record = route_table_record(
             routes, pl_module.task_names, pl_module.model.routed_layer_names, trainer.global_step

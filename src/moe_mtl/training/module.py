@@ -18,7 +18,7 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleD
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import AutoConfig, BartConfig
 
-from ..data import MODEL_INPUTS, load_tokenizer
+from ..data import METRICS, MODEL_INPUTS, PARTITIONS, load_tokenizer
 from ..evaluation.metrics import score
 from ..models import MoEBartConfig, MoEBartForConditionalGeneration, MoEOptions
 from ..models.routing import hard_top_k
@@ -54,10 +54,10 @@ def build_model(
     bart: dict[str, Any] | None,
     moe: MoEOptions,
     vocab_size: int | None,
-    pad_token_id: int | None,
+    special_tokens: dict[str, int],
 ) -> MoEBartForConditionalGeneration:
     """The MoE-BART: a saved MoE-BART loaded as it is, a dense BART upcycled (`from_dense`), or (no
-    `pretrained`) a new BART of the `bart` sizes over the data's vocabulary."""
+    `pretrained`) a new BART of the `bart` sizes over the data's vocabulary and special token ids."""
     if pretrained is not None:
         if bart:
             raise ValueError("model option `bart` sets the sizes of a new model; leave it unset with `pretrained`")
@@ -79,19 +79,31 @@ def build_model(
     if vocab_size is None:
         raise ValueError("a new model (no `pretrained`) needs `vocab_size` (linked from the data's tokenizer)")
     sizes = {**SMALL_BART, **(bart or {})}
-    special = {} if pad_token_id is None else {"pad_token_id": pad_token_id}
-    config = BartConfig(vocab_size=vocab_size, **special, **sizes)
+    config = BartConfig(vocab_size=vocab_size, **special_tokens, **sizes)
     return MoEBartForConditionalGeneration(MoEBartConfig.from_bart_config(config, moe))
 
 
+def special_token_ids(tokenizer_path: str | None, pad_token_id: int | None) -> dict[str, int]:
+    """`BartConfig` ids of the tokenizer's special tokens (BART's convention: decoding starts at eos), so a
+    new model trains and generates with the tokenizer's own pad, bos and eos."""
+    ids = {}
+    if tokenizer_path is not None:
+        tokenizer = load_tokenizer(tokenizer_path)
+        ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+        ids["decoder_start_token_id"] = ids["forced_eos_token_id"] = tokenizer.eos_token_id
+    if pad_token_id is not None:
+        ids["pad_token_id"] = pad_token_id
+    return {key: value for key, value in ids.items() if value is not None}
+
+
 def require_unused_parameter_detection(trainer, why: str) -> None:
-    """DDP must be told that some experts get no gradient in a step, or it stops with "Expected to have
-    finished reduction in the prior iteration"."""
+    """DDP must be told that some parameters (experts, the task table) get no gradient in a step, or it stops
+    with "Expected to have finished reduction in the prior iteration"."""
     strategy = trainer.strategy
     plain_ddp = isinstance(strategy, DDPStrategy) and not isinstance(strategy, DeepSpeedStrategy)
     if plain_ddp and not strategy._ddp_kwargs.get("find_unused_parameters", False):
         raise ValueError(
-            f"{why}, so some experts get no gradient in a step; DDP needs to know: use trainer option "
+            f"{why}, so some parameters get no gradient in a step; DDP needs to know: use trainer option "
             "`strategy: ddp_find_unused_parameters_true` (or DDPStrategy(find_unused_parameters=True))"
         )
 
@@ -121,7 +133,8 @@ class MoEMultiTaskModule(LightningModule):
         pretrained: A dense BART to upcycle (hub name or local folder, e.g. "facebook/bart-base": every expert
             starts as a copy of its layer), or a saved MoE-BART folder. None: a new BART of the `bart` sizes.
         bart: Sizes of a new BART (`BartConfig` fields: d_model, encoder_layers, …) over `SMALL_BART`.
-        moe: How layers become experts and how tasks are routed (`num_tasks` is linked from the data).
+        moe: How layers become experts and how tasks are routed (`num_tasks` is linked from the data); a
+            `MoEOptions` or its dict form, kept in the hyper-parameters as a dict.
         task_names: Name per task id (linked).
         task_metrics: CrossFit metric per task id (linked).
         task_partitions: "train", "dev" or "test" per task id (linked); routing statistics use the "train" tasks.
@@ -179,15 +192,27 @@ class MoEMultiTaskModule(LightningModule):
         super().__init__()
         if nan_policy not in ("stop", "skip"):
             raise ValueError(f"`nan_policy` is {nan_policy!r}; allowed: 'stop', 'skip'")
+        options = moe if isinstance(moe, MoEOptions) else MoEOptions.from_dict(moe)
+        # hyper-parameters of plain types only: torch.load(weights_only=True), the default since torch 2.6,
+        # refuses a pickled MoEOptions, so neither resuming nor `load_from_checkpoint` could read the checkpoint
+        moe = asdict(options)
         self.save_hyperparameters()
-        self.model = build_model(pretrained, bart, moe, tokenizer_size, pad_token_id)
+        special = special_token_ids(tokenizer_path, pad_token_id) if pretrained is None else {}
+        self.model = build_model(pretrained, bart, options, tokenizer_size, special)
         num_tasks = self.model.task_table.num_tasks
         self.task_names = task_names or [f"task{i}" for i in range(num_tasks)]
         self.task_metrics = task_metrics or ["EM"] * num_tasks
         self.task_partitions = task_partitions or ["train"] * num_tasks
-        for option, values in (("task_names", self.task_names), ("task_metrics", self.task_metrics)):
+        for option, values, allowed in (
+            ("task_names", self.task_names, None),
+            ("task_metrics", self.task_metrics, METRICS),
+            ("task_partitions", self.task_partitions, PARTITIONS),
+        ):
             if len(values) != num_tasks:
                 raise ValueError(f"`{option}` names {len(values)} tasks; the model's task table has {num_tasks}")
+            unknown = sorted(set(values) - set(allowed)) if allowed else []
+            if unknown:  # found now rather than at the end of the first validation
+                raise ValueError(f"`{option}` has {unknown}; allowed: {', '.join(map(repr, allowed))}")
         self.max_norms = {"backbone": clip_backbone, "router": clip_router, "task_table": clip_task_table}
         self.lr_schedule: WarmupLinearDecay | None = None
         self.stage = 1  # two-stage training: 2 once routes are fixed (see `enter_stage_two`)
@@ -280,17 +305,12 @@ class MoEMultiTaskModule(LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int):
         out = self(batch)
         loss = label_smoothed_nll(out.logits, batch["labels"], self.hparams.label_smoothing)
+        size = len(batch["task_ids"])
         if out.aux_loss is not None:
             loss = loss + self.hparams.aux_loss_weight * out.aux_loss
-            self.log("train/aux_loss", out.aux_loss, batch_size=len(batch["task_ids"]))
-        if not self._loss_is_finite(loss, batch):
-            return None
-        if out.routes:
-            used = expert_usage(self.model, out.expert_mask)
-            self._used = used if self._used is None else self._used | used
-            if self.model.router is None:
-                self._record_token_routes(out.routes, batch["task_ids"])
-        size = len(batch["task_ids"])
+            self.log("train/aux_loss", out.aux_loss, batch_size=size)
+        # logged before the NaN policy: a step that skips its batch shows its own non-finite loss, not the
+        # previous step's (Lightning logs the last value again for a key that a step does not log)
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         if self.model.router is not None and self.model.router.learned:
             self.log("train/temperature", self.model.router.temperature.float(), batch_size=size)
@@ -298,6 +318,13 @@ class MoEMultiTaskModule(LightningModule):
         for group in self.trainer.optimizers[0].param_groups if self._trainer else []:
             if not group["name"].endswith("no_decay"):
                 self.log(f"lr/{group['name']}", group["lr"], batch_size=size)
+        if not self._loss_is_finite(loss, batch):
+            return None
+        if out.routes:
+            used = expert_usage(self.model, out.expert_mask)
+            self._used = used if self._used is None else self._used | used
+            if self.model.router is None:
+                self._record_token_routes(out.routes, batch["task_ids"])
         return loss
 
     def _loss_is_finite(self, loss: torch.Tensor, batch: dict[str, Any]) -> bool:
@@ -350,12 +377,17 @@ class MoEMultiTaskModule(LightningModule):
                 f"correctly under {type(strategy).__name__}: its gradients are sharded or clipped by the engine. "
                 "Set all three to null and use the strategy's own clipping, or train with strategy 'ddp' or one device"
             )
-        if stage == "fit":
-            options = self.model.moe_options
-            if options.routing == "token":
-                require_unused_parameter_detection(self.trainer, "token routing sends a rank's tokens to some experts")
-            elif options.routes in ("random", "given") or options.selection == "argmax":
-                require_unused_parameter_detection(self.trainer, f"routes are fixed and hard ({options.routes})")
+
+    def on_fit_start(self) -> None:
+        # here, not in `setup`: the routes of a run resumed in stage two are restored only after `setup`
+        options, router = self.model.moe_options, self.model.router
+        if options.routing == "token":
+            require_unused_parameter_detection(self.trainer, "token routing sends a rank's tokens to some experts")
+        elif options.routes in ("random", "given") or router.selection == "argmax":
+            hard = "argmax selection" if options.routes == "learned" else f"{options.routes} routes"
+            require_unused_parameter_detection(self.trainer, f"routes are hard ({hard}), unchosen experts idle")
+        elif options.routes == "average" and not options.freeze_task_table:
+            require_unused_parameter_detection(self.trainer, "average routes leave the task table unused")
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -374,6 +406,9 @@ class MoEMultiTaskModule(LightningModule):
         step = self.trainer.global_step
         remaining = max(1, int(self.trainer.estimated_stepping_batches) - step)
         self.lr_schedule.restart(step, remaining, warmup_steps_for(self.hparams.warmup, remaining))
+        for config in self.trainer.lr_scheduler_configs:  # this step's lr was set already: recompute it
+            config.scheduler.last_epoch -= 1
+            config.scheduler.step()
 
     # --- checkpoints ------------------------------------------------------------------------------
 
@@ -459,8 +494,9 @@ class MoEMultiTaskModule(LightningModule):
         for row in rows:
             metrics[f"{stage}/score/{row['task']}"] = row["score"]
             metrics[f"{stage}/loss/{row['task']}"] = row["loss"]
-        # every rank holds the same gathered values, so no sync_dist is needed
-        self.log_dict(metrics, batch_size=1)
+        # every rank holds the same gathered values, so no sync_dist is needed; "step" puts the point at the
+        # optimizer step the evaluation files, route tables and routing statistics are named by
+        self.log_dict({**metrics, "step": float(self.global_step)}, batch_size=1)
         if not self.trainer.sanity_checking and self.trainer.is_global_zero:
             self._write_evaluation(stage, rows, {"loss": mean_loss, "score": average})
         self._eval = {}
@@ -476,7 +512,11 @@ class MoEMultiTaskModule(LightningModule):
     def _write_evaluation(self, stage: str, rows: list[dict[str, Any]], average: dict[str, float]) -> None:
         folder = self.run_dir / "evaluation"
         folder.mkdir(parents=True, exist_ok=True)
-        stem = folder / f"{stage}-epoch{self.current_epoch}-step{self.global_step}"
+        ckpt_path = self.trainer.ckpt_path
+        if self.trainer.state.fn != "fit" and ckpt_path:  # a checkpoint evaluated on its own: name it
+            stem = folder / f"{stage}-{Path(ckpt_path).stem}"
+        else:
+            stem = folder / f"{stage}-epoch{self.current_epoch}-step{self.global_step}"
         with open(stem.with_suffix(".csv"), "w", newline="") as file:
             writer = csv.DictWriter(file, fieldnames=["task", "partition", "metric", "score", "loss", "examples"])
             writer.writeheader()
