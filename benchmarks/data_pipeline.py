@@ -25,6 +25,7 @@ from transformers import BartConfig
 from moe_mtl import MoEBartConfig, MoEBartForConditionalGeneration, MoEOptions
 from moe_mtl.data import MODEL_INPUTS, EncodedSplit, Example, HomogeneousBatchSampler, collate, train_tokenizer
 from moe_mtl.data.encoding import SplitPart, encode_split
+from moe_mtl.training.module import SMALL_BART
 
 
 def generate(num_tasks: int, examples: int, seed: int) -> list[SplitPart]:
@@ -98,17 +99,7 @@ def main() -> None:
         f"({amortised * 1e3:.3f} ms/batch with the epoch plan amortised)"
     )
 
-    bart = BartConfig(
-        vocab_size=len(tokenizer),
-        d_model=128,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=512,
-        decoder_ffn_dim=512,
-        max_position_embeddings=128,
-    )
+    bart = BartConfig(vocab_size=len(tokenizer), **SMALL_BART)  # the quick start's model sizes
     model = MoEBartForConditionalGeneration(
         MoEBartConfig.from_bart_config(bart, MoEOptions(num_experts=3, num_tasks=args.tasks))
     ).train()

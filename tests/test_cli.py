@@ -16,19 +16,8 @@ from transformers import BartForConditionalGeneration
 from moe_mtl import MoEBartForConditionalGeneration
 from moe_mtl.cli import main
 
-from .models.conftest import tiny_bart_config
+from .models.conftest import TINY_BART, tiny_bart_config
 
-TINY_BART = dict(
-    d_model=16,
-    encoder_layers=2,
-    decoder_layers=2,
-    encoder_attention_heads=2,
-    decoder_attention_heads=2,
-    encoder_ffn_dim=32,
-    decoder_ffn_dim=32,
-    max_position_embeddings=64,
-    dropout=0.0,
-)
 ROUTED_LAYERS = ("encoder.0", "encoder.1", "decoder.0", "decoder.1")
 
 

@@ -19,22 +19,12 @@ from moe_mtl import MoEBartForConditionalGeneration, MoEOptions
 from moe_mtl.cli import main
 from moe_mtl.data.tokenizer import train_tokenizer
 
-from .models.conftest import tiny_bart_config
+from .models.conftest import TINY_BART, tiny_bart_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 UPCYCLE_CONFIGS = [path for path in CONFIGS if path.name.startswith("upcycle_")]
 FIT_CONFIGS = [path for path in CONFIGS if path not in UPCYCLE_CONFIGS]
 HUB_BART = "facebook/bart-base"
-TINY_BART = dict(
-    d_model=16,
-    encoder_layers=2,
-    decoder_layers=2,
-    encoder_attention_heads=2,
-    decoder_attention_heads=2,
-    encoder_ffn_dim=32,
-    decoder_ffn_dim=32,
-    max_position_embeddings=128,
-)
 TINY_SKILLS = {"train_size": 4, "dev_size": 2, "test_size": 2, "shots": 2}
 # a CrossFit-layout folder: task → (partition, metric); 2 seeds of k-shot train/dev and a test file each
 CROSSFIT_TASKS = {
@@ -149,6 +139,9 @@ def shrink(config: dict, root: Path, crossfit: dict[str, Path]) -> dict:
         model["bart"] = {**model.get("bart", {}), **TINY_BART}
     data = config.setdefault("data", {})
     data.update(output_dir=str(root / "data"), num_workers=0, batch_size=2, eval_batch_size=2)
+    positions = TINY_BART["max_position_embeddings"]  # the tiny model's; the config's lengths may be longer
+    for option in ("max_input_length", "max_target_length"):
+        data[option] = min(data.get(option, positions), positions)
     if data.get("source", "skills") == "skills":
         data["skills"] = {**data.get("skills", {}), **TINY_SKILLS}
         data["vocab_size"] = 300

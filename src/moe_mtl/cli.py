@@ -35,9 +35,9 @@ DATA_LINKS = {
     "pad_token_id": "pad_token_id",
     "tokenizer_path": "tokenizer_path",
 }
-# model options a checkpoint decides (the shape of its weights, its tasks and tokenizer); the rest (num_beams,
-# results_dir, learning rates, …) stay as the command gives them
-CHECKPOINT_OPTIONS = ("pretrained", "bart", "moe", "task_names", "task_metrics", "task_partitions", "tokenizer_size")
+# model options a checkpoint decides (the shape of its weights); the rest (num_beams, results_dir, learning rates,
+# …) stay as the command gives them, and the linked ones come from the data (the module checks the tasks match)
+CHECKPOINT_OPTIONS = ("pretrained", "bart", "moe")
 # which way is better for each selection metric (the paper selects by val/score: loss and score disagree)
 SELECTION_MODES = {"val/score": "max", "val/loss": "min"}
 
@@ -68,8 +68,11 @@ class MoEMTLCLI(LightningCLI):
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if not ckpt_path or not Path(ckpt_path).is_file():
             return
-        hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+        checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True)  # hparams only
+        hparams = checkpoint.get("hyper_parameters", {})
         kept = {key: hparams[key] for key in CHECKPOINT_OPTIONS if key in hparams}
+        if "moe" in kept:
+            kept["moe"] = {key: value for key, value in kept["moe"].items() if key != "num_tasks"}  # linked
         if kept:
             self.config = self.parser.parse_object({subcommand: {"model": kept}}, self.config)
 

@@ -6,6 +6,20 @@ from transformers import BartConfig, BartForConditionalGeneration
 
 from moe_mtl import MoEBartConfig, MoEBartForConditionalGeneration, MoEOptions
 
+# sizes of a tiny BART for training tests (`bart` option of MoEMultiTaskModule); no dropout, so training
+# forward passes can be reproduced by hand
+TINY_BART = dict(
+    d_model=16,
+    encoder_layers=2,
+    decoder_layers=2,
+    encoder_attention_heads=2,
+    decoder_attention_heads=2,
+    encoder_ffn_dim=32,
+    decoder_ffn_dim=32,
+    max_position_embeddings=128,
+    dropout=0.0,
+)
+
 
 def tiny_bart_config(**overrides) -> BartConfig:
     values = dict(

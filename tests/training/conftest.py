@@ -22,17 +22,8 @@ from moe_mtl import MoEOptions
 from moe_mtl.data.datamodule import MultiTaskDataModule
 from moe_mtl.training import MoEMultiTaskModule
 
-TINY_BART = dict(
-    d_model=16,
-    encoder_layers=2,
-    decoder_layers=2,
-    encoder_attention_heads=2,
-    decoder_attention_heads=2,
-    encoder_ffn_dim=32,
-    decoder_ffn_dim=32,
-    max_position_embeddings=128,
-    dropout=0.0,
-)
+from ..models.conftest import TINY_BART
+
 TINY_SKILLS = {"train_size": 20, "dev_size": 4, "test_size": 4}
 
 

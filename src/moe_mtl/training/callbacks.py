@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from transformers import BartForConditionalGeneration
+from transformers import AutoConfig, BartForConditionalGeneration
 
 from ..evaluation.analysis import (
     expert_utilisation,
@@ -43,6 +43,8 @@ class TemperaturePlan:
             )
         if not (self.start > 0 and self.end > 0):
             raise ValueError(f"TemperatureAnnealing: start ({self.start}) and end ({self.end}) must be > 0")
+        if self.rate < 0:
+            raise ValueError(f"TemperatureAnnealing: rate is {self.rate}; it must be >= 0")
 
     def at(self, step: int, total_steps: int) -> float:
         return temperature_at(step, self.start, self.end, self.schedule, self.rate, self.total_steps or total_steps)
@@ -133,7 +135,9 @@ class TwoStageTraining(Callback):
         reinit_experts_from: Dense BART (hub name or folder) whose weights overwrite experts, embeddings and
             layer norms at the switch, as the paper does; None keeps the stage-one weights.
         reset_optimizer_state: Clear the Adam moments of the frozen and re-initialised parameters.
-        restart_lr_schedule: Start a new warmup and linear decay over the remaining steps.
+        restart_lr_schedule: Treat each stage as a run of its own for the learning rate: with `switch_step`,
+            stage one's warmup and linear decay span steps 0 to the switch; stage two starts a new warmup and
+            decay over the remaining steps.
     """
 
     def __init__(
@@ -170,6 +174,35 @@ class TwoStageTraining(Callback):
             )
         if stage == "fit":
             require_unused_parameter_detection(trainer, "TwoStageTraining fixes the routes in stage two")
+            if self.reinit_experts_from is not None:  # found now, not hours into the run at the switch
+                self._check_dense(pl_module)
+
+    def _check_dense(self, pl_module: LightningModule) -> None:
+        try:
+            dense = AutoConfig.from_pretrained(self.reinit_experts_from)
+        except OSError as err:
+            raise ValueError(
+                f"TwoStageTraining: `reinit_experts_from` {self.reinit_experts_from!r} cannot be loaded ({err}); "
+                "give a dense BART folder (or a hub name reachable from every node)"
+            ) from err
+        mine = pl_module.model.config
+        sizes = ("d_model", "encoder_layers", "decoder_layers", "encoder_ffn_dim", "decoder_ffn_dim", "vocab_size")
+        differ = [
+            f"{key} {getattr(dense, key, None)} vs {getattr(mine, key)}"
+            for key in sizes
+            if getattr(dense, key, None) != getattr(mine, key)
+        ]
+        if differ:
+            raise ValueError(
+                f"TwoStageTraining: `reinit_experts_from` {self.reinit_experts_from!r} does not match the model: "
+                + ", ".join(differ)
+            )
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # the paper's stage one is a run of its own: its warmup and decay span the steps up to the switch
+        # (a resumed run then restores its schedule from the checkpoint)
+        if self.switch_step and self.restart_lr_schedule and pl_module.stage == 1:
+            pl_module.restart_lr_schedule(0, self.switch_step)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         window_start = batch_idx % trainer.accumulate_grad_batches == 0  # never mid-accumulation

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch import LightningModule
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import AutoConfig, BartConfig
 
@@ -67,6 +68,13 @@ def build_model(
                 raise ValueError(
                     f"the MoE-BART in {pretrained} has a task table of {model.task_table.num_tasks} tasks; "
                     f"the data has {moe.num_tasks}"
+                )
+            saved = asdict(model.moe_options)
+            ignored = sorted(key for key, value in asdict(moe).items() if saved[key] != value)
+            if ignored:
+                rank_zero_warn(
+                    f"`pretrained` {pretrained} is a saved MoE-BART: its own MoE options are used, and the "
+                    f"configured `moe` values of {ignored} are ignored"
                 )
         else:
             model = MoEBartForConditionalGeneration.from_dense(pretrained, **asdict(moe))
@@ -199,6 +207,7 @@ class MoEMultiTaskModule(LightningModule):
         self.save_hyperparameters()
         special = special_token_ids(tokenizer_path, pad_token_id) if pretrained is None else {}
         self.model = build_model(pretrained, bart, options, tokenizer_size, special)
+        self.hparams["moe"] = asdict(self.model.moe_options)  # the options in effect (a saved MoE-BART's own)
         num_tasks = self.model.task_table.num_tasks
         self.task_names = task_names or [f"task{i}" for i in range(num_tasks)]
         self.task_metrics = task_metrics or ["EM"] * num_tasks
@@ -214,12 +223,18 @@ class MoEMultiTaskModule(LightningModule):
             if unknown:  # found now rather than at the end of the first validation
                 raise ValueError(f"`{option}` has {unknown}; allowed: {', '.join(map(repr, allowed))}")
         self.max_norms = {"backbone": clip_backbone, "router": clip_router, "task_table": clip_task_table}
+        for group, max_norm in self.max_norms.items():
+            if max_norm is not None and not max_norm > 0:  # 0 would zero the grads, a negative one flip them
+                raise ValueError(f"`clip_{group}` is {max_norm}; give a max gradient norm > 0, or null for none")
+        if num_beams < 1:
+            raise ValueError(f"`num_beams` is {num_beams}; it must be >= 1 (1: greedy decoding)")
         self.lr_schedule: WarmupLinearDecay | None = None
         self.stage = 1  # two-stage training: 2 once routes are fixed (see `enter_stage_two`)
         self.stage_info: dict[str, Any] = {}
         self.skipped_batches = 0
         self._tokenizer = None
         self._used: torch.Tensor | None = None  # (L, E) experts used since the last optimizer step
+        self._skip_step = False  # nan_policy "skip": a batch since the last optimizer step had a non-finite loss
         self._token_routes: dict[str, torch.Tensor] = {}  # token routing: per-task gate sums for `route_table`
         self._eval: dict[str, Any] = {}
 
@@ -247,7 +262,7 @@ class MoEMultiTaskModule(LightningModule):
         task_ids = torch.arange(self.model.task_table.num_tasks, device=self.device)
         logits = router.logits(self.model.task_table(task_ids))
         if router.selection == "argmax":
-            return hard_top_k(logits, 1)
+            return hard_top_k(logits, router.top_k)
         temperature = router.temperature.float() if router.selection == "softmax" else 1.0
         return (logits / temperature).softmax(-1)
 
@@ -319,7 +334,11 @@ class MoEMultiTaskModule(LightningModule):
             if not group["name"].endswith("no_decay"):
                 self.log(f"lr/{group['name']}", group["lr"], batch_size=size)
         if not self._loss_is_finite(loss, batch):
-            return None
+            # not None: Lightning refuses a skipped training_step under DDP. A zero loss through every trainable
+            # parameter keeps each rank's backward and all-reduce; `on_before_optimizer_step` then drops all
+            # grads, so the optimizer leaves every parameter (and its Adam state) as it is
+            self._skip_step = True
+            return torch.stack([p.sum() for p in self.parameters() if p.requires_grad]).sum() * 0.0
         if out.routes:
             used = expert_usage(self.model, out.expert_mask)
             self._used = used if self._used is None else self._used | used
@@ -347,6 +366,11 @@ class MoEMultiTaskModule(LightningModule):
         return False
 
     def on_before_optimizer_step(self, optimizer) -> None:
+        if self._skip_step:  # a batch of this step had a non-finite loss: the whole step is skipped
+            self._skip_step, self._used = False, None
+            for param in self.parameters():
+                param.grad = None
+            return
         if self._used is None:
             return
         used = self._used.float()
@@ -377,6 +401,21 @@ class MoEMultiTaskModule(LightningModule):
                 f"correctly under {type(strategy).__name__}: its gradients are sharded or clipped by the engine. "
                 "Set all three to null and use the strategy's own clipping, or train with strategy 'ddp' or one device"
             )
+        if stage == "fit" and self.hparams.expert_sparse_updates and not local_grads:
+            raise ValueError(
+                f"expert_sparse_updates cannot keep unrouted experts unchanged under {type(strategy).__name__}: "
+                "it holds the gradients in its own buffers. Set `expert_sparse_updates: false`, or train with "
+                "strategy 'ddp' or one device"
+            )
+        data = getattr(self.trainer, "datamodule", None)
+        positions = self.model.config.max_position_embeddings
+        for option in ("max_input_length", "max_target_length"):
+            length = getattr(getattr(data, "hparams", {}), "get", lambda *_: None)(option)
+            if length is not None and length > positions:
+                raise ValueError(
+                    f"data option `{option}` is {length}, but the model has {positions} positions "
+                    f"(max_position_embeddings); use at most {positions}"
+                )
 
     def on_fit_start(self) -> None:
         # here, not in `setup`: the routes of a run resumed in stage two are restored only after `setup`
@@ -399,13 +438,14 @@ class MoEMultiTaskModule(LightningModule):
         scheduler = LambdaLR(optimizer, self.lr_schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def restart_lr_schedule(self) -> None:
-        """Start a new warmup and decay over the remaining steps (a training stage switch)."""
+    def restart_lr_schedule(self, start_step: int | None = None, total_steps: int | None = None) -> None:
+        """Start a new warmup and linear decay at `start_step` (default: now) lasting `total_steps` (default: the
+        remaining steps); a training stage of its own, as in the paper's two stages."""
         if self.lr_schedule is None:
             return
-        step = self.trainer.global_step
-        remaining = max(1, int(self.trainer.estimated_stepping_batches) - step)
-        self.lr_schedule.restart(step, remaining, warmup_steps_for(self.hparams.warmup, remaining))
+        start = self.trainer.global_step if start_step is None else start_step
+        total = total_steps or max(1, int(self.trainer.estimated_stepping_batches) - start)
+        self.lr_schedule.restart(start, total, warmup_steps_for(self.hparams.warmup, total))
         for config in self.trainer.lr_scheduler_configs:  # this step's lr was set already: recompute it
             config.scheduler.last_epoch -= 1
             config.scheduler.step()
@@ -417,6 +457,14 @@ class MoEMultiTaskModule(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # runs before the weights load: re-fix stage-two routes so the run goes on in stage two
+        saved_tasks = checkpoint.get("hyper_parameters", {}).get("task_names")
+        if saved_tasks is not None and list(saved_tasks) != list(self.task_names):
+            pairs = zip(saved_tasks, self.task_names, strict=False)
+            first = next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(saved_tasks), len(self.task_names)))
+            raise ValueError(
+                f"the checkpoint's {len(saved_tasks)} tasks differ from the data's {len(self.task_names)} from task id "
+                f"{first} on; task ids index the task table, so use the data options (source, partition) of training"
+            )
         state = checkpoint.get("moe_mtl", {})
         if state.get("stage") == 2:
             self.enter_stage_two(state["stage_info"]["routes"])
