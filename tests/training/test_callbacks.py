@@ -265,6 +265,21 @@ def test_a_run_resumed_in_stage_two_stays_there_and_matches_an_uninterrupted_run
         assert torch.equal(resumed_state[name], tensor), name
 
 
+def test_a_run_resumed_in_stage_one_continues_exactly(data, tmp_path):
+    """Gumbel noise and dropout draw random numbers every step: seeded per step, a run resumed from any
+    checkpoint ends bitwise where the uninterrupted run ends."""
+    checkpoints = ModelCheckpoint(tmp_path / "ckpt", filename="{step}", every_n_train_steps=1, save_top_k=-1)
+    whole = tiny_module(data, bart={"dropout": 0.3})
+    fit(whole, data, tmp_path, [TemperatureAnnealing(), checkpoints], max_steps=STEPS, enable_checkpointing=True)
+    for step in range(1, STEPS):
+        resumed_data = tiny_data(data.hparams.output_dir)
+        resumed = tiny_module(resumed_data, bart={"dropout": 0.3}, seed=1)  # other initial weights and seed
+        trainer = Trainer(**tiny_trainer(tmp_path, max_steps=STEPS, callbacks=[TemperatureAnnealing()]))
+        trainer.fit(resumed, datamodule=resumed_data, ckpt_path=tmp_path / "ckpt" / f"step={step}.ckpt")
+        for name, tensor in whole.state_dict().items():
+            assert torch.equal(resumed.state_dict()[name], tensor), (step, name)
+
+
 # --- RoutingMonitor ---------------------------------------------------------------------------------------
 
 

@@ -235,6 +235,8 @@ class MoEMultiTaskModule(LightningModule):
         self._tokenizer = None
         self._used: torch.Tensor | None = None  # (L, E) experts used since the last optimizer step
         self._skip_step = False  # nan_policy "skip": a batch since the last optimizer step had a non-finite loss
+        self._seed_base = 0  # set at fit start
+        self._resumed_seed: int | None = None
         self._token_routes: dict[str, torch.Tensor] = {}  # token routing: per-task gate sums for `route_table`
         self._eval: dict[str, Any] = {}
 
@@ -316,6 +318,12 @@ class MoEMultiTaskModule(LightningModule):
         inputs = {key: batch[key] for key in MODEL_INPUTS if key != "labels"}
         decoder_input_ids = self.model.prepare_decoder_input_ids_from_labels(batch["labels"])
         return self.model(**inputs, decoder_input_ids=decoder_input_ids)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # the random draws of a step (Gumbel noise, dropout) depend only on the run's seed and the step, so a run
+        # resumed from any checkpoint (mid-epoch or at an epoch end) continues exactly as an uninterrupted one
+        micro = batch_idx % self.trainer.accumulate_grad_batches
+        torch.manual_seed((self._seed_base * 1_000_003 + self.trainer.global_step * 64 + micro) % 2**63)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int):
         out = self(batch)
@@ -418,6 +426,8 @@ class MoEMultiTaskModule(LightningModule):
                 )
 
     def on_fit_start(self) -> None:
+        # the run's seed (`seed_everything`), or the checkpoint's when resuming
+        self._seed_base = torch.initial_seed() if self._resumed_seed is None else self._resumed_seed
         # here, not in `setup`: the routes of a run resumed in stage two are restored only after `setup`
         options, router = self.model.moe_options, self.model.router
         if options.routing == "token":
@@ -453,7 +463,12 @@ class MoEMultiTaskModule(LightningModule):
     # --- checkpoints ------------------------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["moe_mtl"] = {"stage": self.stage, "stage_info": self.stage_info, "skipped": self.skipped_batches}
+        checkpoint["moe_mtl"] = {
+            "stage": self.stage,
+            "stage_info": self.stage_info,
+            "skipped": self.skipped_batches,
+            "seed": self._seed_base,
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # runs before the weights load: re-fix stage-two routes so the run goes on in stage two
@@ -470,6 +485,7 @@ class MoEMultiTaskModule(LightningModule):
             self.enter_stage_two(state["stage_info"]["routes"])
             self.stage_info = state["stage_info"]
         self.skipped_batches = state.get("skipped", 0)
+        self._resumed_seed = state.get("seed")  # the resumed run keeps drawing the original run's numbers
 
     # --- evaluation -------------------------------------------------------------------------------
 
