@@ -13,3 +13,12 @@ import torch
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_ddp_environment(monkeypatch):
+    """Lightning's spawn launcher leaves MASTER_PORT set in this process: every DDP test picks its own free port
+    instead of reusing the first one. Spawned ranks run one thread each, as the test process's ranks share 2 cores."""
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")

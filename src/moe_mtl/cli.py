@@ -38,6 +38,20 @@ DATA_LINKS = {
 # model options a checkpoint decides (the shape of its weights); the rest (num_beams, results_dir, learning rates,
 # …) stay as the command gives them, and the linked ones come from the data (the module checks the tasks match)
 CHECKPOINT_OPTIONS = ("pretrained", "bart", "moe")
+# of `moe`, those that shape the weights (the rest, e.g. top_k or capacity_factor, may change at test time)
+CHECKPOINT_MOE_OPTIONS = (
+    "num_experts",
+    "expert_unit",
+    "moe_layers",
+    "routing",
+    "task_dim",
+    "task_embeddings",
+    "router",
+    "router_hidden",
+    "routes",
+    "given_routes",
+    "route_seed",
+)
 # which way is better for each selection metric (the paper selects by val/score: loss and score disagree)
 SELECTION_MODES = {"val/score": "max", "val/loss": "min"}
 
@@ -72,9 +86,13 @@ class MoEMTLCLI(LightningCLI):
         hparams = checkpoint.get("hyper_parameters", {})
         kept = {key: hparams[key] for key in CHECKPOINT_OPTIONS if key in hparams}
         if "moe" in kept:
-            kept["moe"] = {key: value for key, value in kept["moe"].items() if key != "num_tasks"}  # linked
+            kept["moe"] = {key: value for key, value in kept["moe"].items() if key in CHECKPOINT_MOE_OPTIONS}
         if kept:
-            self.config = self.parser.parse_object({subcommand: {"model": kept}}, self.config)
+            try:
+                self.config = self.parser.parse_object({subcommand: {"model": kept}}, self.config)
+            except SystemExit:
+                sys.stderr.write(f"Parsing the model options saved in {ckpt_path} failed\n")
+                raise
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config

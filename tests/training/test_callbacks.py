@@ -195,11 +195,26 @@ def test_switch_restarts_the_lr_warmup_and_decay_over_the_remaining_steps(data, 
     module = tiny_module(data, warmup=1, lr=1e-3)
     recorder = fit(module, data, tmp_path, [TwoStageTraining(switch_step=SWITCH)], max_steps=6)
     lrs = [s.lrs["backbone"] for s in recorder.steps]
-    # stage one: warmup 1 step then decay over 6: factors 1/2, 1; stage two: the same over the remaining 4 steps
+    # stage one: warmup 1 step then decay over its 2 steps: factors 1/2, 1; stage two: warmup 1 of its 4 steps
     assert warmup_steps_for(1, 4) == 1
     assert lrs[:SWITCH] == pytest.approx([0.5e-3, 1e-3])
     assert lrs[SWITCH + 1 :] == pytest.approx([1e-3, 2 / 3 * 1e-3, 1 / 3 * 1e-3])
     assert module.lr_schedule.start_step == SWITCH and module.lr_schedule.total_steps == 4
+
+
+def test_each_stage_has_its_own_warmup_and_decay(data, tmp_path):
+    # warmup 0.5: 2 of stage one's 4 steps, then 2 of stage two's 4; factors (s+1)/3 in warmup, then linear decay
+    module = tiny_module(data, warmup=0.5, lr=1e-3)
+    recorder = fit(module, data, tmp_path, [TwoStageTraining(switch_step=4)], max_steps=8)
+    factors = [1 / 3, 2 / 3, 1, 1 / 2] * 2
+    assert [s.lrs["backbone"] for s in recorder.steps] == pytest.approx([1e-3 * f for f in factors])
+
+
+def test_without_restarts_one_schedule_spans_the_run(data, tmp_path):
+    module = tiny_module(data, warmup=0.25, lr=1e-3)
+    recorder = fit(module, data, tmp_path, [TwoStageTraining(switch_step=4, restart_lr_schedule=False)], max_steps=8)
+    factors = [1 / 3, 2 / 3, 1, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6]  # warmup 2 of 8 steps, decay over 6
+    assert [s.lrs["backbone"] for s in recorder.steps] == pytest.approx([1e-3 * f for f in factors])
 
 
 def test_the_switch_step_itself_runs_at_the_warmup_start(data, tmp_path):
@@ -265,16 +280,18 @@ def test_a_run_resumed_in_stage_two_stays_there_and_matches_an_uninterrupted_run
         assert torch.equal(resumed_state[name], tensor), name
 
 
-def test_a_run_resumed_in_stage_one_continues_exactly(data, tmp_path):
-    """Gumbel noise and dropout draw random numbers every step: seeded per step, a run resumed from any
-    checkpoint ends bitwise where the uninterrupted run ends."""
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_a_run_resumed_in_stage_one_continues_exactly(data, tmp_path, accumulate):
+    """Gumbel noise and dropout draw random numbers every micro-batch: seeded per step and micro-batch, a run
+    resumed from any checkpoint ends bitwise where the uninterrupted run ends."""
     checkpoints = ModelCheckpoint(tmp_path / "ckpt", filename="{step}", every_n_train_steps=1, save_top_k=-1)
     whole = tiny_module(data, bart={"dropout": 0.3})
-    fit(whole, data, tmp_path, [TemperatureAnnealing(), checkpoints], max_steps=STEPS, enable_checkpointing=True)
+    options = dict(max_steps=STEPS, accumulate_grad_batches=accumulate)
+    fit(whole, data, tmp_path, [TemperatureAnnealing(), checkpoints], enable_checkpointing=True, **options)
     for step in range(1, STEPS):
         resumed_data = tiny_data(data.hparams.output_dir)
         resumed = tiny_module(resumed_data, bart={"dropout": 0.3}, seed=1)  # other initial weights and seed
-        trainer = Trainer(**tiny_trainer(tmp_path, max_steps=STEPS, callbacks=[TemperatureAnnealing()]))
+        trainer = Trainer(**tiny_trainer(tmp_path, callbacks=[TemperatureAnnealing()], **options))
         trainer.fit(resumed, datamodule=resumed_data, ckpt_path=tmp_path / "ckpt" / f"step={step}.ckpt")
         for name, tensor in whole.state_dict().items():
             assert torch.equal(resumed.state_dict()[name], tensor), (step, name)

@@ -451,6 +451,32 @@ def test_nan_policy_skip_skips_exactly_the_bad_batch(two_tasks):
     assert all(torch.isfinite(p).all() for p in module.parameters())
 
 
+class PoisonGrad(Callback):
+    """After the backward pass of optimizer step `index`, one gradient entry becomes NaN (the loss stays finite)."""
+
+    def __init__(self, index: int):
+        self.index = index
+
+    def on_after_backward(self, trainer, pl_module):
+        if trainer.global_step == self.index:
+            pl_module.model.model.shared.weight.grad[5, 0] = math.nan
+            self.before = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.index + 1:
+            self.after = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+
+
+def test_non_finite_gradients_follow_the_nan_policy(two_tasks):
+    with pytest.raises(FloatingPointError, match=r"non-finite gradients at step 1 .*finite loss"):
+        make_trainer(callbacks=[PoisonGrad(1)]).fit(make_module(two_tasks, nan_policy="stop"), datamodule=two_tasks)
+    module, poison = make_module(two_tasks, nan_policy="skip"), PoisonGrad(1)
+    make_trainer(max_steps=3, callbacks=[poison]).fit(module, datamodule=two_tasks)
+    assert module.skipped_batches == 1
+    assert all(torch.equal(poison.before[n], poison.after[n]) for n in poison.before)  # the step moved nothing
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
 class RankPoison(Callback):
     """A NaN weight at optimizer step `index` on one rank only (each rank sees one batch per epoch here);
     every rank saves that step's before/after weights, its final weights and its skip count."""
@@ -657,3 +683,18 @@ def test_construction_errors_name_the_option(two_tasks, tmp_path):
         make_module(two_tasks, **options)
     upcycled = make_module(two_tasks, tokenizer_size=64, **options)  # a tokenizer that fits
     assert upcycled.model.config.vocab_size == 64
+
+
+def test_step_checkpoints_are_named_by_their_own_step_after_a_validation(two_tasks, tmp_path):
+    # evaluation metrics reach the loggers at the optimizer step without logging a "step" metric, which
+    # ModelCheckpoint would take for the step in its file names
+    checkpoints = L.pytorch.callbacks.ModelCheckpoint(
+        tmp_path / "ckpt", filename="{step}", every_n_train_steps=1, save_top_k=-1
+    )
+    trainer = make_trainer(
+        max_steps=4, enable_checkpointing=True, callbacks=[checkpoints], limit_val_batches=1, val_check_interval=2
+    )
+    trainer.fit(make_module(two_tasks, num_beams=1, results_dir=str(tmp_path / "results")), datamodule=two_tasks)
+    for step in range(1, 5):
+        saved = torch.load(tmp_path / "ckpt" / f"step={step}.ckpt", weights_only=True)
+        assert saved["global_step"] == step

@@ -11,11 +11,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.pytorch import LightningModule
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import AutoConfig, BartConfig
 
@@ -102,6 +103,13 @@ def special_token_ids(tokenizer_path: str | None, pad_token_id: int | None) -> d
     if pad_token_id is not None:
         ids["pad_token_id"] = pad_token_id
     return {key: value for key, value in ids.items() if value is not None}
+
+
+def step_seed(seed: int, step: int, micro_batch: int, rank: int) -> int:
+    """The torch seed of one training micro-batch: a hash of the run's seed, the optimizer step, the micro-batch
+    in the accumulation window and the rank, so the draws are fresh everywhere and a resume repeats them."""
+    state = np.random.SeedSequence([seed % 2**64, step, micro_batch, rank]).generate_state(2, np.uint64)
+    return int(state[0]) % 2**63
 
 
 def require_unused_parameter_detection(trainer, why: str) -> None:
@@ -323,7 +331,7 @@ class MoEMultiTaskModule(LightningModule):
         # the random draws of a step (Gumbel noise, dropout) depend only on the run's seed and the step, so a run
         # resumed from any checkpoint (mid-epoch or at an epoch end) continues exactly as an uninterrupted one
         micro = batch_idx % self.trainer.accumulate_grad_batches
-        torch.manual_seed((self._seed_base * 1_000_003 + self.trainer.global_step * 64 + micro) % 2**63)
+        torch.manual_seed(step_seed(self._seed_base, self.trainer.global_step, micro, self.global_rank))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int):
         out = self(batch)
@@ -373,8 +381,22 @@ class MoEMultiTaskModule(LightningModule):
         self.log("train/skipped_batches", float(self.skipped_batches), batch_size=len(batch["task_ids"]))
         return False
 
+    def _grads_are_finite(self) -> bool:
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:  # 16-mixed: GradScaler skips such steps
+            return True
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        return not grads or bool(torch.stack([g.isfinite().all() for g in grads]).all())  # one device sync
+
     def on_before_optimizer_step(self, optimizer) -> None:
-        if self._skip_step:  # a batch of this step had a non-finite loss: the whole step is skipped
+        # grads are complete here (accumulated, all-reduced), so every rank takes the same decision
+        if not self._skip_step and not self._grads_are_finite():
+            message = f"non-finite gradients at step {self.global_step} (epoch {self.current_epoch}), finite loss"
+            if self.hparams.nan_policy == "stop":
+                raise FloatingPointError(f"{message}; set `nan_policy: skip` to skip such steps")
+            self.skipped_batches += 1
+            log.warning("%s: step skipped (%d so far)", message, self.skipped_batches)
+            self._skip_step = True
+        if self._skip_step:  # a non-finite loss or gradient: the whole step is skipped
             self._skip_step, self._used = False, None
             for param in self.parameters():
                 param.grad = None
@@ -425,9 +447,18 @@ class MoEMultiTaskModule(LightningModule):
                     f"(max_position_embeddings); use at most {positions}"
                 )
 
+    def on_train_start(self) -> None:
+        # after every restore (FSDP and DeepSpeed restore after `on_fit_start`): the checkpoint's seed when resuming,
+        # else the run's (`seed_everything`; rank 0's, so all ranks agree even without it)
+        seed = self._resumed_seed
+        if seed is None:
+            seed = self.trainer.strategy.broadcast(torch.initial_seed(), src=0)
+        elif seed != torch.initial_seed():
+            rank_zero_info(f"resumed: random draws continue the checkpoint's seed {seed}, not {torch.initial_seed()}")
+        self._seed_base = int(seed)
+        self._resumed_seed = None
+
     def on_fit_start(self) -> None:
-        # the run's seed (`seed_everything`), or the checkpoint's when resuming
-        self._seed_base = torch.initial_seed() if self._resumed_seed is None else self._resumed_seed
         # here, not in `setup`: the routes of a run resumed in stage two are restored only after `setup`
         options, router = self.model.moe_options, self.model.router
         if options.routing == "token":
@@ -457,8 +488,11 @@ class MoEMultiTaskModule(LightningModule):
         total = total_steps or max(1, int(self.trainer.estimated_stepping_batches) - start)
         self.lr_schedule.restart(start, total, warmup_steps_for(self.hparams.warmup, total))
         for config in self.trainer.lr_scheduler_configs:  # this step's lr was set already: recompute it
-            config.scheduler.last_epoch -= 1
-            config.scheduler.step()
+            scheduler = config.scheduler
+            groups = scheduler.optimizer.param_groups
+            for group, base_lr, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+                group["lr"] = base_lr * factor(scheduler.last_epoch)
+            scheduler._last_lr = [group["lr"] for group in groups]  # what get_last_lr() reports
 
     # --- checkpoints ------------------------------------------------------------------------------
 
@@ -558,9 +592,9 @@ class MoEMultiTaskModule(LightningModule):
         for row in rows:
             metrics[f"{stage}/score/{row['task']}"] = row["score"]
             metrics[f"{stage}/loss/{row['task']}"] = row["loss"]
-        # every rank holds the same gathered values, so no sync_dist is needed; "step" puts the point at the
-        # optimizer step the evaluation files, route tables and routing statistics are named by
-        self.log_dict({**metrics, "step": float(self.global_step)}, batch_size=1)
+        # every rank holds the same gathered values, so no sync_dist is needed. (No "step" metric to move the point
+        # in TensorBoard: ModelCheckpoint would take it for the step in its file names.)
+        self.log_dict(metrics, batch_size=1)
         if not self.trainer.sanity_checking and self.trainer.is_global_zero:
             self._write_evaluation(stage, rows, {"loss": mean_loss, "score": average})
         self._eval = {}
