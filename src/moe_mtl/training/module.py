@@ -26,7 +26,6 @@ from ..models import MoEBartConfig, MoEBartForConditionalGeneration, MoEOptions
 from ..models.routing import hard_top_k
 from .losses import label_smoothed_nll, sequence_nll
 from .optim import (
-    PARAMETER_GROUPS,
     build_param_groups,
     clip_grad_norms,
     drop_unrouted_expert_grads,
@@ -437,10 +436,10 @@ class MoEMultiTaskModule(LightningModule):
                 "it holds the gradients in its own buffers. Set `expert_sparse_updates: false`, or train with "
                 "strategy 'ddp' or one device"
             )
-        data = getattr(self.trainer, "datamodule", None)
+        data_options = getattr(getattr(self.trainer, "datamodule", None), "hparams", {})
         positions = self.model.config.max_position_embeddings
         for option in ("max_input_length", "max_target_length"):
-            length = getattr(getattr(data, "hparams", {}), "get", lambda *_: None)(option)
+            length = data_options.get(option)
             if length is not None and length > positions:
                 raise ValueError(
                     f"data option `{option}` is {length}, but the model has {positions} positions "
@@ -686,4 +685,4 @@ class MoEMultiTaskModule(LightningModule):
         log.info("wrote predictions of %d tasks to %s", len(by_task), folder)
 
 
-__all__ = ["PARAMETER_GROUPS", "SMALL_BART", "MoEMultiTaskModule", "build_model"]
+__all__ = ["SMALL_BART", "MoEMultiTaskModule", "build_model", "step_seed"]
