@@ -50,7 +50,15 @@ def tiny_module(
     if seed is not None:
         seed_everything(seed, verbose=False)
     options = MoEOptions(**{"num_experts": 2, "task_dim": 8, **(moe or {}), "num_tasks": data.num_tasks})
-    linked = dict(
+    defaults = dict(lr=1e-3, num_beams=1)
+    return MoEMultiTaskModule(
+        bart={**TINY_BART, **(bart or {})}, moe=options, **linked_options(data), **{**defaults, **hparams}
+    )
+
+
+def linked_options(data: MultiTaskDataModule) -> dict[str, Any]:
+    """The module options the CLI links from the data module (`MoEMTLCLI`), set by hand."""
+    return dict(
         task_names=data.task_names,
         task_metrics=data.task_metrics,
         task_partitions=data.task_partitions,
@@ -59,8 +67,6 @@ def tiny_module(
         tokenizer_path=data.tokenizer_path,
         max_target_length=data.hparams.max_target_length,
     )
-    defaults = dict(lr=1e-3, num_beams=1)
-    return MoEMultiTaskModule(bart={**TINY_BART, **(bart or {})}, moe=options, **linked, **{**defaults, **hparams})
 
 
 def tiny_trainer(root: str | Path, **overrides: Any) -> dict[str, Any]:

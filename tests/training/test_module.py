@@ -28,6 +28,7 @@ from moe_mtl.training.losses import label_smoothed_nll
 from moe_mtl.training.schedules import temperature_at
 
 from ..models.conftest import TINY_BART
+from .conftest import linked_options
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 
@@ -54,13 +55,7 @@ def make_module(data: MultiTaskDataModule, moe: dict | None = None, **overrides)
     hparams = dict(
         bart=TINY_BART,
         moe=MoEOptions(**options),
-        task_names=data.task_names,
-        task_metrics=data.task_metrics,
-        task_partitions=data.task_partitions,
-        tokenizer_size=data.vocab_size,
-        pad_token_id=data.pad_token_id,
-        tokenizer_path=data.tokenizer_path,
-        max_target_length=data.hparams.max_target_length,
+        **linked_options(data),
         num_beams=1,
         lr=1e-2,
         weight_decay=0.1,
