@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $(STAMP)
 
-# The main job on the built-in offline default: skill suite, small MoE-BART, two-stage training (~5 min on 2 cores).
+# The main job on the built-in offline default: skill suite, small MoE-BART, two-stage training (~4 min on 2 cores).
 quickstart: $(STAMP)
 	$(BIN)/moe-mtl fit --config configs/quickstart.yaml
 
