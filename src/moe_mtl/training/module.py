@@ -91,12 +91,11 @@ def build_model(
     return MoEBartForConditionalGeneration(MoEBartConfig.from_bart_config(config, moe))
 
 
-def special_token_ids(tokenizer_path: str | None, pad_token_id: int | None) -> dict[str, int]:
+def special_token_ids(tokenizer, pad_token_id: int | None) -> dict[str, int]:
     """`BartConfig` ids of the tokenizer's special tokens (BART's convention: decoding starts at eos), so a
-    new model trains and generates with the tokenizer's own pad, bos and eos."""
+    new model trains and generates with the tokenizer's own pad, bos and eos (`tokenizer` None: pad only)."""
     ids = {}
-    if tokenizer_path is not None:
-        tokenizer = load_tokenizer(tokenizer_path)
+    if tokenizer is not None:
         ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
         ids["decoder_start_token_id"] = ids["forced_eos_token_id"] = tokenizer.eos_token_id
     if pad_token_id is not None:
@@ -212,7 +211,10 @@ class MoEMultiTaskModule(LightningModule):
         # refuses a pickled MoEOptions, so neither resuming nor `load_from_checkpoint` could read the checkpoint
         moe = asdict(options)
         self.save_hyperparameters()
-        special = special_token_ids(tokenizer_path, pad_token_id) if pretrained is None else {}
+        self._tokenizer = None  # loaded on first use (`tokenizer`), here already for a new model's special ids
+        special = {}
+        if pretrained is None:
+            special = special_token_ids(self.tokenizer if tokenizer_path else None, pad_token_id)
         self.model = build_model(pretrained, bart, options, tokenizer_size, special)
         self.hparams["moe"] = asdict(self.model.moe_options)  # the options in effect (a saved MoE-BART's own)
         num_tasks = self.model.task_table.num_tasks
@@ -239,7 +241,6 @@ class MoEMultiTaskModule(LightningModule):
         self.stage = 1  # two-stage training: 2 once routes are fixed (see `enter_stage_two`)
         self.stage_info: dict[str, Any] = {}
         self.skipped_batches = 0
-        self._tokenizer = None
         self._used: torch.Tensor | None = None  # (L, E) experts used since the last optimizer step
         self._skip_step = False  # nan_policy "skip": a batch since the last optimizer step had a non-finite loss
         self._seed_base = 0  # set at fit start
