@@ -69,8 +69,9 @@ def linked_options(data: MultiTaskDataModule) -> dict[str, Any]:
     )
 
 
-def tiny_trainer(root: str | Path, **overrides: Any) -> dict[str, Any]:
-    """Trainer arguments of a quiet CPU run without validation, logger or checkpoints (override any)."""
+def tiny_trainer(root: str | Path | None = None, **overrides: Any) -> dict[str, Any]:
+    """Trainer arguments of a quiet CPU run without validation, logger or checkpoints (override any); files go
+    under `root` (None: Lightning's default, the working directory)."""
     options = dict(
         accelerator="cpu",
         devices=1,
@@ -82,8 +83,9 @@ def tiny_trainer(root: str | Path, **overrides: Any) -> dict[str, Any]:
         limit_val_batches=0,
         num_sanity_val_steps=0,
         use_distributed_sampler=False,
-        default_root_dir=str(root),
     )
+    if root is not None:
+        options["default_root_dir"] = str(root)
     return {**options, **overrides}
 
 

@@ -28,7 +28,7 @@ from moe_mtl.training.losses import label_smoothed_nll
 from moe_mtl.training.schedules import temperature_at
 
 from ..models.conftest import TINY_BART
-from .conftest import linked_options
+from .conftest import linked_options, tiny_trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 
@@ -65,19 +65,7 @@ def make_module(data: MultiTaskDataModule, moe: dict | None = None, **overrides)
 
 
 def make_trainer(**overrides) -> L.Trainer:
-    options = dict(
-        accelerator="cpu",
-        devices=1,
-        use_distributed_sampler=False,
-        max_steps=4,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
-    return L.Trainer(**{**options, **overrides})
+    return L.Trainer(**tiny_trainer(**{"max_steps": 4, **overrides}))
 
 
 @pytest.fixture(scope="module")
