@@ -152,11 +152,13 @@ class FFNExpertDecoderLayer(BartDecoderLayer):
         encoder_hidden_states,
         encoder_attention_mask,
         route: LayerRoute,
-        past_key_values=None,
         use_cache: bool = False,
+        **cache,
     ):
+        """`cache`: the key/value cache under the keyword of the installed release's `BartAttention`
+        (`cache_contract.layer_cache`), handed on to both attentions as BART's own layer does."""
         residual = hidden_states
-        hidden_states, _ = self.self_attn(hidden_states, past_key_values=past_key_values, attention_mask=attention_mask)
+        hidden_states, _ = self.self_attn(hidden_states, attention_mask=attention_mask, **cache)
         hidden_states = nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
         hidden_states = self.self_attn_layer_norm(residual + hidden_states)
 
@@ -165,7 +167,7 @@ class FFNExpertDecoderLayer(BartDecoderLayer):
             hidden_states,
             key_value_states=encoder_hidden_states,
             attention_mask=encoder_attention_mask,
-            past_key_values=past_key_values,
+            **cache,
         )
         hidden_states = nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
         hidden_states = self.encoder_attn_layer_norm(residual + hidden_states)
