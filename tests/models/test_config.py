@@ -29,6 +29,8 @@ from .conftest import tiny_bart_config
         (dict(moe_layers={"encoder": 1}), r"`moe_layers`: encoder is 1; it must be a list of layer indices"),
         (dict(moe_layers={"encoder": [], "decoder": []}), r"`moe_layers` routes no layer"),
         (dict(routes="given"), r"`given_routes` must be set exactly when routes='given'"),
+        (dict(freeze_router=True), r"`selection` is 'gumbel_st', but a frozen router .* allowed with freeze_router"),
+        (dict(freeze_router=True, selection="softmax", routes="average"), r"`freeze_router` applies only to learned"),
         (dict(moe_layers={"middle": [0]}), r"`moe_layers` has keys \['middle'\]; allowed keys: 'encoder', 'decoder'"),
     ],
 )

@@ -146,3 +146,18 @@ def test_argmax_selection_routes_hard_in_training_too_and_passes_no_gradient(top
         for expert in range(3):
             has_grad = [p.grad is not None for p in model.expert_parameters(layer, expert)]
             assert has_grad == [bool(record.used[expert])] * len(has_grad), (layer, expert)
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_softmax_routes_evaluate_as_trained_once_the_router_is_frozen(frozen):
+    """Learned routes evaluate by their hard top-k (the paper's inference); a frozen router's soft routes
+    (stage two) evaluate as they train: each task's softmax(logits / τ)."""
+    options = MoEOptions(num_experts=3, num_tasks=4, task_dim=8, selection="softmax", freeze_router=frozen)
+    table, task_router = TaskTable(4, 8), TaskRouter(options, 8, 5)
+    task_router.set_temperature(2.0)
+    task_ids = torch.tensor([2, 0, 2, 3])
+    soft = (task_router.logits(table(task_ids)) / 2.0).softmax(-1)
+    torch.testing.assert_close(task_router.train()(task_ids, table), soft)
+    evaluation = task_router.eval()(task_ids, table)
+    torch.testing.assert_close(evaluation, soft if frozen else hard_top_k(soft))
+    assert all(p.requires_grad != frozen for p in task_router.parameters())

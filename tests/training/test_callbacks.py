@@ -183,6 +183,22 @@ def test_switch_fixes_argmax_routes_freezes_the_router_and_clears_only_its_optim
     assert torch.equal(routes.sum(-1), torch.ones(routes.shape[:2])) and set(routes.unique().tolist()) == {0.0, 1.0}
 
 
+def test_soft_stage_two_routes_are_what_evaluation_uses(data, tmp_path):
+    """Stage two with softmax routes trains each task's soft mixture; validation, test and predict score that
+    network, not the hard top-1 of its routes: at dropout 0, train- and eval-mode logits agree."""
+    module = tiny_module(data)
+    fit(module, data, tmp_path, [TwoStageTraining(switch_step=SWITCH, routes="softmax", temperature=3.0)])
+    assert module.model.router.frozen and module.model.moe_options.freeze_router
+    batch = next(iter(data.val_dataloader()))
+    inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "labels", "task_ids")}
+    training, evaluation = module.model.train()(**inputs), module.model.eval()(**inputs)
+    torch.testing.assert_close(evaluation.logits, training.logits, rtol=0, atol=0)
+    expected = module.route_table()[batch["task_ids"]]  # softmax(logits / 3), per example, layer and expert
+    for j, record in enumerate(evaluation.routes.values()):
+        torch.testing.assert_close(record.weights, expected[:, j])
+        assert bool((record.weights > 0).all())
+
+
 def test_switch_without_resetting_keeps_every_optimizer_state(data, tmp_path):
     before_switch = Recorder()
     callbacks = [before_switch, TwoStageTraining(switch_step=SWITCH, reset_optimizer_state=False)]

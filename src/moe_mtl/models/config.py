@@ -59,8 +59,13 @@ class MoEOptions:
     router_hidden: int = 64
     """Hidden width of the router network."""
     selection: Literal["softmax", "gumbel", "gumbel_st", "argmax"] = "gumbel_st"
-    """Training-time selection; evaluation always uses hard top-k. "argmax" uses the hard top-k in training
-    too (no router gradient): the fixed routes of two-stage training's second stage."""
+    """Training-time selection. While routes are learned, evaluation uses the hard top-k; once they are fixed
+    (`freeze_router`), evaluation uses the training routes. "argmax" uses the hard top-k in training too (no
+    router gradient)."""
+    freeze_router: bool = False
+    """The router is fixed (two-stage training's second stage sets this): no gradient, and evaluation, test,
+    predict and `generate` route as training does, by selection "argmax" or "softmax" (each task's soft
+    mixture softmax(logits/τ), which runs every expert), not by the hard top-k."""
     temperature: float = 1.0
     """Initial selection temperature; callbacks change it during training, checkpoints keep it."""
     top_k: int = 1
@@ -105,6 +110,17 @@ class MoEOptions:
                 )
             if self.routing != "token":
                 raise ValueError("MoE option `capacity_factor` applies only to routing='token'; leave it None")
+        if self.freeze_router:
+            if self.routing != "task" or self.routes != "learned":
+                raise ValueError(
+                    "MoE option `freeze_router` applies only to learned task routes (routing='task', "
+                    "routes='learned'); other routes have no router"
+                )
+            if self.selection not in ("argmax", "softmax"):
+                raise ValueError(
+                    f"MoE option `selection` is {self.selection!r}, but a frozen router (`freeze_router`) routes "
+                    "evaluation as training does; allowed with freeze_router: 'argmax', 'softmax'"
+                )
         if (self.routes == "given") != (self.given_routes is not None):
             raise ValueError("MoE option `given_routes` must be set exactly when routes='given'")
         if self.moe_layers is not None:

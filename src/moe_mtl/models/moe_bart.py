@@ -29,6 +29,7 @@ from transformers.models.bart.modeling_bart import (
     shift_tokens_right,
 )
 
+from .cache_contract import GENERATION_NAME, layer_cache, output_cache, take_cache
 from .config import MoEBartConfig, MoEOptions
 from .layers import FFNExpertDecoderLayer, FFNExpertEncoderLayer, LayerExperts, LayerRoute, RouteRecord
 from .routing import TaskRouter, TaskTable, load_task_vectors
@@ -229,7 +230,7 @@ class MoEBartDecoder(MoEBartStack):
         task_vectors: torch.Tensor | None,
         attention_mask: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool = False,
     ) -> tuple[torch.Tensor, Cache | None, dict[str, RouteRecord]]:
@@ -237,23 +238,18 @@ class MoEBartDecoder(MoEBartStack):
             raise ValueError("You must specify exactly one of decoder_input_ids or decoder_inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        if use_cache and past_key_values is None:
-            past_key_values = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        if use_cache and cache is None:
+            cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
         batch_size, seq_length = inputs_embeds.shape[:2]
-        self_attn_cache = past_key_values.self_attention_cache if past_key_values is not None else None
+        self_attn_cache = cache.self_attention_cache if cache is not None else None
         slot = _longest_cache_slot(self_attn_cache)
         past_length = self_attn_cache.get_seq_length(slot) if self_attn_cache is not None else 0
         position_ids = torch.arange(seq_length, device=inputs_embeds.device) + past_length
 
         if attention_mask is None:
             attention_mask = torch.ones(batch_size, past_length + seq_length, device=inputs_embeds.device)
-        mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            past_key_values=self_attn_cache,
-            layer_idx=slot,
-        )
+        # the cache is passed by position: its keyword is `past_key_values` up to transformers 5.23, `cache` after
+        mask = create_causal_mask(self.config, inputs_embeds, attention_mask, self_attn_cache, layer_idx=slot)
         encoder_mask = create_bidirectional_mask(
             config=self.config,
             inputs_embeds=inputs_embeds,
@@ -267,18 +263,16 @@ class MoEBartDecoder(MoEBartStack):
         # padding of the new tokens only: cached positions were routed when they were new
         token_mask = attention_mask[:, -seq_length:] if attention_mask.shape[1] >= seq_length else None
         records = {}
+        cache_kwargs = {**layer_cache(cache), "use_cache": use_cache}
         for i, layer in enumerate(self.layers):
-            cache_kwargs = {"past_key_values": past_key_values, "use_cache": use_cache}
             if i not in self.routed:
                 hidden_states = layer(hidden_states, mask, encoder_hidden_states, encoder_mask, **cache_kwargs)
                 continue
-            route = self.layer_route(
-                routes, self.routed.index(i), task_vectors, token_mask, subset=past_key_values is None
-            )
+            route = self.layer_route(routes, self.routed.index(i), task_vectors, token_mask, subset=cache is None)
             hidden_states, records[f"decoder.{i}"] = layer(
                 hidden_states, mask, encoder_hidden_states, encoder_mask, route=route, **cache_kwargs
             )
-        return hidden_states, past_key_values, records
+        return hidden_states, cache, records
 
 
 def routed_layer(config, options: MoEOptions, layer_idx: int, dense_cls, ffn_cls, task_dim: int) -> nn.Module:
@@ -367,8 +361,10 @@ class MoEBartForConditionalGeneration(PreTrainedModel, GenerationMixin):
     @classmethod
     def from_pretrained(cls, *args, **kwargs) -> MoEBartForConditionalGeneration:
         model = super().from_pretrained(*args, **kwargs)
-        # loading rebuilds every float parameter as trainable; the frozen table stays frozen
+        # loading rebuilds every float parameter as trainable; a frozen table or router stays frozen
         model.task_table.freeze(model.moe_options.freeze_task_table)
+        if model.router is not None and model.router.learned:
+            model.router.freeze(model.moe_options.freeze_router)
         return model
 
     def _init_weights(self, module):
@@ -475,7 +471,7 @@ class MoEBartForConditionalGeneration(PreTrainedModel, GenerationMixin):
         decoder_input_ids: torch.LongTensor | None = None,
         decoder_attention_mask: torch.LongTensor | None = None,
         encoder_outputs: MoEEncoderOutput | tuple | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         decoder_inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
@@ -484,8 +480,19 @@ class MoEBartForConditionalGeneration(PreTrainedModel, GenerationMixin):
         return_dict: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
+        **kwargs,
     ) -> MoESeq2SeqLMOutput:
-        """BART's forward with `task_ids` (B,); returns `MoESeq2SeqLMOutput` with the routes used."""
+        """BART's forward with `task_ids` (B,); returns `MoESeq2SeqLMOutput` with the routes used.
+
+        The transformers 5 model contract: the key/value cache comes as `cache` (or `past_key_values`, the name
+        of transformers <= 5.23) and goes back in the output field that the installed release's `generate`
+        reads; further keyword arguments are transformers' model-agnostic ones (`TransformersKwargs`), of
+        which MoE-BART takes none: any that is set is an error, not ignored.
+        """
+        cache = take_cache(cache, kwargs)
+        unsupported = sorted(key for key, value in kwargs.items() if value is not None and value is not False)
+        if unsupported:
+            raise ValueError(f"MoE-BART's forward does not take {unsupported}")
         if labels is not None:
             use_cache = False
             if decoder_input_ids is None and decoder_inputs_embeds is None:
@@ -518,18 +525,18 @@ class MoEBartForConditionalGeneration(PreTrainedModel, GenerationMixin):
                 last_hidden_state=states, decoder_routes=routes, task_vectors=task_vectors, routes={}
             )
 
-        hidden_states, past_key_values, decoder_records = self.model.decoder(
+        hidden_states, cache, decoder_records = self.model.decoder(
             decoder_input_ids,
             encoder_outputs.last_hidden_state,
             encoder_outputs.decoder_routes,
             encoder_outputs.task_vectors,
             attention_mask=decoder_attention_mask,
             encoder_attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=decoder_inputs_embeds,
             # no cache unless asked for (generate asks): a filled cache makes decoder layer experts run
             # on the whole batch
-            use_cache=bool(use_cache if use_cache is not None else past_key_values is not None),
+            use_cache=bool(use_cache if use_cache is not None else cache is not None),
         )
         logits = self.lm_head(hidden_states) + self.final_logits_bias.to(hidden_states.device)
 
@@ -542,7 +549,7 @@ class MoEBartForConditionalGeneration(PreTrainedModel, GenerationMixin):
         return MoESeq2SeqLMOutput(
             loss=loss,
             logits=logits,
-            past_key_values=past_key_values,
+            **output_cache(cache),
             encoder_last_hidden_state=encoder_outputs.last_hidden_state,
             routes=routes,
             aux_loss=torch.stack(aux).mean() if aux else None,
@@ -557,14 +564,19 @@ class MoEBartForConditionalGeneration(PreTrainedModel, GenerationMixin):
         """`GenerationMixin.generate` with `task_ids` (B,): every decoding step uses the routes the
         encoder pass computed, beams included. The default cache has one slot per whole-layer expert."""
         generation_config = kwargs.get("generation_config") or self.generation_config
-        cache = kwargs.get("cache_implementation", generation_config.cache_implementation)
+        implementation = kwargs.get("cache_implementation", generation_config.cache_implementation)
         slots = self.model.decoder.num_cache_slots
-        if cache not in (None, "dynamic") and slots != self.config.decoder_layers:
+        if implementation not in (None, "dynamic") and slots != self.config.decoder_layers:
             raise ValueError(
-                f"cache_implementation={cache!r} sizes the cache by decoder layers ({self.config.decoder_layers}), "
+                f"cache_implementation={implementation!r} sizes the cache by decoder layers "
+                f"({self.config.decoder_layers}), "
                 f"but whole-layer experts need {slots} slots; allowed: 'dynamic' (the default)"
             )
-        if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True) and cache in (None, "dynamic"):
-            kwargs["past_key_values"] = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        if (
+            kwargs.get(GENERATION_NAME) is None
+            and kwargs.get("use_cache", True)
+            and implementation in (None, "dynamic")
+        ):
+            kwargs[GENERATION_NAME] = EncoderDecoderCache(DynamicCache(), DynamicCache())
             kwargs.pop("cache_implementation", None)
         return super().generate(inputs, task_ids=task_ids, **kwargs)

@@ -190,6 +190,7 @@ class TaskRouter(nn.Module):
     def __init__(self, options: MoEOptions, task_dim: int, num_layers: int):
         super().__init__()
         self.selection = options.selection
+        self.frozen = False
         self.top_k = options.top_k
         self.source = options.routes
         self.num_layers = num_layers
@@ -197,12 +198,19 @@ class TaskRouter(nn.Module):
         self.register_buffer("temperature", torch.tensor(float(options.temperature)))
         if self.source == "learned":
             self.network = build_router_network(options, task_dim, num_layers)
+            self.freeze(options.freeze_router)
         else:
             self.register_buffer("fixed_routes", fixed_route_table(options, num_layers))
 
     @property
     def learned(self) -> bool:
         return self.source == "learned"
+
+    def freeze(self, frozen: bool = True) -> None:
+        """Fix the learned routes: no gradient, and evaluation routes as training does (see `forward`)."""
+        self.frozen = frozen
+        for param in self.network.parameters():
+            param.requires_grad_(not frozen)
 
     def set_temperature(self, value: float) -> None:
         if not value > 0:
@@ -217,12 +225,17 @@ class TaskRouter(nn.Module):
             return self.network(task_vectors.to(dtype)).float()
 
     def forward(self, task_ids: torch.Tensor, task_table: TaskTable) -> torch.Tensor:
-        """Route weights (B, L, E), fp32."""
+        """Route weights (B, L, E), fp32.
+
+        Training uses `selection`. Evaluation scores routes still being learned by their hard top-k (the
+        paper's inference); fixed routes (frozen router, fixed sources) route evaluation as training does,
+        so what is scored and selected is the network that was trained.
+        """
         if not self.learned:
             return self.fixed_routes[task_ids].float()
         tasks, inverse = torch.unique(task_ids, return_inverse=True)
         logits = self.logits(task_table(tasks))
-        if self.training and self.selection != "argmax":
+        if self.selection != "argmax" and (self.training or self.frozen):
             weights = select_experts(logits, self.selection, self.temperature.float())
         else:  # argmax routes are fixed: no gradient, even through top-k's renormalised weights
             weights = hard_top_k(logits.detach() if self.selection == "argmax" else logits, self.top_k)

@@ -247,6 +247,7 @@ class MoEMultiTaskModule(LightningModule):
         self._resumed_seed: int | None = None
         self._token_routes: dict[str, torch.Tensor] = {}  # token routing: per-task gate sums for `route_table`
         self._eval: dict[str, Any] = {}
+        self._run_dir: Path | None = None  # set in `setup`
 
     # --- routing state, read and changed by the callbacks -----------------------------------------
 
@@ -311,10 +312,14 @@ class MoEMultiTaskModule(LightningModule):
         if temperature is not None:
             router.set_temperature(temperature)
         frozen = [*router.parameters(), *self.model.task_table.parameters()]
-        for param in frozen:
-            param.requires_grad_(False)
+        router.freeze(True)
         self.model.task_table.freeze(True)
-        self.model.config.moe = {**self.model.config.moe, "selection": routes, "freeze_task_table": True}
+        self.model.config.moe = {
+            **self.model.config.moe,
+            "selection": routes,
+            "freeze_task_table": True,
+            "freeze_router": True,
+        }
         self.stage = 2
         self.stage_info = {"routes": routes, "switch_step": self.trainer.global_step if self._trainer else 0}
         return frozen
@@ -446,6 +451,8 @@ class MoEMultiTaskModule(LightningModule):
                     f"data option `{option}` is {length}, but the model has {positions} positions "
                     f"(max_position_embeddings); use at most {positions}"
                 )
+        # on every rank, here: `Trainer.log_dir` broadcasts, so reading it first in rank-0-only code hangs DDP
+        self._run_dir = Path(self.hparams.results_dir or self.trainer.log_dir or self.trainer.default_root_dir)
 
     def on_train_start(self) -> None:
         # after every restore (FSDP and DeepSpeed restore after `on_fit_start`): the checkpoint's seed when resuming,
@@ -602,10 +609,12 @@ class MoEMultiTaskModule(LightningModule):
 
     @property
     def run_dir(self) -> Path:
-        """Where evaluation files, route tables and predictions go: `results_dir`, else the logger's run folder."""
-        if self.hparams.results_dir is not None:
-            return Path(self.hparams.results_dir)
-        return Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        """Where evaluation files, route tables and predictions go: `results_dir`, else the logger's run folder.
+
+        Resolved in `setup` on every rank, so that rank-0-only writers need no collective."""
+        if self._run_dir is None:
+            raise RuntimeError("`run_dir` is known once the Trainer has called `setup` on this module")
+        return self._run_dir
 
     def _write_evaluation(self, stage: str, rows: list[dict[str, Any]], average: dict[str, float]) -> None:
         folder = self.run_dir / "evaluation"
