@@ -1,7 +1,9 @@
+import json
 import math
 import random
 import statistics
 import string
+from pathlib import Path
 
 import pytest
 
@@ -18,7 +20,57 @@ from moe_mtl.evaluation.metrics import (
     qa_f1,
     rouge_l,
     score,
+    strict_exact_match,
 )
+
+CROSSFIT_CASES = Path(__file__).resolve().parents[3] / "shared" / "reference" / "crossfit" / "metric_cases.json"
+"""Values CrossFit's own `dataloader/metrics.py` returned (`crossfit`; null where it raised or gave NaN)."""
+
+
+def crossfit_cases(scored: bool) -> list:
+    """The cases CrossFit scored (`scored`) or failed on, one pytest param each, named metric-case."""
+    if not CROSSFIT_CASES.is_file():
+        reason = f"{CROSSFIT_CASES} not found: the shared folder lies beside the clone"
+        return [pytest.param(None, marks=pytest.mark.skip(reason=reason))]
+    cases = json.loads(CROSSFIT_CASES.read_text(encoding="utf-8"))
+    return [
+        pytest.param(case, id=f"{case['metric']}-{case['name']}")
+        for case in cases
+        if (case["crossfit"] is not None) == scored
+    ]
+
+
+@pytest.mark.parametrize("case", crossfit_cases(scored=True))
+def test_metric_equals_crossfit(case):
+    assert score(case["metric"], case["predictions"], case["references"]) == pytest.approx(case["crossfit"], abs=1e-6)
+
+
+@pytest.mark.parametrize("case", crossfit_cases(scored=False))
+def test_metric_where_crossfit_fails(case):
+    """CrossFit raises on an empty Rouge-L reference and gives NaN for some Pearson inputs; our documented values."""
+    predictions, references = case["predictions"], case["references"]
+    if case["metric"] == "Rouge-L":
+        assert case["crossfit_error"] == "ValueError: Reference is empty."
+        # an empty reference scores 0: the same as leaving it out, and 0 for an example with no other
+        kept = [[r for r in refs if r.strip(".")] for refs in references]
+        expected = math.fsum(rouge_l([p], [refs]) for p, refs in zip(predictions, kept, strict=True) if refs)
+        assert rouge_l(predictions, references) == pytest.approx(expected / len(predictions), abs=1e-12)
+    else:
+        assert case["metric"] == "Pearson-Correlation" and case["crossfit_error"] is None  # NaN
+        xs = [float(p) if _is_finite_float(p) else 3.0 for p in predictions]
+        ys = [float(refs[0]) for refs in references]
+        try:
+            expected = statistics.correlation(xs, ys)
+        except statistics.StatisticsError:  # a constant side
+            expected = 0.0
+        assert pearson_correlation(predictions, references) == pytest.approx(expected, abs=1e-12)
+
+
+def _is_finite_float(text):
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
 
 
 @pytest.mark.parametrize(
@@ -48,6 +100,29 @@ def test_accuracy_only_lower_cases():
     references = [["yes"], ["no"], ["x", "MAYBE"], ["cat"]]
     # 1, 0 (trailing space), 1 (second reference), 0 (no article removal) → 2/4
     assert accuracy(predictions, references) == 0.5
+
+
+@pytest.mark.parametrize(
+    ("prediction", "reference", "strict", "em"),
+    [
+        ("] ) }", "] ) }", 1.0, 1.0),
+        ("] )", "] ) }", 0.0, 1.0),  # EM removes all brackets: both become ""
+        ("-5", "5", 0.0, 1.0),  # EM removes the minus sign
+        ("(A)", "A", 0.0, 1.0),
+        ("the answer", "answer", 0.0, 1.0),  # EM removes articles
+        ("True", "true", 0.0, 1.0),  # EM lower-cases
+        (" 42\n", "42", 1.0, 1.0),  # only surrounding white space is ignored
+        ("4 2", "42", 0.0, 0.0),
+        ("a  b", "a b", 0.0, 1.0),  # inner white space counts; EM collapses it
+    ],
+)
+def test_strict_exact_match_keeps_what_em_normalises_away(prediction, reference, strict, em):
+    assert strict_exact_match([prediction], [[reference]]) == strict
+    assert exact_match([prediction], [[reference]]) == em
+
+
+def test_strict_exact_match_takes_the_best_reference():
+    assert strict_exact_match(["-5", "x"], [["5", "-5"], ["y"]]) == 0.5
 
 
 @pytest.mark.parametrize(
@@ -121,33 +196,49 @@ def lcs_by_recursion(a, b):
     return max(lcs_by_recursion(a[1:], b), lcs_by_recursion(a, b[1:]))
 
 
+ALMOST_1 = 1 - 5e-9  # F = 2PR / (P + R + 1e-8) with P = R = 1, as the `rouge` package
+
+
 @pytest.mark.parametrize(
     ("prediction", "refs", "expected"),
     [
-        # LCS "the cat on mat" = 4 of 6 and 6 tokens: P = R = 2/3
-        ("the cat sat on the mat", ["the cat was on a mat"], 2 / 3),
-        # LCS "b d" = 2: P = 2/4, R = 2/3, F1 = 2·(1/2)(2/3)/(7/6) = 4/7; the second reference gives 0
+        # LCS "the cat on mat": 4 distinct words of 5 and of 6, P = 4/5, R = 2/3, F = 8/11
+        ("the cat sat on the mat", ["the cat was on a mat"], 8 / 11),
+        # LCS "B D" = 2: P = 2/4, R = 2/3, F1 = 2·(1/2)(2/3)/(7/6) = 4/7; the second reference gives 0
         ("A B C D", ["B D E", "x"], 4 / 7),
-        ("Cat.", ["the", "cat"], 1.0),  # case and punctuation do not matter; max over references
+        ("cat.", ["the", "cat"], ALMOST_1),  # "." ends a sentence; max over references
+        ("Cat", ["cat"], 0.0),  # case counts
+        ("cat!", ["cat"], 0.0),  # other punctuation stays on its word
+        ("hello, world", ["hello world"], 1 / 2),
+        ("one. two. three", ["one two three"], ALMOST_1),  # the LCS union over sentence pairs
+        ("cat cat cat", ["cat"], ALMOST_1),  # distinct words: 1 of 1
+        ("cat. ", ["cat"], 2 / 3),  # a white-space sentence is an empty word: P = 1/2, R = 1
+        ("  spaced   out ", ["spaced out"], ALMOST_1),  # white space inside a sentence collapses
         ("b a", ["a b"], 1 / 2),  # order matters: LCS 1
-        ("?!", ["?!"], 0.0),  # empty after removing punctuation
+        # which LCS the back-tracking finds: "a b a" against "a a b" finds "a b" (2 words), against
+        # "a b a" the reverse finds "a a" (1 word); "b a. a" against "a b" finds "b" then "a"
+        ("a b a", ["a a b"], ALMOST_1),
+        ("a a b", ["a b a"], 1 / 2),
+        ("b a. a", ["a b"], ALMOST_1),
+        ("?!", ["?!"], 0.0),  # only punctuation: 0, CrossFit's rule
         ("", ["anything"], 0.0),
-        ("cat", [""], 0.0),  # empty reference
+        ("cat", [""], 0.0),  # no sentence in the reference: CrossFit raises, we score 0
+        ("cat", ["...", "cat"], ALMOST_1),  # and the other references still count
     ],
 )
 def test_rouge_l(prediction, refs, expected):
-    assert rouge_l([prediction], [refs]) == pytest.approx(expected)
+    assert rouge_l([prediction], [refs]) == pytest.approx(expected, rel=1e-7)
 
 
 @pytest.mark.parametrize("seed", range(20))
-def test_rouge_l_matches_brute_force_lcs(seed):
+def test_rouge_l_of_distinct_words_is_lcs_f1(seed):
     rng = random.Random(seed)
-    prediction = rng.choices("abc", k=rng.randint(1, 7))
-    reference = rng.choices("abc", k=rng.randint(1, 7))
+    prediction = rng.sample("abcdefg", k=rng.randint(1, 7))
+    reference = rng.sample("abcdefg", k=rng.randint(1, 7))
     lcs = lcs_by_recursion(prediction, reference)
-    # F1 = 2PR/(P+R) with P = lcs/|pred|, R = lcs/|ref| simplifies to 2·lcs/(|pred|+|ref|)
+    # with distinct words, F1 = 2PR/(P+R) with P = lcs/|pred|, R = lcs/|ref| simplifies to 2·lcs/(|pred|+|ref|)
     expected = 2 * lcs / (len(prediction) + len(reference))
-    assert rouge_l([" ".join(prediction)], [[" ".join(reference)]]) == pytest.approx(expected)
+    assert rouge_l([" ".join(prediction)], [[" ".join(reference)]]) == pytest.approx(expected, rel=1e-7)
 
 
 ACC, UNACC = "acceptable", "unacceptable"
@@ -161,7 +252,9 @@ ACC, UNACC = "acceptable", "unacceptable"
         ([ACC, UNACC], [ACC, UNACC], 1.0),
         ([UNACC, ACC], [ACC, UNACC], -1.0),
         ([ACC, ACC], [ACC, UNACC], 0.0),  # constant predictions: denominator 0
-        (["Acceptable", "junk"], [ACC, UNACC], 0.0),  # only the exact string is positive
+        (["Acceptable", "junk"], [ACC, UNACC], 0.0),  # only "acceptable" is positive
+        ([" acceptable", UNACC, "acceptable\n"], [ACC, UNACC, ACC], 1.0),  # up to surrounding white space
+        ([ACC, UNACC], [ACC + " ", ACC], -1.0),  # the gold label compares exactly: "acceptable " is negative
     ],
 )
 def test_matthew_correlation(predicted, gold, expected):
@@ -172,8 +265,8 @@ def test_matthew_correlation(predicted, gold, expected):
 def test_matthew_correlation_is_pearson_of_indicators():
     rng = random.Random(0)
     gold = rng.choices([ACC, UNACC], k=30)
-    predicted = rng.choices([ACC, UNACC, "other"], k=30)
-    indicators = [[float(x == ACC) for x in xs] for xs in (predicted, gold)]
+    predicted = rng.choices([ACC, UNACC, "other", f" {ACC} "], k=30)
+    indicators = [[float(x.strip() == ACC) for x in xs] for xs in (predicted, gold)]
     expected = statistics.correlation(*indicators)
     assert matthew_correlation(predicted, [[g] for g in gold]) == pytest.approx(expected)
 
@@ -227,7 +320,7 @@ def test_perfect_predictions_score_1(metric):
 
 
 def test_score_rejects_unknown_metric():
-    with pytest.raises(ValueError, match=r"unknown metric 'BLEU'; allowed: 'EM', 'ACC', .*'Pearson-Correlation'"):
+    with pytest.raises(ValueError, match=r"unknown metric 'BLEU'; allowed: 'EM', 'ACC', .*'Strict-EM'"):
         score("BLEU", ["a"], [["a"]])
 
 

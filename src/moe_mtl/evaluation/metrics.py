@@ -1,10 +1,12 @@
-"""CrossFit's task metrics and the average relative gain (ARG), as pure functions.
+"""CrossFit's task metrics, a strict exact match, and the average relative gain (ARG), as pure functions.
 
 Every metric takes `predictions` (one string per example) and `references` (one or more
 reference strings per example) and returns a Python float; higher is better. EM, ACC, QA-F1,
-Classification-F1 and Rouge-L lie in [0, 1]; Matthew-Correlation and Pearson-Correlation in
-[-1, 1]. Definitions follow CrossFit (Ye, Lin & Ren 2021), re-implemented without nltk,
-rouge/rouge_score or sklearn.
+Classification-F1, Rouge-L and Strict-EM lie in [0, 1]; Matthew-Correlation and
+Pearson-Correlation in [-1, 1]. The CrossFit metrics return what CrossFit's own
+`dataloader/metrics.py` (Ye, Lin & Ren 2021; with the `rouge` 1.0.0 package, scikit-learn and
+scipy) returns, re-implemented without those packages; where CrossFit raises or returns NaN, the
+metric's docstring says what we return instead. Strict-EM is ours.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import re
 import string
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from itertools import chain
 
 from moe_mtl.data.tasks import METRICS
 
@@ -23,6 +26,9 @@ POSITIVE_LABEL = "acceptable"
 UNPARSEABLE_FLOAT = 3.0
 """Pearson-Correlation's value for a prediction that is not a finite float. CrossFit uses NaN,
 which turns the whole score into NaN; the task-level MoE code substitutes 3.0, and so do we."""
+
+ROUGE_F_EPSILON = 1e-8
+"""Added to P + R in Rouge-L's F-measure, as the `rouge` package does: an exact match scores 1 − 5e-9."""
 
 _PUNCTUATION = frozenset(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -39,6 +45,16 @@ def exact_match(predictions: Sequence[str], references: Sequence[Sequence[str]])
     return _best_over_references(
         lambda p, r: float(normalize_answer(p) == normalize_answer(r)), predictions, references
     )
+
+
+def strict_exact_match(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    """Strict-EM: mean over examples of max over references of [pred.strip() == ref.strip()].
+
+    Only surrounding white space is ignored: case, punctuation, articles, brackets and signs all
+    count. For answers that are made of them (BIG-Bench Hard's dyck_languages "] ) }",
+    arithmetic "-5", "(A)"), where EM's normalisation would accept "5" for "-5" or "" for "] ) }".
+    """
+    return _best_over_references(lambda p, r: float(p.strip() == r.strip()), predictions, references)
 
 
 def accuracy(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
@@ -74,25 +90,37 @@ def classification_f1(predictions: Sequence[str], references: Sequence[Sequence[
 
 
 def rouge_l(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
-    """Rouge-L: ROUGE-L F1 from the longest common subsequence, max over references, mean over examples.
+    """Rouge-L: the `rouge` 1.0.0 package's summary-level ROUGE-L F, max over references, mean over examples.
 
-    Tokens are the white-space tokens of the lower-cased text with punctuation removed, so
-    "cat." matches "cat" (CrossFit's ROUGE splits sentences at "." and rouge_score drops
-    non-alphanumerics; neither lets trailing punctuation break a match). No article removal.
-    The F-measure is plain F1 (beta = 1), as rouge_score's `rougeL` fmeasure. As in CrossFit,
-    a prediction that is empty after removing punctuation scores 0; so does an empty reference.
+    As CrossFit computes it (`Rouge().get_scores(prediction, reference, avg=True)["rouge-l"]["f"]`):
+
+    - A text splits into sentences at "." only (empty pieces dropped, white space inside a piece
+      collapsed) and a sentence into words at spaces. Nothing else is normalised: case counts and
+      other punctuation stays on its word ("Cat" ≠ "cat", "cat!" ≠ "cat", but "cat." = "cat"). A
+      piece of only white space is a sentence of one empty word ("cat. " has words "cat" and "").
+    - The overlap is the number of distinct words in the union, over every pair of a reference
+      sentence and a prediction sentence, of the words of the pair's longest common subsequence
+      (`_lcs_words`). P = overlap / distinct prediction words, R = overlap / distinct reference
+      words, F = 2PR / (P + R + `ROUGE_F_EPSILON`).
+    - A prediction of nothing but `string.punctuation` (or nothing) scores 0 (CrossFit's rule).
+    - A reference without a sentence ("" or only full stops) scores 0. CrossFit raises
+      ValueError("Reference is empty.") there, which fails the whole task; scoring it 0 keeps the
+      example's other references and the task's other examples counting.
     """
-    return _best_over_references(lambda p, r: _lcs_f1(_rouge_tokens(p), _rouge_tokens(r)), predictions, references)
+    return _best_over_references(_rouge_l_pair, predictions, references)
 
 
 def matthew_correlation(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
-    """Matthew-Correlation: MCC of [pred == "acceptable"] against [first reference == "acceptable"].
+    """Matthew-Correlation: MCC of [pred.strip() == "acceptable"] against [first reference == "acceptable"].
 
-    0.0 when the denominator is 0 (a side that is constant), as sklearn's `matthews_corrcoef`.
+    As CrossFit: the prediction's surrounding white space is ignored and nothing else ("Acceptable"
+    and "garbage" count as negative); the gold label compares exactly. 0.0 when the denominator
+    is 0 (either side constant), as sklearn's `matthews_corrcoef` returns.
     """
     _check_inputs(predictions, references)
     pairs = Counter(
-        (refs[0] == POSITIVE_LABEL, p == POSITIVE_LABEL) for p, refs in zip(predictions, references, strict=True)
+        (refs[0] == POSITIVE_LABEL, p.strip() == POSITIVE_LABEL)
+        for p, refs in zip(predictions, references, strict=True)
     )
     tp, tn, fp, fn = pairs[True, True], pairs[False, False], pairs[False, True], pairs[True, False]
     denominator = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
@@ -100,11 +128,14 @@ def matthew_correlation(predictions: Sequence[str], references: Sequence[Sequenc
 
 
 def pearson_correlation(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
-    """Pearson-Correlation: Pearson r of float(pred) against float(first reference).
+    """Pearson-Correlation: Pearson r of float(pred) against float(first reference), as scipy's `pearsonr`.
 
-    A prediction that is not a finite float becomes `UNPARSEABLE_FLOAT` (3.0), as in the
-    task-level MoE code (CrossFit would return NaN). 0.0 when either side has zero variance, so
-    NaN is never returned. A reference that is not a finite float raises `ValueError`.
+    Where CrossFit returns NaN we return a number, so that a task's score and ARG stay defined:
+    a prediction that is not a finite float (Python's `float` rejects it, or gives ±inf or NaN)
+    becomes `UNPARSEABLE_FLOAT` (3.0), as in the task-level MoE code; and when either side is
+    constant (every value equal, or a single example) the result is 0.0, the value sklearn's MCC
+    takes in the same case. A reference that is not a finite float raises `ValueError` (CrossFit
+    raises too).
     """
     _check_inputs(predictions, references)
     xs = [_parse_float(p, UNPARSEABLE_FLOAT) for p in predictions]
@@ -131,11 +162,12 @@ METRIC_FUNCTIONS: dict[str, Callable[[Sequence[str], Sequence[Sequence[str]]], f
     "Rouge-L": rouge_l,
     "Matthew-Correlation": matthew_correlation,
     "Pearson-Correlation": pearson_correlation,
+    "Strict-EM": strict_exact_match,
 }
 
 
 def score(metric: str, predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
-    """The value of the CrossFit metric named `metric` (one of `METRICS`) on a task's predictions."""
+    """The value of the metric named `metric` (one of `METRICS`) on a task's predictions."""
     if metric not in METRIC_FUNCTIONS:
         raise ValueError(f"unknown metric {metric!r}; allowed: {', '.join(map(repr, METRICS))}")
     return METRIC_FUNCTIONS[metric](predictions, references)
@@ -191,10 +223,6 @@ def _clip(r: float) -> float:
     return max(-1.0, min(1.0, r))
 
 
-def _rouge_tokens(text: str) -> list[str]:
-    return "".join(ch for ch in text.lower() if ch not in _PUNCTUATION).split()
-
-
 def _parse_float(text: str, default: float) -> float:
     """float(text), or `default` when it does not parse or is not finite ("nan" and "inf" parse)."""
     try:
@@ -213,20 +241,44 @@ def _token_f1(prediction: list[str], reference: list[str]) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def _lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
-    """Length of the longest common subsequence, by dynamic programming over one row."""
-    row = [0] * (len(b) + 1)
-    for x in a:
-        diagonal = 0  # row[j - 1] of the previous row
-        for j, y in enumerate(b, start=1):
-            diagonal, row[j] = row[j], diagonal + 1 if x == y else max(row[j], row[j - 1])
-    return row[-1]
-
-
-def _lcs_f1(prediction: list[str], reference: list[str]) -> float:
-    """ROUGE-L F1: precision LCS/len(prediction), recall LCS/len(reference); 0 when either is empty."""
-    lcs = _lcs_length(prediction, reference)
-    if lcs == 0:
+def _rouge_l_pair(prediction: str, reference: str) -> float:
+    """Rouge-L of one prediction against one reference (see `rouge_l`)."""
+    if all(ch in _PUNCTUATION for ch in prediction):
         return 0.0
-    precision, recall = lcs / len(prediction), lcs / len(reference)
-    return 2 * precision * recall / (precision + recall)
+    predicted, referenced = _rouge_sentences(prediction), _rouge_sentences(reference)
+    if not referenced:
+        return 0.0
+    # `predicted` is not empty: a character outside string.punctuation is not "." and so lies in a sentence.
+    overlap = {word for ref in referenced for pred in predicted for word in _lcs_words(ref, pred)}
+    precision = len(overlap) / len(set(chain.from_iterable(predicted)))
+    recall = len(overlap) / len(set(chain.from_iterable(referenced)))
+    return 2 * (precision * recall / (precision + recall + ROUGE_F_EPSILON))  # the package's order of operations
+
+
+def _rouge_sentences(text: str) -> list[list[str]]:
+    """The words of each sentence: split at ".", drop empty pieces, collapse white space, split at spaces."""
+    return [" ".join(piece.split()).split(" ") for piece in text.split(".") if piece]
+
+
+def _lcs_words(reference: Sequence[str], prediction: Sequence[str]) -> list[str]:
+    """The words of the longest common subsequence that the `rouge` package's back-tracking finds, last first.
+
+    Which of several LCSs is found matters, as Rouge-L counts distinct words: walking back from the
+    ends, a match is taken; otherwise the walk steps back in the reference only when that keeps a
+    strictly longer LCS, else in the prediction. Cost: O(len(reference) · len(prediction)).
+    """
+    # lengths[i][j]: LCS length of reference[:i] and prediction[:j]
+    lengths = [[0] * (len(prediction) + 1) for _ in range(len(reference) + 1)]
+    for i, r in enumerate(reference, start=1):
+        for j, p in enumerate(prediction, start=1):
+            lengths[i][j] = lengths[i - 1][j - 1] + 1 if r == p else max(lengths[i - 1][j], lengths[i][j - 1])
+    words, i, j = [], len(reference), len(prediction)
+    while i and j:
+        if reference[i - 1] == prediction[j - 1]:
+            words.append(reference[i - 1])
+            i, j = i - 1, j - 1
+        elif lengths[i - 1][j] > lengths[i][j - 1]:
+            i -= 1
+        else:
+            j -= 1
+    return words
