@@ -1,4 +1,5 @@
 import logging
+import re
 from collections import Counter
 
 import lightning as L
@@ -8,7 +9,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from transformers import BartConfig
 
 from moe_mtl import MoEBartConfig, MoEBartForConditionalGeneration, MoEOptions
-from moe_mtl.data import MODEL_INPUTS, DataError, MultiTaskDataModule
+from moe_mtl.data import MODEL_INPUTS, CrossFitOptions, DataError, MultiTaskDataModule
 from moe_mtl.data.sources.skills import SUITE
 
 
@@ -161,13 +162,69 @@ def test_crossfit_source_with_a_fewshot_seed(tmp_path):
     for task in ("a", "b"):
         (tmp_path / task).mkdir()
         for split in ("train", "dev", "test"):
-            (tmp_path / task / f"{task}_16_100_{split}.tsv").write_text(f"{task} x\ty\n{task} z\tw [SEP] v\n")
+            (tmp_path / task / f"{task}_16_100_{split}.tsv").write_text(f"{task} x\ty\n{task} z\tw [SEP] v\tu\n")
     data = MultiTaskDataModule(
         source="crossfit", data_dir=str(tmp_path), output_dir=str(tmp_path / "run"), fewshot_seed=100
     )
     data.setup("fit")
     batch = next(iter(data.val_dataloader()))
-    assert batch["references"] == [["y"], ["w", "v"]] and batch["task_names"] == ["a", "a"]
+    assert batch["references"] == [["y"], ["w [SEP] v", "u"]] and batch["task_names"] == ["a", "a"]
+    assert data.tasks[0].fewshot[100]["dev"][0].input == " [a] a x"  # the task prefix, on by default
+
+
+def write_crossfit(root, files):
+    """A CrossFit folder: {(task, seed, split): lines}."""
+    for (task, seed, split), lines in files.items():
+        (root / task).mkdir(parents=True, exist_ok=True)
+        (root / task / f"{task}_16_{seed}_{split}.tsv").write_text("".join(line + "\n" for line in lines))
+
+
+def test_all_seeds_trains_and_validates_on_every_seed_and_counts_repeats(tmp_path):
+    # seeds sample one pool: seed 13 repeats "p" in train, and its dev "q" and "r" are train examples of seed 100
+    write_crossfit(
+        tmp_path / "data",
+        {
+            ("t", 100, "train"): ["p\t1", "q\t2"],
+            ("t", 100, "dev"): ["s\t4"],
+            ("t", 100, "test"): ["z\t0"],
+            ("t", 13, "train"): ["p\t1", "r\t3"],
+            ("t", 13, "dev"): ["q\t2", "r\t3", "q\t2"],
+            ("u", 100, "train"): ["a\tb"],
+            ("u", 100, "dev"): ["c\td"],
+        },
+    )
+    data = MultiTaskDataModule(
+        source="crossfit",
+        data_dir=str(tmp_path / "data"),
+        output_dir=str(tmp_path / "run"),
+        fewshot_seed="all",
+        test_partitions=[],
+    )
+    with pytest.warns(UserWarning) as record:
+        data.setup("fit")
+    assert data.datasets["train"].task_sizes == [4, 1] and data.datasets["val"].task_sizes == [4, 1]
+    assert [str(w.message) for w in record if "all seeds" in str(w.message)] == [
+        "train data, k-shot train splits of all seeds (`fewshot_seed: all`): of 5 examples, 1 repeat an earlier "
+        "example of their task (t: 1); all are kept, as CrossFit's loaders keep them",
+        "val data, k-shot dev splits of all seeds (`fewshot_seed: all`): of 5 examples, 1 repeat an earlier example "
+        "of their task (t: 1) and 3 are also in their task's train data (t: 3); all are kept, as CrossFit's "
+        "loaders keep them",
+    ]
+    inputs = [data.tasks[0].examples("train", "all")[i].input for i in range(4)]
+    assert inputs == [" [t] p", " [t] q", " [t] p", " [t] r"]  # seed 100's file first, as CrossFit reads them
+
+
+def test_crossfit_and_fewshot_seed_errors(tmp_path):
+    for options, message in (
+        ({"crossfit": {"task_prefix": False}}, "`crossfit` is {'task_prefix': False}, but `source` is 'skills'"),
+        ({"source": "crossfit", "crossfit": {"prefix": False}}, "unknown `crossfit` options ['prefix']; allowed: "),
+        ({"fewshot_seed": "every"}, "`fewshot_seed` is 'every'; it must be a seed (an integer), 'all' or None"),
+        ({"fewshot_seed": True}, "`fewshot_seed` is True; it must be a seed"),
+    ):
+        with pytest.raises(DataError, match=re.escape(message)):
+            MultiTaskDataModule(**options)
+    data = MultiTaskDataModule(source="crossfit", crossfit=CrossFitOptions(task_prefix=False), data_dir=str(tmp_path))
+    assert data.hparams.crossfit == {"task_prefix": False}  # plain types in checkpoints
 
 
 def test_heterogeneous_batching_mixes_tasks(tmp_path, small_skills):

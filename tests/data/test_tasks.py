@@ -1,6 +1,7 @@
 import json
 import logging
 import math
+import re
 
 import numpy as np
 import pytest
@@ -25,7 +26,7 @@ def task(name, partition="train", **kwargs):
     return Task(name, {"train": [Example("x", ("y",))]}, partition=partition, **kwargs)
 
 
-def test_metric_names_are_crossfits():
+def test_metric_names_are_crossfits_and_strict_em():
     assert METRICS == (
         "EM",
         "ACC",
@@ -34,6 +35,7 @@ def test_metric_names_are_crossfits():
         "Rouge-L",
         "Matthew-Correlation",
         "Pearson-Correlation",
+        "Strict-EM",
     )
 
 
@@ -55,9 +57,22 @@ def test_examples_prefers_the_fewshot_split_of_the_seed():
     assert t.examples("test", fewshot_seed=13) == full
 
 
+def test_all_seeds_concatenates_the_fewshot_splits_in_seed_order_keeping_repeats():
+    a, b, c = (Example(text, ("1",)) for text in "abc")
+    t = Task("t", {"test": [c]}, fewshot={100: {"train": [a, b], "dev": [c]}, 13: {"train": [b], "dev": [a]}})
+    assert t.examples("train", fewshot_seed="all") == [a, b, b]
+    assert t.examples("dev", fewshot_seed="all") == [c, a]
+    assert t.examples("test", fewshot_seed="all") == [c]
+    seen = Task("s", {"train": [a], "dev": [b]})  # no k-shot splits: its own
+    assert seen.examples("train", fewshot_seed="all") == [a]
+
+
 def test_missing_split_error_points_to_fewshot_seed():
     t = Task("a", {"test": [Example("x", ("y",))]}, fewshot={13: {"train": [Example("x", ("y",))]}})
-    with pytest.raises(DataError, match=r"no 'train' examples; it has k-shot train splits for seeds \[13\]"):
+    message = (
+        "no 'train' examples; it has k-shot train splits for seeds [13]: set `fewshot_seed` (one of them, or 'all')"
+    )
+    with pytest.raises(DataError, match=re.escape(message)):
         t.examples("train")
 
 

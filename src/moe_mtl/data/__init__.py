@@ -8,7 +8,7 @@ from .sampling import (
     SequentialTaskBatchSampler,
     task_probabilities,
 )
-from .sources import SOURCES, HFTaskSpec, SkillSuiteOptions, load_tasks
+from .sources import SOURCES, CrossFitOptions, HFTaskSpec, SkillSuiteOptions, load_tasks
 from .tasks import METRICS, PARTITIONS, DataError, Example, Partition, Task, feature_table
 from .tokenizer import load_tokenizer, train_tokenizer
 
@@ -17,6 +17,7 @@ __all__ = [
     "MODEL_INPUTS",
     "PARTITIONS",
     "SOURCES",
+    "CrossFitOptions",
     "DataError",
     "EncodedSplit",
     "Example",

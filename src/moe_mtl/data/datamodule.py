@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Iterable
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -23,8 +25,8 @@ from .sampling import (
     MultiTaskBatchSampler,
     SequentialTaskBatchSampler,
 )
-from .sources import load_tasks
-from .tasks import PARTITIONS, DataError, Task, check_choice
+from .sources import CrossFitOptions, load_tasks
+from .tasks import ALL_SEEDS, PARTITIONS, DataError, Task, check_choice
 from .tokenizer import run_tokenizer
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,12 @@ DATASETS = {
 STAGE_DATASETS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
 
 
+def _by_task(counts: Counter) -> str:
+    """The three largest non-zero counts of a task → count table, e.g. "a: 3, b: 1, c: 1, …"."""
+    shown = [f"{task}: {n}" for task, n in counts.most_common() if n]
+    return ", ".join(shown[:3]) + (", …" if len(shown) > 3 else "")
+
+
 class MultiTaskDataModule(LightningDataModule):
     """Multi-task text-to-text data: tasks from a source, a tokenizer, homogeneous (one task per batch) training
     batches and per-task evaluation batches.
@@ -46,7 +54,7 @@ class MultiTaskDataModule(LightningDataModule):
     dev, then test tasks, so the model's task table also covers unseen tasks. Training uses the
     "train" split of the tasks in `train_partitions`, validation the "dev" split of
     `val_partitions`, test and predict the "test" split of `test_partitions`; with `fewshot_seed`,
-    tasks that have k-shot splits use that seed's train/dev.
+    tasks that have k-shot splits use that seed's train/dev, or those of all seeds.
 
     Batches are dicts: task_ids (B,), input_ids and attention_mask (B, L_in), labels (B, L_out;
     padding -100), example_ids (B,), and the lists task_names, references and options (see `collate`).
@@ -62,6 +70,7 @@ class MultiTaskDataModule(LightningDataModule):
             min_items, max_items (see `SkillSuiteOptions`).
         hf: Tasks of source "hf", one mapping each: name, path, config, data_files, splits, input, target,
             options, metric, features, partition (see `HFTaskSpec`).
+        crossfit: Options of source "crossfit" (`CrossFitOptions`), e.g. whether inputs start with " [<task>] ".
         tokenizer: Pretrained tokenizer name or folder (e.g. "facebook/bart-base"), used as it is. None: train a
             byte-level BPE on the training text, saved to `<output_dir>/tokenizer` and reused from there (an error
             if it was trained with another `vocab_size`, a warning if on other training text).
@@ -81,7 +90,10 @@ class MultiTaskDataModule(LightningDataModule):
         train_partitions: Partition(s) whose tasks are trained on ("train" split).
         val_partitions: Partition(s) whose tasks are validated ("dev" split).
         test_partitions: Partition(s) whose tasks are tested and predicted ("test" split).
-        fewshot_seed: Seed of the k-shot train/dev splits to use for tasks that have them (held-out tasks).
+        fewshot_seed: Which k-shot train/dev splits tasks that have them use (CrossFit's tasks, held-out skill
+            tasks): one seed's, or "all": those of every seed concatenated, as the multi-task loaders of CrossFit
+            and of the task-level MoE paper train (examples that repeat one of their task, or a dev example that
+            is also in its task's train data, are kept and counted in a warning). None: the tasks' own splits.
         seed: Seed of the batch order (with the epoch number).
         num_workers: DataLoader worker processes.
     """
@@ -94,6 +106,7 @@ class MultiTaskDataModule(LightningDataModule):
         task_info: str | None = None,
         skills: dict[str, Any] | None = None,
         hf: list[dict[str, Any]] | None = None,
+        crossfit: CrossFitOptions = CrossFitOptions(),  # noqa: B008 (a frozen-by-convention default, copied by asdict)
         tokenizer: str | None = None,
         vocab_size: int = 1024,
         output_dir: str = "runs/data",
@@ -108,11 +121,23 @@ class MultiTaskDataModule(LightningDataModule):
         train_partitions: str | list[str] = "train",
         val_partitions: str | list[str] = "train",
         test_partitions: str | list[str] = "test",
-        fewshot_seed: int | None = None,
+        fewshot_seed: int | Literal["all"] | None = None,
         seed: int = 0,
         num_workers: int = 0,
     ):
         super().__init__()
+        options = crossfit if isinstance(crossfit, CrossFitOptions) else CrossFitOptions.from_dict(crossfit)
+        if source != "crossfit" and options != CrossFitOptions():
+            raise DataError(
+                f"data module option `crossfit` is {asdict(options)}, but `source` is {source!r}; "
+                "`crossfit` options apply to source 'crossfit' only"
+            )
+        crossfit = asdict(options)  # plain types in the hyper-parameters: checkpoints load with weights_only
+        if not (fewshot_seed in (None, ALL_SEEDS) or type(fewshot_seed) is int):
+            raise DataError(
+                f"data module option `fewshot_seed` is {fewshot_seed!r}; it must be a seed (an integer), "
+                f"{ALL_SEEDS!r} or None"
+            )
         self.save_hyperparameters()
         check_choice("`batching`", batching, ("homogeneous", "heterogeneous"), "data module option")
         check_choice("`task_sampling`", task_sampling, TASK_SAMPLING, "data module option")
@@ -151,6 +176,7 @@ class MultiTaskDataModule(LightningDataModule):
                 task_info=hp.task_info,
                 skills=hp.skills,
                 hf=hp.hf,
+                crossfit=hp.crossfit,
             )
         return self._tasks
 
@@ -255,6 +281,7 @@ class MultiTaskDataModule(LightningDataModule):
             encoded = self._encode(name)
             self.datasets[name] = EncodedSplit(encoded, self.task_names)
             self._warn_truncated(name, encoded)
+            self._warn_pooled(name)
 
     def _warn_truncated(self, name: str, encoded: Dataset) -> None:
         hp = self.hparams
@@ -265,6 +292,37 @@ class MultiTaskDataModule(LightningDataModule):
                     f"max_input_length={hp.max_input_length}, {targets} targets cut to "
                     f"max_target_length={hp.max_target_length}"
                 )
+
+    def _warn_pooled(self, name: str) -> None:
+        """With `fewshot_seed` "all": count the pooled k-shot examples that repeat an earlier one of their task and, in
+        dev data, those also in their task's pooled train split (the seeds sample one pool); all are kept."""
+        split = DATASETS[name][0]
+        if self.hparams.fewshot_seed != ALL_SEEDS or split == "test":
+            return
+        repeats, in_train, pooled = Counter(), Counter(), 0
+        for part in self._parts(name):
+            task = self.tasks[part.task_id]
+            if not task.fewshot:
+                continue
+            pooled += len(part.examples)
+            keys = [(example.input, example.targets) for example in part.examples]
+            repeats[task.name] = len(keys) - len(set(keys))
+            if split == "dev":
+                train = {(example.input, example.targets) for example in task.examples("train", ALL_SEEDS)}
+                in_train[task.name] = sum(key in train for key in keys)
+        found = [
+            f"{counts.total()} {what} ({_by_task(counts)})"
+            for counts, what in (
+                (repeats, "repeat an earlier example of their task"),
+                (in_train, "are also in their task's train data"),
+            )
+            if counts.total()
+        ]
+        if found:
+            rank_zero_warn(
+                f"{name} data, k-shot {split} splits of all seeds (`fewshot_seed: {ALL_SEEDS}`): of {pooled} examples, "
+                f"{' and '.join(found)}; all are kept, as CrossFit's loaders keep them"
+            )
 
     def _dataset(self, name: str) -> EncodedSplit:
         if name not in self.datasets:

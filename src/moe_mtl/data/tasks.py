@@ -11,15 +11,25 @@ import json
 import logging
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 log = logging.getLogger(__name__)
 
-METRICS = ("EM", "ACC", "Classification-F1", "QA-F1", "Rouge-L", "Matthew-Correlation", "Pearson-Correlation")
+METRICS = (
+    "EM",
+    "ACC",
+    "Classification-F1",
+    "QA-F1",
+    "Rouge-L",
+    "Matthew-Correlation",
+    "Pearson-Correlation",
+    "Strict-EM",
+)
+"""Metric names: CrossFit's seven, then our Strict-EM; each is defined in `moe_mtl.evaluation.metrics`."""
 PARTITIONS = ("train", "dev", "test")
 SPLITS = ("train", "dev", "test")
 DEFAULT_METRIC = "EM"
@@ -39,6 +49,19 @@ def check_choice(what: str, value: Any, allowed: Sequence[str], location: str) -
     """Raise `DataError` naming `location` when `value` is not one of `allowed`."""
     if value not in allowed:
         raise DataError(f"{location}: {what} is {value!r}; allowed: {', '.join(map(repr, allowed))}")
+
+
+Options = TypeVar("Options")
+
+
+def options_from_dict(cls: type[Options], values: Mapping[str, Any] | None, option: str) -> Options:
+    """An options dataclass from the dict form of the data module option `option`, naming unknown keys."""
+    values = dict(values or {})
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise DataError(f"unknown `{option}` options {unknown}; allowed: {', '.join(sorted(known))}")
+    return cls(**values)
 
 
 def read_json(path: str | Path) -> tuple[Any, str]:
@@ -101,6 +124,9 @@ class Example:
     origin: str | None = None
 
 
+ALL_SEEDS = "all"  # the `fewshot_seed` that pools the k-shot splits of every seed
+
+
 @dataclass
 class Task:
     """A named task: examples per split, its CrossFit metric, its features and its partition.
@@ -128,15 +154,26 @@ class Task:
         if not any(self.splits.values()) and not self.fewshot:
             raise DataError(f"{location}: task {self.name!r} has no examples")
 
-    def examples(self, split: str, fewshot_seed: int | None = None) -> list[Example]:
-        """The examples of one split; with `fewshot_seed`, that seed's k-shot train/dev split if the task has one."""
-        if fewshot_seed is not None and split in self.fewshot.get(fewshot_seed, {}):
+    def examples(self, split: str, fewshot_seed: int | str | None = None) -> list[Example]:
+        """The examples of one split; with `fewshot_seed`, that seed's k-shot train/dev split if the task has one.
+
+        `fewshot_seed` "all" (`ALL_SEEDS`): the k-shot `split` of every seed, concatenated in `fewshot` order,
+        repeats kept (as the multi-task loaders of CrossFit and of the task-level MoE paper read them).
+        """
+        if fewshot_seed == ALL_SEEDS:
+            pooled = [example for by_split in self.fewshot.values() for example in by_split.get(split, [])]
+            if pooled:
+                return pooled
+        elif fewshot_seed is not None and split in self.fewshot.get(fewshot_seed, {}):
             return self.fewshot[fewshot_seed][split]
         if self.splits.get(split):
             return self.splits[split]
         hint = ""
         if self.fewshot and split != "test":
-            hint = f"; it has k-shot {split} splits for seeds {sorted(self.fewshot)}: set `fewshot_seed`"
+            hint = (
+                f"; it has k-shot {split} splits for seeds {sorted(self.fewshot)}: set `fewshot_seed` "
+                f"(one of them, or {ALL_SEEDS!r})"
+            )
         raise DataError(f"{self.origin or 'task'}: task {self.name!r} has no {split!r} examples{hint}")
 
 

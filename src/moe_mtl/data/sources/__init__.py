@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..tasks import DataError, Partition, Task, check_choice, check_unique_names, order_by_partition
-from .crossfit import crossfit_tasks
+from .crossfit import CrossFitOptions, crossfit_tasks
 from .hf import HFTaskSpec, hf_tasks
 from .jsonl import jsonl_tasks
 from .skills import SkillSuiteOptions, skill_tasks
@@ -27,12 +27,14 @@ def load_tasks(
     task_info: str | Path | None = None,
     skills: SkillSuiteOptions | Mapping[str, Any] | None = None,
     hf: Sequence[HFTaskSpec | Mapping[str, Any]] | None = None,
+    crossfit: CrossFitOptions | Mapping[str, Any] | None = None,
 ) -> list[Task]:
     """The tasks of a source, partitioned and ordered; list index = task id.
 
     source: "skills" (generated, `skills` options), "jsonl" or "crossfit" (`data_dir`, optional
-    `task_info` file) or "hf" (`hf` task specs). `partition`, a JSON file or mapping with "train",
-    "dev", "test" task lists, selects tasks and overrides the partitions the source gives.
+    `task_info` file; "crossfit" also `crossfit` options) or "hf" (`hf` task specs). `partition`, a JSON
+    file or mapping with "train", "dev", "test" task lists, selects tasks and overrides the partitions the
+    source gives.
     """
     check_choice("`source`", source, SOURCES, "data module option")
     if source in ("jsonl", "crossfit") and data_dir is None:
@@ -42,7 +44,7 @@ def load_tasks(
     elif source == "jsonl":
         tasks = jsonl_tasks(data_dir, task_info)
     elif source == "crossfit":
-        tasks = crossfit_tasks(data_dir, task_info)
+        tasks = crossfit_tasks(data_dir, task_info, crossfit)
     else:
         tasks = hf_tasks(list(hf or []))
     check_unique_names(tasks)
@@ -51,4 +53,4 @@ def load_tasks(
     return order_by_partition(tasks)
 
 
-__all__ = ["SOURCES", "HFTaskSpec", "SkillSuiteOptions", "load_tasks"]
+__all__ = ["SOURCES", "CrossFitOptions", "HFTaskSpec", "SkillSuiteOptions", "load_tasks"]

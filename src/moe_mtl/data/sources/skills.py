@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
-from ..tasks import DataError, Example, Task
+from ..tasks import DataError, Example, Task, options_from_dict
 
 WORDS = ("apple", "egg", "ice", "owl", "umbrella", "arm", "cat", "dog", "sun", "pen", "box", "hat")
 VOWELS = "aeiou"
@@ -157,12 +157,7 @@ class SkillSuiteOptions:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None) -> SkillSuiteOptions:
         """Build from the `skills` option, naming unknown keys."""
-        values = dict(values or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise DataError(f"unknown `skills` options {unknown}; allowed: {', '.join(sorted(known))}")
-        return cls(**values)
+        return options_from_dict(cls, values, "skills")
 
 
 def solve(task: SkillTask, items: list) -> Any:
