@@ -1,4 +1,9 @@
-"""Shared test set-up: nothing may reach a hub, and every test starts from a fixed seed."""
+"""Shared test set-up: nothing may reach a hub, and every test starts from a fixed seed.
+
+Also the shipped configs at toy size, for the tests that run them (tests/test_configs.py in process,
+tests/test_ddp_cli.py through the `moe-mtl` command under DDP): `shrink` makes a fit config toy-size and offline
+over the `crossfit` fixture's tiny CrossFit folder and local stand-in for facebook/bart-base.
+"""
 
 import os
 
@@ -6,8 +11,31 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import json
+from pathlib import Path
+from typing import Any
+
 import pytest
 import torch
+from transformers import BartConfig, BartForConditionalGeneration
+
+from moe_mtl.data.tokenizer import train_tokenizer
+
+from .models.conftest import TINY_BART
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+UPCYCLE_CONFIGS = [path for path in CONFIGS if path.name.startswith("upcycle_")]
+FIT_CONFIGS = [path for path in CONFIGS if path not in UPCYCLE_CONFIGS]
+HUB_BART = "facebook/bart-base"
+TINY_SKILLS = {"train_size": 4, "dev_size": 2, "test_size": 2, "shots": 2}
+# a CrossFit-layout folder: task → (partition, metric); 2 seeds of k-shot train/dev and a test file each
+CROSSFIT_TASKS = {
+    "glue-sst2": ("train", "Classification-F1"),
+    "squad-no_context": ("train", "QA-F1"),
+    "aeslc": ("train", "Rouge-L"),
+    "ai2_arc": ("dev", "ACC"),
+    "quoref": ("test", "QA-F1"),
+}
 
 
 @pytest.fixture(autouse=True)
@@ -22,3 +50,87 @@ def _fresh_ddp_environment(monkeypatch):
     monkeypatch.delenv("MASTER_PORT", raising=False)
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
+# --- the shipped configs at toy size -------------------------------------------------------------
+
+
+def replace_value(tree: Any, old: str, new: str) -> Any:
+    """`tree` with every string equal to `old` replaced by `new`."""
+    if isinstance(tree, dict):
+        return {key: replace_value(value, old, new) for key, value in tree.items()}
+    if isinstance(tree, list):
+        return [replace_value(value, old, new) for value in tree]
+    return new if tree == old else tree
+
+
+@pytest.fixture(scope="session")
+def crossfit(tmp_path_factory) -> dict[str, Path]:
+    """A tiny CrossFit data folder, its partition and task-metrics files, and a local stand-in for facebook/bart-base
+    (a tiny dense BART and a BART-style tokenizer trained on the folder's text, saved in one folder as on the hub)."""
+    root = tmp_path_factory.mktemp("crossfit")
+    texts = []
+    for name in CROSSFIT_TASKS:
+        (root / "data" / name).mkdir(parents=True)
+        for seed in (100, 13):
+            for split in ("train", "dev", "test"):
+                lines = [f"{name} {split} question {i} seed {seed}\tanswer {i % 3}" for i in range(6)]
+                (root / "data" / name / f"{name}_16_{seed}_{split}.tsv").write_text("\n".join(lines) + "\n")
+                texts += lines
+    partition = {part: [n for n, (p, _) in CROSSFIT_TASKS.items() if p == part] for part in ("train", "dev", "test")}
+    (root / "random_partition.json").write_text(json.dumps({**partition, "all": sorted(CROSSFIT_TASKS)}))
+    (root / "task_metrics.json").write_text(json.dumps({name: metric for name, (_, metric) in CROSSFIT_TASKS.items()}))
+    tokenizer = train_tokenizer(texts, vocab_size=300)
+    tokenizer.save_pretrained(root / "bart")
+    dense = BartConfig(
+        vocab_size=len(tokenizer), pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, **TINY_BART
+    )
+    BartForConditionalGeneration(dense).save_pretrained(root / "bart")
+    return {
+        "data_dir": root / "data",
+        "partition": root / "random_partition.json",
+        "task_info": root / "task_metrics.json",
+        "bart": root / "bart",
+    }
+
+
+def shrink(config: dict, root: Path, crossfit: dict[str, Path]) -> dict:
+    """`config` at toy size on the CPU: 2 optimizer steps, stage two from step 1, one validation batch at step 2."""
+    config = replace_value(config, HUB_BART, str(crossfit["bart"]))
+    trainer = config.setdefault("trainer", {})
+    trainer.update(
+        accelerator="cpu",
+        devices=1,
+        num_nodes=1,
+        strategy="auto",
+        max_steps=2,
+        val_check_interval=2 * trainer.get("accumulate_grad_batches", 1),  # counts batches, not optimizer steps
+        check_val_every_n_epoch=None,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
+        enable_progress_bar=False,
+    )
+    trainer["default_root_dir"] = str(root / "runs")
+    if isinstance(trainer.get("logger"), dict):
+        trainer["logger"].setdefault("init_args", {})["save_dir"] = str(root / "runs")
+    for callback in trainer.get("callbacks", []):
+        name, options = callback["class_path"].rsplit(".", 1)[-1], callback.setdefault("init_args", {})
+        if name == "TwoStageTraining":
+            options.update(switch_step=1, switch_epoch=None)
+        elif name == "RoutingMonitor":
+            options.update(every_n_steps=1)
+    model = config.setdefault("model", {})
+    if model.get("pretrained") is None:
+        model["bart"] = {**model.get("bart", {}), **TINY_BART}
+    data = config.setdefault("data", {})
+    data.update(output_dir=str(root / "data"), num_workers=0, batch_size=2, eval_batch_size=2)
+    positions = TINY_BART["max_position_embeddings"]  # the tiny model's; the config's lengths may be longer
+    for option in ("max_input_length", "max_target_length"):
+        data[option] = min(data.get(option, positions), positions)
+    if data.get("source", "skills") == "skills":
+        data["skills"] = {**data.get("skills", {}), **TINY_SKILLS}
+        data["vocab_size"] = 300
+    elif data["source"] == "crossfit":
+        data.update({key: str(crossfit[key]) for key in ("data_dir", "partition", "task_info")})
+    return config

@@ -92,9 +92,9 @@ def tasks_of(run_dir: Path, partition: str) -> list[str]:
 
 
 def checkpoint_state(path: Path) -> dict:
-    """The saved state of the run's ModelCheckpoint callback."""
+    """The saved state of the run's best-by-metric ModelCheckpoint callback (`checkpoint.*`)."""
     callbacks = torch.load(path, map_location="cpu", weights_only=False)["callbacks"]
-    (state,) = (state for key, state in callbacks.items() if key.startswith("ModelCheckpoint"))
+    (state,) = (state for key, state in callbacks.items() if key.startswith("ModelCheckpoint") and state["monitor"])
     return state
 
 
@@ -157,6 +157,23 @@ def test_the_best_checkpoint_is_selected_by_val_score(run):
     assert [path.name for path in (folder / "checkpoints").glob("best-step*.ckpt")] == [f"best-step{best_step}.ckpt"]
 
 
+def test_last_ckpt_is_the_newest_state_whether_or_not_the_score_improved(run):
+    folder = run / "runs/tiny/version_0/checkpoints"
+    last = torch.load(folder / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == 4  # the last validation, whichever one scored best
+    names = sorted(path.name for path in folder.glob("*.ckpt"))
+    assert len(names) == 2 and names[0].startswith("best-step") and names[1] == "last.ckpt"
+
+
+def test_checkpoint_save_last_is_a_usage_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stopped:
+        main(["fit", "--config", write_config(tmp_path / "tiny.yaml"), "--checkpoint.save_last=true"])
+    assert stopped.value.code == 2
+    assert "checkpoint.save_last is True; leave it false" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_the_saved_config_leaves_out_linked_values_and_runs_again(run, capsys):
     saved = yaml.safe_load((run / "runs/tiny/version_0/config.yaml").read_text())
     # LightningCLI saves the parsed config without link targets: what the data decides is not frozen in it
@@ -176,6 +193,7 @@ def test_the_saved_config_leaves_out_linked_values_and_runs_again(run, capsys):
     assert yaml.safe_load(capsys.readouterr().out)["model"] == saved["model"]
 
 
+@pytest.mark.compat
 def test_test_from_the_best_checkpoint_logs_test_scores(run):
     scalars, _ = event_values(run / "runs/tiny/version_1")
     (evaluation,) = (run / "runs/tiny/version_1/evaluation").glob("test-*.json")
@@ -187,6 +205,7 @@ def test_test_from_the_best_checkpoint_logs_test_scores(run):
     assert evaluation.with_suffix(".csv").is_file()
 
 
+@pytest.mark.compat
 def test_predict_writes_predictions_per_task(run):
     test_tasks = tasks_of(run / "runs/tiny/version_0", "test")
     folder = run / "runs/tiny/version_2/predictions"

@@ -63,14 +63,20 @@ class MoEMTLCLI(LightningCLI):
         for source, target in DATA_LINKS.items():
             parser.link_arguments(f"data.{source}", f"model.{target}", apply_on="instantiate")
         parser.link_arguments("data.max_target_length", "model.max_target_length")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")  # first: `--ckpt_path best` reads it
+        # last.ckpt, the newest state at every validation, for resuming: a ModelCheckpoint of its own, because
+        # `save_last` (Lightning 2.6) rewrites last.ckpt only when a new best is saved, so it could lag far behind
+        parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/score",
                 "checkpoint.mode": "max",
-                "checkpoint.save_last": True,
                 "checkpoint.filename": "best-step{step}",
                 "checkpoint.auto_insert_metric_name": False,
+                "last_checkpoint.monitor": None,
+                "last_checkpoint.save_top_k": 1,
+                "last_checkpoint.filename": "last",
+                "last_checkpoint.enable_version_counter": False,
             }
         )
 
@@ -97,12 +103,17 @@ class MoEMTLCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         monitor, mode = config.checkpoint.monitor, config.checkpoint.mode
+        # usage errors like jsonargparse's own (usage, tip, message; exit code 2), not a traceback
+        parser = self._subcommand_parsers[self.subcommand] if self.subcommand else self.parser
         if monitor in SELECTION_MODES and mode != SELECTION_MODES[monitor]:
-            # a usage error like jsonargparse's own (usage, tip, message; exit code 2), not a traceback
-            parser = self._subcommand_parsers[self.subcommand] if self.subcommand else self.parser
             parser.error(
                 f"checkpoint.monitor is {monitor!r} with checkpoint.mode {mode!r}; "
                 f"use checkpoint.mode {SELECTION_MODES[monitor]!r} (higher score, lower loss is better)"
+            )
+        if config.checkpoint.save_last:
+            parser.error(
+                f"checkpoint.save_last is {config.checkpoint.save_last!r}; leave it false: last.ckpt is written at "
+                "every validation by `last_checkpoint` (checkpoint.save_last would keep a stale copy beside it)"
             )
 
 
