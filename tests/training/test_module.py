@@ -333,23 +333,66 @@ def test_per_group_clipping_clips_only_its_group_and_logs_the_norm_before_clippi
         assert after["task_table"] == before["task_table"] > 0
 
 
+class DDPGradNormRecorder(GradNormProbe):
+    """`GradNormProbe` on one rank, with each step's local loss and the final weights, written to `rank<r>.pt`."""
+
+    def __init__(self, out: str):
+        super().__init__()
+        self.out = out
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self.losses.append(outputs["loss"].item())
+
+    def on_train_end(self, trainer, pl_module):
+        final = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+        state = {"before": self.before, "after": self.after, "losses": self.losses, "final": final}
+        torch.save(state, f"{self.out}/rank{trainer.global_rank}.pt")
+
+
+def test_per_group_clipping_under_ddp_clips_the_all_reduced_gradient(tmp_path):
+    """Two gloo processes, each with its own task's batch at every step: different local losses and gradients.
+    Both ranks clip the same all-reduced backbone gradient to its limit, so the weights never diverge."""
+    data = make_data(tmp_path / "data", skills={**SIZES, "train_size": 4}, sync_tasks=False)
+    data.prepare_data()
+    module = make_module(data, clip_backbone=1e-6, max_target_length=2)
+    recorder = DDPGradNormRecorder(str(tmp_path))
+    make_trainer(devices=2, strategy="ddp_spawn", max_steps=3, callbacks=[recorder]).fit(module, datamodule=data)
+
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    assert all(a != b for a, b in zip(ranks[0]["losses"], ranks[1]["losses"], strict=True))  # local grads differ
+    assert ranks[0]["before"] == ranks[1]["before"] and len(ranks[0]["before"]) == 3  # the all-reduced grads
+    for rank in ranks:
+        for before, after in zip(rank["before"], rank["after"], strict=True):
+            assert before["backbone"] > 1e-3
+            assert after["backbone"] == pytest.approx(1e-6, rel=1e-4)
+            assert after["router"] == before["router"] > 0  # not clipped: untouched
+            assert after["task_table"] == before["task_table"] > 0
+    assert all(torch.equal(ranks[0]["final"][n], ranks[1]["final"][n]) for n in ranks[0]["final"])
+
+
 def test_setup_rejects_per_group_clipping_where_grads_are_sharded(two_tasks):
     module = make_module(two_tasks, clip_router=1.0)
     for trainer in (make_trainer(), make_trainer(strategy=DDPStrategy())):
         module.trainer = trainer
         module.setup("fit")  # one device and DDP clip complete local grads
-    # a CPU Trainer refuses FSDP, so the module is attached to a stand-in holding the strategy
-    module.trainer = SimpleNamespace(strategy=FSDPStrategy())
+
+    # a CPU Trainer refuses FSDP, so the module is attached to a stand-in holding the strategy and run folder
+    def fsdp_trainer():
+        return SimpleNamespace(strategy=FSDPStrategy(), log_dir=None, default_root_dir=".")
+
+    module.trainer = fsdp_trainer()
     with pytest.raises(ValueError, match=r"per-group gradient clipping .* under FSDPStrategy"):
         module.setup("fit")
     module.setup("validate")  # no training, nothing clipped
     unclipped = make_module(two_tasks)
-    unclipped.trainer = SimpleNamespace(strategy=FSDPStrategy())
+    unclipped.trainer = fsdp_trainer()
     # expert-sparse updates drop grads that FSDP keeps in its own buffers: refused too, until turned off
     with pytest.raises(ValueError, match=r"expert_sparse_updates cannot .* under FSDPStrategy"):
         unclipped.setup("fit")
     unclipped = make_module(two_tasks, expert_sparse_updates=False)
-    unclipped.trainer = SimpleNamespace(strategy=FSDPStrategy())
+    unclipped.trainer = fsdp_trainer()
     unclipped.setup("fit")
 
 
