@@ -57,7 +57,7 @@ compat:
 	$(COMPAT_VENV)/bin/pip install -q "$(TORCH_SPEC)"
 	$(COMPAT_VENV)/bin/pip install -q --upgrade -e ".[dev]" $(COMPAT_PINS)
 	@echo "compatibility suite on:"; $(COMPAT_VENV)/bin/pip freeze --exclude-editable \
-	  | grep -iE '^(torch|lightning|transformers|huggingface-hub|datasets|tokenizers|torchmetrics|jsonargparse)=='
+	  | grep -iE '^(torch|lightning|transformers|huggingface[-_]hub|datasets|tokenizers|torchmetrics|jsonargparse)=='
 	$(COMPAT_VENV)/bin/python -m pytest -m compat -p no:cacheprovider
 
 clean:

@@ -1,12 +1,14 @@
 """MoEBartForConditionalGeneration against transformers' dense BART: parity, cost, generation, I/O."""
 
+import copy
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import BartForConditionalGeneration
 
 from moe_mtl import MoEBartForConditionalGeneration
-from moe_mtl.models.cache_contract import GENERATION_NAME
+from moe_mtl.models.cache_contract import GENERATION_NAME, LAYER_NAME
 from moe_mtl.models.moe_bart import dense_name
 
 from .conftest import tiny_bart_config, tiny_moe
@@ -435,3 +437,31 @@ def test_soft_stage_two_routes_survive_save_and_load(batch, tmp_path):
     out = loaded(**batch, task_ids=task_ids)
     torch.testing.assert_close(out.logits, model(**batch, task_ids=task_ids).logits)
     assert all(bool((record.weights > 0).all()) for record in out.routes.values())  # soft: every expert has weight
+
+
+@pytest.mark.compat
+@torch.no_grad()  # as generate runs it
+def test_forward_takes_the_cache_as_the_installed_release_passes_it_and_refuses_unknown_arguments(batch):
+    """transformers 5.24 renamed the cache `past_key_values` → `cache` in `generate`, model outputs and BART's
+    layers; the model takes either name, hands the cache back where the installed `generate` reads it, and an
+    argument it cannot honour is an error, not ignored."""
+    assert LAYER_NAME == GENERATION_NAME  # one release speaks one name
+    model = tiny_moe(num_experts=2, num_tasks=4).eval()
+    encoder_inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    task_ids, prefix = torch.tensor([0, 1, 3]), batch["decoder_input_ids"]
+    cache = getattr(
+        model(**encoder_inputs, decoder_input_ids=prefix, task_ids=task_ids, use_cache=True), GENERATION_NAME
+    )
+    assert cache is not None and cache.get_seq_length() == prefix.shape[1]
+
+    token = torch.randint(3, 64, (3, 1))
+    step = dict(**encoder_inputs, decoder_input_ids=token, task_ids=task_ids)
+    new, legacy = model(**step, cache=copy.deepcopy(cache)), model(**step, past_key_values=copy.deepcopy(cache))
+    assert torch.equal(new.logits, legacy.logits)
+    whole = model(**encoder_inputs, decoder_input_ids=torch.cat([prefix, token], 1), task_ids=task_ids)
+    torch.testing.assert_close(new.logits[:, -1], whole.logits[:, -1])
+
+    with pytest.raises(ValueError, match="pass the key/value cache once, as `cache`"):
+        model(**step, cache=cache, past_key_values=cache)
+    with pytest.raises(ValueError, match=r"MoE-BART's forward does not take \['cu_seq_lens_q'\]"):
+        model(**step, cu_seq_lens_q=torch.tensor([0, 3]))
