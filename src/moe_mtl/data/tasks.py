@@ -89,6 +89,11 @@ def read_utf8(path: Path) -> str:
         ) from None
 
 
+def shortened(items: Sequence[Any], most: int = 10) -> str:
+    """The first `most` items joined by commas, then how many there are in all: "a, b, … (12 in all)"."""
+    return ", ".join(map(str, items[:most])) + (f", … ({len(items)} in all)" if len(items) > most else "")
+
+
 def numbered_lines(text: str) -> Iterator[tuple[int, str]]:
     """(line number, line) of a text file's content, numbered from 1.
 
@@ -307,11 +312,9 @@ class Partition:
         for part in PARTITIONS:
             for name in self.tasks[part]:
                 if name not in by_name:
-                    known = sorted(by_name)
-                    shown = ", ".join(known[:10]) + (f", … ({len(known)} in all)" if len(known) > 10 else "")
                     raise DataError(
                         f"{where(self.origin, self.lines.get(name))}: partition {part!r} names task {name!r}, "
-                        f"which source {source!r} does not have; known tasks: {shown}"
+                        f"which source {source!r} does not have; known tasks: {shortened(sorted(by_name))}"
                     )
                 by_name[name].partition = part
                 selected.append(by_name[name])

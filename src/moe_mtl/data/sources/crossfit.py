@@ -21,7 +21,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..tasks import DataError, Example, Task, numbered_lines, options_from_dict, read_utf8, task_info_for, where
+from ..tasks import (
+    DataError,
+    Example,
+    Task,
+    numbered_lines,
+    options_from_dict,
+    read_utf8,
+    shortened,
+    task_info_for,
+    where,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +56,6 @@ class CrossFitOptions:
         return options_from_dict(cls, values, "crossfit")
 
 
-def _shown(numbers: list[int], most: int = 10) -> str:
-    return ", ".join(map(str, numbers[:most])) + (f", … ({len(numbers)} in all)" if len(numbers) > most else "")
-
-
 def read_tsv(path: Path, prefix: str = "") -> list[Example]:
     """The examples of one CrossFit file, each input after `prefix`.
 
@@ -72,7 +78,7 @@ def read_tsv(path: Path, prefix: str = "") -> list[Example]:
             )
         examples.append(Example(prefix + columns[0], tuple(columns[1:]), origin=where(path, number)))
     if blank:
-        log.warning("%s: skipped %d blank line(s) (line numbers %s)", path, len(blank), _shown(blank))
+        log.warning("%s: skipped %d blank line(s) (line numbers %s)", path, len(blank), shortened(blank))
     if not examples:
         raise DataError(f"{path}: empty file; a CrossFit file holds at least one input<TAB>output line")
     return examples
