@@ -11,8 +11,9 @@ Subcommands:
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from jsonargparse import ArgumentParser, set_parsing_settings
@@ -161,9 +162,13 @@ def run_upcycle(args: Sequence[str]) -> MoEBartForConditionalGeneration:
     return model
 
 
+# subcommands of their own (not LightningCLI's): name → runner of the remaining arguments
+COMMANDS: dict[str, Callable[[Sequence[str]], Any]] = {"upcycle": run_upcycle}
+
+
 def main(args: Sequence[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else list(args)
-    if argv[:1] == ["upcycle"]:
-        run_upcycle(argv[1:])
+    if argv[:1] and argv[0] in COMMANDS:
+        COMMANDS[argv[0]](argv[1:])
     else:
         run_lightning(args)
