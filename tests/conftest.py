@@ -10,6 +10,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# one torch thread per process, here and in the subprocesses tests start: toy models gain nothing from more, and
+# two-process DDP tests (or other jobs) beside them on 2 cores made every step many times slower when oversubscribed
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import json
 from pathlib import Path
@@ -26,6 +29,8 @@ from .models.conftest import TINY_BART
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 UPCYCLE_CONFIGS = [path for path in CONFIGS if path.name.startswith("upcycle_")]
 FIT_CONFIGS = [path for path in CONFIGS if path not in UPCYCLE_CONFIGS]
+# overlays composed after a fit config (`--config <fit config> --config <baseline>`): the paper's baselines
+BASELINES = sorted((Path(__file__).resolve().parents[1] / "configs" / "baselines").glob("*.yaml"))
 HUB_BART = "facebook/bart-base"
 TINY_SKILLS = {"train_size": 4, "dev_size": 2, "test_size": 2, "shots": 2}
 # a CrossFit-layout folder: task → (partition, metric); 2 seeds of k-shot train/dev and a test file each
@@ -36,6 +41,26 @@ CROSSFIT_TASKS = {
     "ai2_arc": ("dev", "ACC"),
     "quoref": ("test", "QA-F1"),
 }
+
+
+def quiet_cpu_trainer(tensorboard: tuple[str, str] | None = None, **options: Any) -> dict[str, Any]:
+    """The `trainer` section of a toy `moe-mtl` run: one CPU device, no sanity check, progress bar or model summary,
+    every step logged; `tensorboard` (save_dir, name) adds a TensorBoardLogger; `options` override or add."""
+    trainer: dict[str, Any] = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "num_sanity_val_steps": 0,
+        "log_every_n_steps": 1,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
+    if tensorboard is not None:
+        save_dir, name = tensorboard
+        trainer["logger"] = {
+            "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+            "init_args": {"save_dir": save_dir, "name": name},
+        }
+    return {**trainer, **options}
 
 
 @pytest.fixture(autouse=True)
@@ -94,6 +119,12 @@ def crossfit(tmp_path_factory) -> dict[str, Path]:
     }
 
 
+def two_stage(config: dict) -> bool:
+    """Whether the fit `config` trains in two stages (its `two_stage` group schedules a switch)."""
+    group = config.get("two_stage") or {}
+    return group.get("switch_step") is not None or group.get("switch_epoch") is not None
+
+
 def shrink(config: dict, root: Path, crossfit: dict[str, Path]) -> dict:
     """`config` at toy size on the CPU: 2 optimizer steps, stage two from step 1, one validation batch at step 2."""
     config = replace_value(config, HUB_BART, str(crossfit["bart"]))
@@ -114,12 +145,11 @@ def shrink(config: dict, root: Path, crossfit: dict[str, Path]) -> dict:
     trainer["default_root_dir"] = str(root / "runs")
     if isinstance(trainer.get("logger"), dict):
         trainer["logger"].setdefault("init_args", {})["save_dir"] = str(root / "runs")
+    if two_stage(config):
+        config["two_stage"].update(switch_step=1, switch_epoch=None)
     for callback in trainer.get("callbacks", []):
-        name, options = callback["class_path"].rsplit(".", 1)[-1], callback.setdefault("init_args", {})
-        if name == "TwoStageTraining":
-            options.update(switch_step=1, switch_epoch=None)
-        elif name == "RoutingMonitor":
-            options.update(every_n_steps=1)
+        if callback["class_path"].rsplit(".", 1)[-1] == "RoutingMonitor":
+            callback.setdefault("init_args", {}).update(every_n_steps=1)
     model = config.setdefault("model", {})
     if model.get("pretrained") is None:
         model["bart"] = {**model.get("bart", {}), **TINY_BART}

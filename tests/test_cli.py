@@ -16,6 +16,7 @@ from transformers import BartForConditionalGeneration
 from moe_mtl import MoEBartForConditionalGeneration
 from moe_mtl.cli import main
 
+from .conftest import quiet_cpu_trainer
 from .models.conftest import TINY_BART, tiny_bart_config
 
 ROUTED_LAYERS = ("encoder.0", "encoder.1", "decoder.0", "decoder.1")
@@ -25,27 +26,23 @@ def tiny_run_config(**trainer) -> dict:
     """The quick start's shape at toy size: skill suite, two-stage training, routing logs, val every 2 steps."""
     return {
         "seed_everything": 1,
-        "trainer": {
-            "accelerator": "cpu",
-            "devices": 1,
-            "max_steps": 4,
-            "val_check_interval": 2,
-            "limit_val_batches": 3,
-            "num_sanity_val_steps": 0,
-            "log_every_n_steps": 1,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "logger": {
-                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": "runs", "name": "tiny"},
+        "trainer": quiet_cpu_trainer(
+            ("runs", "tiny"),
+            **{
+                "max_steps": 4,
+                "val_check_interval": 2,
+                "limit_val_batches": 3,
+                "callbacks": [
+                    {
+                        "class_path": "moe_mtl.training.RoutingMonitor",
+                        "init_args": {"every_n_steps": 1, "heatmap_every_n_steps": 2},
+                    }
+                ],
+                **trainer,
             },
-            "callbacks": [
-                {"class_path": "moe_mtl.training.TemperatureAnnealing", "init_args": {"rate": 0.1}},
-                {"class_path": "moe_mtl.training.TwoStageTraining", "init_args": {"switch_step": 2}},
-                {"class_path": "moe_mtl.training.RoutingMonitor", "init_args": {"every_n_steps": 1}},
-            ],
-            **trainer,
-        },
+        ),
+        "temperature": {"rate": 0.1},
+        "two_stage": {"switch_step": 2},
         "model": {"bart": TINY_BART, "moe": {"num_experts": 2, "task_dim": 8}, "lr": 1e-3, "num_beams": 1},
         "data": {
             "skills": {"train_size": 4, "dev_size": 2, "test_size": 2, "shots": 2},

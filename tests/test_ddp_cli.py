@@ -23,7 +23,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from moe_mtl.data import MultiTaskDataModule
 
-from .conftest import FIT_CONFIGS, shrink
+from .conftest import FIT_CONFIGS, shrink, two_stage
 
 MOE_MTL = Path(sys.executable).parent / "moe-mtl"  # the console script installed with the package
 TIMEOUT_S = 300  # a command running longer has hung (each takes under a minute on 2 idle cores)
@@ -105,7 +105,7 @@ def test_fit_config_fits_and_tests_under_two_process_ddp(config, crossfit, tmp_p
         original["trainer"].get("precision"),
     )
     logged = scalars(fit_run)
-    if "TwoStageTraining" in callbacks:
+    if two_stage(original):
         assert logged["train/stage"] == [1.0, 2.0]  # step 1's batch in stage one, step 2's after the switch
     # a validation after each step (the first hung before the fix), each of every dev example exactly once
     dev_sizes = examples_per_task(tiny["data"], "dev")
@@ -131,6 +131,6 @@ def test_fit_config_fits_and_tests_under_two_process_ddp(config, crossfit, tmp_p
     # the last checkpoint is the end of training (resuming goes on from there), in stage two
     last = torch.load(fit_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert last["global_step"] == 2
-    if "TwoStageTraining" in callbacks:
+    if two_stage(original):
         assert last["moe_mtl"]["stage"] == 2 and last["moe_mtl"]["stage_info"]["switch_step"] == 1
         assert last["callbacks"]["TwoStageTraining"]["switched_at"] == 1

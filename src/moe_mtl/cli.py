@@ -6,10 +6,15 @@ Subcommands:
               linked, never repeated in configs; the resolved config is saved with each run.
     upcycle   turn a dense BART (hub name or local folder) into a saved MoE-BART: every expert a
               copy of the dense weights at its position (Ye et al.), MoE options from `MoEOptions`.
+    represent task representations (text, Fisher) of a config's tasks, written to a file for
+              `--model.moe.task_embeddings` (`moe_mtl.transfer.representations`).
+    analyze   route analysis of a run or checkpoint (heatmap, dynamics, feature correlation, route–skill
+              agreement, expert disabling) into `<run>/analysis/` (`moe_mtl.analysis`).
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,9 +25,13 @@ from jsonargparse import ArgumentParser, set_parsing_settings
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from .analysis.command import run_analyze
 from .data import MultiTaskDataModule
 from .models import MoEBartForConditionalGeneration, MoEOptions
-from .training import MoEMultiTaskModule
+from .models.config import SHAPE_OPTIONS
+from .training import MoEMultiTaskModule, TemperatureAnnealing, TwoStageTraining
+from .transfer.init_from import read_upstream, resume_mismatch, run_tokenizer_path
+from .transfer.representations import run_represent
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)  # option help from MoEOptions' docstrings
 
@@ -40,19 +49,9 @@ DATA_LINKS = {
 # …) stay as the command gives them, and the linked ones come from the data (the module checks the tasks match)
 CHECKPOINT_OPTIONS = ("pretrained", "bart", "moe")
 # of `moe`, those that shape the weights (the rest, e.g. top_k or capacity_factor, may change at test time)
-CHECKPOINT_MOE_OPTIONS = (
-    "num_experts",
-    "expert_unit",
-    "moe_layers",
-    "routing",
-    "task_dim",
-    "task_embeddings",
-    "router",
-    "router_hidden",
-    "routes",
-    "given_routes",
-    "route_seed",
-)
+CHECKPOINT_MOE_OPTIONS = SHAPE_OPTIONS
+# callbacks with a CLI group of their own (`--two_stage.switch_step`), always on: group → class
+CALLBACK_GROUPS = {"two_stage": TwoStageTraining, "temperature": TemperatureAnnealing}
 # which way is better for each selection metric (the paper selects by val/score: loss and score disagree)
 SELECTION_MODES = {"val/score": "max", "val/loss": "min"}
 
@@ -68,6 +67,11 @@ class MoEMTLCLI(LightningCLI):
         # last.ckpt, the newest state at every validation, for resuming: a ModelCheckpoint of its own, because
         # `save_last` (Lightning 2.6) rewrites last.ckpt only when a new best is saved, so it could lag far behind
         parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
+        # groups, not `trainer.callbacks` items, so that one flag changes them: a list item cannot be addressed.
+        # LightningCLI instantiates every group and adds it to the trainer's callbacks; off is a setting
+        # (`--two_stage.switch_step null`; τ is left alone where routes are not learned)
+        for group, callback in CALLBACK_GROUPS.items():
+            parser.add_lightning_class_args(callback, group)
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/score",
@@ -111,11 +115,51 @@ class MoEMTLCLI(LightningCLI):
                 f"checkpoint.monitor is {monitor!r} with checkpoint.mode {mode!r}; "
                 f"use checkpoint.mode {SELECTION_MODES[monitor]!r} (higher score, lower loss is better)"
             )
+        listed = config.trainer.callbacks or []
+        for item in listed if isinstance(listed, list) else [listed]:
+            class_path = getattr(item, "class_path", None)
+            group = callback_group(class_path)
+            if group is not None:
+                parser.error(
+                    f"trainer.callbacks lists {class_path}, which the `{group}` group already adds (it is always "
+                    f"on): it would run twice. Move its init_args to `{group}:` (YAML) or `--{group}.*` flags and "
+                    "drop it from trainer.callbacks"
+                )
         if config.checkpoint.save_last:
             parser.error(
                 f"checkpoint.save_last is {config.checkpoint.save_last!r}; leave it false: last.ckpt is written at "
                 "every validation by `last_checkpoint` (checkpoint.save_last would keep a stale copy beside it)"
             )
+        self._check_transfer(config, parser)
+
+    def _check_transfer(self, config, parser) -> None:
+        """`--model.init_from`: the data use the upstream run's tokenizer. `fit --ckpt_path` that is no resume (other
+        tasks, or nothing left to train): a usage error pointing to `--model.init_from`."""
+        ckpt_path = config.get("ckpt_path")
+        if self.subcommand == "fit" and ckpt_path and Path(ckpt_path).is_file():
+            checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True)
+            why = resume_mismatch(checkpoint, config.data.as_dict(), config.trainer.max_steps)
+            if why is not None:
+                parser.error(
+                    f"fit --ckpt_path {ckpt_path} resumes that run, but {why}. To train a new run from its weights "
+                    f"(other tasks, few-shot), use --model.init_from {ckpt_path} without --ckpt_path"
+                )
+        if config.model.get("init_from"):
+            try:
+                upstream = read_upstream(config.model.init_from)
+                config.data.tokenizer = run_tokenizer_path(upstream, config.data.tokenizer)
+            except ValueError as err:
+                parser.error(str(err))
+
+
+def callback_group(class_path: str | None) -> str | None:
+    """The `CALLBACK_GROUPS` group whose callback (or a subclass) `class_path` names, if any."""
+    module, _, name = (class_path or "").rpartition(".")
+    try:
+        callback = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None  # not ours to judge: jsonargparse reports a class that cannot be imported
+    return next((g for g, c in CALLBACK_GROUPS.items() if isinstance(callback, type) and issubclass(callback, c)), None)
 
 
 def run_lightning(args: Sequence[str] | None = None) -> MoEMTLCLI:
@@ -163,7 +207,13 @@ def run_upcycle(args: Sequence[str]) -> MoEBartForConditionalGeneration:
 
 
 # subcommands of their own (not LightningCLI's): name → runner of the remaining arguments
-COMMANDS: dict[str, Callable[[Sequence[str]], Any]] = {"upcycle": run_upcycle}
+COMMANDS: dict[str, Callable[[Sequence[str]], Any]] = {
+    "upcycle": run_upcycle,
+    "represent": run_represent,
+    "analyze": run_analyze,
+    "fewshot": lambda args: importlib.import_module("moe_mtl.experiments.fewshot").run_fewshot(args),
+    "summarize": lambda args: importlib.import_module("moe_mtl.experiments.summary").run_summarize(args),
+}
 
 
 def main(args: Sequence[str] | None = None) -> None:

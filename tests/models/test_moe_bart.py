@@ -316,6 +316,22 @@ def test_plain_encoder_states_are_routed_from_task_ids(batch):
     assert again.routes.keys() == {"decoder.0", "decoder.1"}
 
 
+@pytest.mark.parametrize("options", [dict(), dict(routing="token", expert_unit="ffn")], ids=str)
+def test_the_encoder_takes_given_routes_instead_of_task_ids(batch, options):
+    encoder = tiny_moe(num_experts=3, num_tasks=4, **options).eval().model.encoder
+    routes, task_vectors = encoder.route(TASKS)
+    given = {"routes": routes} if routes is not None else {"task_vectors": task_vectors}
+    inputs = {key: batch[key] for key in ("input_ids", "attention_mask")}
+    out = encoder(**inputs, **given)
+    reference = encoder(**inputs, task_ids=TASKS)
+    assert torch.equal(out.last_hidden_state, reference.last_hidden_state)
+    name, value = next(iter(given.items()))
+    with pytest.raises(ValueError, match=rf"given `{name}` have shape \(2, .*\); expected \(3, "):
+        encoder(**inputs, **{name: value[:2]})
+    with pytest.raises(ValueError, match=rf"routing takes given `{name}`"):
+        encoder(**inputs, routes=torch.ones(3, 4, 3), task_vectors=torch.ones(3, 128))
+
+
 def test_layerdrop_is_refused_not_ignored():
     with pytest.raises(ValueError, match=r"`encoder_layerdrop` is 0.1; MoE-BART supports only 0.0"):
         tiny_moe(tiny_bart_config(encoder_layerdrop=0.1), num_experts=2)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from moe_mtl import MoEOptions
 from moe_mtl.models.routing import (
@@ -161,3 +162,66 @@ def test_softmax_routes_evaluate_as_trained_once_the_router_is_frozen(frozen):
     evaluation = task_router.eval()(task_ids, table)
     torch.testing.assert_close(evaluation, soft if frozen else hard_top_k(soft))
     assert all(p.requires_grad != frozen for p in task_router.parameters())
+
+
+@pytest.mark.parametrize("routes", ["learned", "average"])
+def test_route_overrides_route_their_tasks_in_training_and_evaluation_without_gradient(routes):
+    model = tiny_moe(num_experts=3, num_tasks=3, routes=routes, selection="softmax")
+    router, table = model.router, model.task_table
+    task_ids = torch.tensor([0, 1, 2, 1])
+    before = {training: router.train(training)(task_ids, table).detach() for training in (True, False)}
+    fixed = torch.zeros(1, router.num_layers, 3)
+    fixed[..., 2] = 1.0
+    router.set_route_overrides([1], fixed)
+    for training in (True, False):
+        weights = router.train(training)(task_ids, table)
+        assert torch.equal(weights[[1, 3]], fixed.expand(2, -1, -1))
+        torch.testing.assert_close(weights[[0, 2]], before[training][[0, 2]])
+    if routes == "learned":  # task 1's route passes no gradient to its task-table row
+        router.train()(torch.tensor([1]), table).sum().backward()
+        assert table.embedding.weight.grad is None or not table.embedding.weight.grad.any()
+    router.clear_route_overrides([1])
+    assert not router.override_mask.any()
+    torch.testing.assert_close(router.eval()(task_ids, table), before[False])
+
+
+def test_route_overrides_are_checked_and_saved_and_old_models_load_without_them(tmp_path):
+    model = tiny_moe(num_experts=2, num_tasks=2)
+    router = model.router
+    with pytest.raises(ValueError, match=r"expected .tasks, routed layers, experts."):
+        router.set_route_overrides([0], torch.ones(1, 1, 2))
+    with pytest.raises(ValueError, match="task ids \\[5\\]; allowed: 0 to 1"):
+        router.set_route_overrides([5], torch.ones(1, router.num_layers, 2))
+    with pytest.raises(ValueError, match=">= 0"):
+        router.set_route_overrides([0], -torch.ones(1, router.num_layers, 2))
+    router.set_route_overrides([1], torch.ones(1, router.num_layers, 2))
+    model.save_pretrained(tmp_path / "new")
+    loaded = type(model).from_pretrained(tmp_path / "new")
+    assert loaded.router.override_mask.tolist() == [False, True]
+    assert torch.equal(loaded.router.override_routes, router.override_routes)
+    # a state dict (or saved model) from before route overrides: loads with no override set
+    old = {k: v for k, v in model.state_dict().items() if "override" not in k}
+    fresh = tiny_moe(num_experts=2, num_tasks=2)
+    fresh.load_state_dict(old)
+    assert not fresh.router.override_mask.any()
+    model.save_pretrained(tmp_path / "old")  # then its weights file rewritten as a model saved before overrides
+    save_file(
+        {k: v.contiguous() for k, v in old.items() if "embed_tokens" not in k and k != "lm_head.weight"},
+        tmp_path / "old" / "model.safetensors",
+        metadata={"format": "pt"},
+    )
+    legacy = type(model).from_pretrained(tmp_path / "old")
+    assert legacy.router.override_mask.device.type == "cpu" and not legacy.router.override_mask.any()
+
+
+@pytest.mark.parametrize("router", ["mlp", "lstm", "gru", "transformer"])
+def test_task_table_and_router_start_apart_for_every_task_not_at_barts_small_init(router):
+    torch.manual_seed(0)
+    model = tiny_moe(num_experts=3, num_tasks=30, task_dim=16, router=router)
+    table = model.task_table.embedding.weight
+    assert 0.8 < table.std().item() < 1.2  # PyTorch's N(0, 1), not BART's std 0.02 (which the backbone keeps)
+    assert model.lm_head.weight.std().item() < 0.03
+    logits = model.router.logits(model.task_table(torch.arange(30)))  # (T, L, E)
+    # BART's init gave logits ~1e-4 apart: every task's route uniform, and one argmax for all
+    assert logits.std(0).mean() > 0.03
+    assert len({tuple(route) for route in logits.argmax(-1).tolist()}) > 1

@@ -5,6 +5,7 @@ batch, i.e. what the coming optimizer step runs with; `steps[s]` is the state be
 """
 
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import BartConfig, BartForConditionalGeneration
 
+from moe_mtl.analysis.plots import route_heatmap_figure
 from moe_mtl.models.moe_bart import dense_name
 from moe_mtl.training import RoutingMonitor, TemperatureAnnealing, TemperaturePlan, TwoStageTraining
 from moe_mtl.training.schedules import temperature_at, warmup_steps_for
@@ -326,7 +328,7 @@ def test_routing_monitor_logs_entropies_utilisation_and_route_maps_and_saves_rou
     module = tiny_module(data)
     logger = TensorBoardLogger(tmp_path, name="tb")
     options = dict(logger=logger, max_steps=4, val_check_interval=2, limit_val_batches=1)
-    fit(module, data, tmp_path, [RoutingMonitor(every_n_steps=2)], **options)
+    fit(module, data, tmp_path, [RoutingMonitor(every_n_steps=2, heatmap_every_n_steps=2)], **options)
 
     layers = module.model.routed_layer_names
     events = _events(logger.log_dir)
@@ -338,8 +340,11 @@ def test_routing_monitor_logs_entropies_utilisation_and_route_maps_and_saves_rou
     assert expected <= scalars
     assert [e.step for e in events.Scalars("routing/entropy_per_task/encoder.0")] == [2, 4]
     assert [e.step for e in events.Images("routing/route_map")] == [2, 4]
+    # with matplotlib (the `analysis` extra, in dev): the labelled figure of moe_mtl.analysis.plots, at its size
     image = events.Images("routing/route_map")[-1]
-    assert (image.height, image.width) == (data.num_tasks * 8, len(layers) * 2 * 8 + len(layers) - 1)
+    figure = route_heatmap_figure(module.route_table(), data.task_names, layers, data.task_partitions)
+    width, height = figure.get_size_inches() * figure.dpi
+    assert (image.height, image.width) == (round(height), round(width))
 
     # the last logged values are those of the final route table, over the seen (training) tasks
     seen = module.route_table()[module.seen_tasks]  # (T_seen, L, E) learned softmax probabilities
@@ -393,29 +398,65 @@ def test_token_routes_saved_at_a_logged_step_are_the_logged_ones(data, tmp_path)
         assert logged == pytest.approx(share[j].tolist(), abs=1e-5)
 
 
+def test_without_a_switch_training_has_one_stage_and_nothing_is_frozen(data, tmp_path, caplog):
+    module = tiny_module(data)
+    two_stage = TwoStageTraining()  # the default, as in the CLI's `two_stage` group without a switch
+    with caplog.at_level(logging.INFO):
+        recorder = fit(module, data, tmp_path, [TemperatureAnnealing(), two_stage])
+    assert not two_stage.enabled and two_stage.switched_at is None
+    assert [s.stage for s in recorder.steps] == [1] * STEPS
+    assert [s.selection for s in recorder.steps] == ["gumbel_st"] * STEPS
+    assert all(routing_names(module) <= s.trainable for s in recorder.steps)
+    assert all(p.requires_grad for p in module.parameters())
+    assert [r.getMessage() for r in caplog.records].count(
+        "TwoStageTraining: no `switch_step` or `switch_epoch`: single-stage training"
+    ) == 1
+    assert module.trainer.logged_metrics["train/stage"] == 1.0  # truthful: learned routes, stage one throughout
+
+
+@pytest.mark.parametrize(
+    "moe", [{"routes": "random"}, {"routes": "average"}, {"routing": "token", "expert_unit": "ffn"}]
+)
+def test_fixed_routes_and_token_routing_have_no_temperature_to_anneal_nor_stage_to_log(data, tmp_path, moe):
+    module = tiny_module(data, moe={**moe, "temperature": 1.5})
+    annealing = TemperatureAnnealing(rate=0.5)
+    recorder = fit(module, data, tmp_path, [annealing, TwoStageTraining()], max_steps=2)
+    assert annealing.temperature is None and module.stage == 1
+    assert [s.temperature for s in recorder.steps] == [None if module.model.router is None else 1.5] * 2
+    assert "train/loss" in module.trainer.logged_metrics
+    assert not {"train/stage", "train/temperature"} & set(module.trainer.logged_metrics)
+
+
 # --- errors -----------------------------------------------------------------------------------------------
 
 
 def test_constructor_errors_name_the_option():
-    for options in ({}, {"switch_step": 1, "switch_epoch": 1}):
-        with pytest.raises(ValueError, match="TwoStageTraining: give exactly one of `switch_step` and `switch_epoch`"):
-            TwoStageTraining(**options)
+    with pytest.raises(ValueError, match="TwoStageTraining: `switch_step` is 1 and `switch_epoch` 1; give at most one"):
+        TwoStageTraining(switch_step=1, switch_epoch=1)
     with pytest.raises(ValueError, match="TwoStageTraining: `switch_epoch` is -1; it must be >= 0"):
         TwoStageTraining(switch_epoch=-1)
     with pytest.raises(ValueError, match="TwoStageTraining: `routes` is 'gumbel'; allowed: 'argmax', 'softmax'"):
         TwoStageTraining(switch_step=1, routes="gumbel")
     with pytest.raises(ValueError, match="RoutingMonitor: `every_n_steps` is 0; it must be >= 1"):
         RoutingMonitor(every_n_steps=0)
+    with pytest.raises(ValueError, match="`heatmap_every_n_steps` is 75; it must be a positive multiple of"):
+        RoutingMonitor(every_n_steps=50, heatmap_every_n_steps=75)
     with pytest.raises(ValueError, match="TemperatureAnnealing: schedule is 'step'; allowed: exp, linear, cosine"):
         TemperatureAnnealing(schedule="step")
     with pytest.raises(ValueError, match=r"TemperatureAnnealing: start \(2.0\) and end \(0.0\) must be > 0"):
         TemperatureAnnealing(end=0.0)
 
 
-def test_two_stage_training_needs_learned_routes(data, tmp_path):
+@pytest.mark.parametrize("switch", [{"switch_step": 1}, {"switch_epoch": 0}])
+def test_two_stage_training_needs_learned_routes_and_names_the_override_that_turns_it_off(data, tmp_path, switch):
     trainer = Trainer(**tiny_trainer(tmp_path))
-    with pytest.raises(ValueError, match=r"TwoStageTraining needs learned task routes \(MoE options routing='task'"):
-        TwoStageTraining(switch_step=1).setup(trainer, tiny_module(data, moe={"routes": "random"}), "fit")
+    (option,) = switch
+    with pytest.raises(
+        ValueError,
+        match=rf"TwoStageTraining needs learned task routes \(MoE options routing='task', routes='learned'\); this "
+        rf"model has routing='task', routes='random'\. Turn two-stage training off with `--two_stage\.{option} null`",
+    ):
+        TwoStageTraining(**switch).setup(trainer, tiny_module(data, moe={"routes": "random"}), "fit")
 
 
 def test_two_stage_training_under_ddp_needs_unused_parameter_detection(data, tmp_path):

@@ -1,10 +1,12 @@
 """The label-smoothed training loss and the per-example evaluation NLL, against hand-written formulas."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from moe_mtl.training.losses import IGNORE_INDEX, label_smoothed_nll, sequence_nll
+from moe_mtl.training.losses import IGNORE_INDEX, label_smoothed_nll, route_balance, sequence_nll
 
 
 @pytest.fixture
@@ -74,3 +76,15 @@ def test_sequence_nll_sums_each_examples_target_token_nll_and_counts_them(logits
     assert torch.equal(tokens, torch.tensor([3, 1, 4]))
     # the mean over tokens is the unsmoothed training loss
     torch.testing.assert_close(nll.sum() / tokens.sum(), label_smoothed_nll(logits, labels, 0.0))
+
+
+def test_route_balance_is_zero_when_tasks_spread_evenly_and_ln_e_when_they_share_one_expert():
+    eye = torch.eye(3)
+    spread = eye[[0, 1, 2, 0, 1, 2]][:, None, :]  # 6 tasks, 1 layer: each task decided, experts used equally
+    one = eye[[1] * 6][:, None, :]  # every task on expert 1
+    uniform = torch.full((6, 2, 3), 1 / 3)  # undecided tasks: balanced too (the term asks nothing of one task)
+    assert route_balance(spread).item() == pytest.approx(0.0, abs=1e-6)
+    assert route_balance(uniform).item() == pytest.approx(0.0, abs=1e-6)
+    assert route_balance(one).item() == pytest.approx(math.log(3), abs=1e-6)
+    half = torch.cat([spread, one], dim=1)  # layers are averaged
+    assert route_balance(half).item() == pytest.approx(math.log(3) / 2, abs=1e-6)

@@ -7,6 +7,7 @@ Classification-F1) and "count" (numbers, ACC).
 import csv
 import json
 import math
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,7 +25,7 @@ from moe_mtl.data import MultiTaskDataModule
 from moe_mtl.evaluation.metrics import score
 from moe_mtl.models import MoEOptions
 from moe_mtl.training import MoEMultiTaskModule, TemperatureAnnealing, TwoStageTraining
-from moe_mtl.training.losses import label_smoothed_nll
+from moe_mtl.training.losses import label_smoothed_nll, route_balance
 from moe_mtl.training.schedules import temperature_at
 
 from ..models.conftest import TINY_BART
@@ -711,6 +712,26 @@ def test_construction_errors_name_the_option(two_tasks, tmp_path):
     assert upcycled.model.config.vocab_size == 64
 
 
+def test_a_saved_moe_bart_fine_tunes_in_train_mode_with_the_configured_non_shape_options(two_tasks, tmp_path):
+    frozen = {"freeze_task_table": True, "selection": "argmax", "freeze_router": True}
+    make_module(two_tasks, moe=frozen).model.save_pretrained(tmp_path / "moe")
+    options = dict(pretrained=str(tmp_path / "moe"), bart=None)
+    module = make_module(two_tasks, moe={"selection": "softmax", "temperature": 0.5, "top_k": 2}, **options)
+    router, table = module.model.router, module.model.task_table
+    assert (router.selection, router.top_k, router.temperature.item(), router.frozen) == ("softmax", 2, 0.5, False)
+    assert not table.frozen and table.embedding.weight.requires_grad
+    assert module.hparams.moe["selection"] == "softmax" and not module.hparams.moe["freeze_task_table"]
+    assert all(m.training for m in module.modules())  # `from_pretrained` returns an eval-mode model
+    before = table.embedding.weight.detach().clone()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(max_steps=1).fit(module, datamodule=two_tasks)
+    assert not [w for w in caught if "eval mode" in str(w.message)]
+    assert not torch.equal(table.embedding.weight, before)  # a route can be learned anew
+    with pytest.raises(ValueError, match=r"`num_experts` is 4, but the saved MoE-BART .* has 2: it shapes the weights"):
+        make_module(two_tasks, moe={"num_experts": 4}, **options)
+
+
 def test_step_checkpoints_are_named_by_their_own_step_after_a_validation(two_tasks, tmp_path):
     # evaluation metrics reach the loggers at the optimizer step without logging a "step" metric, which
     # ModelCheckpoint would take for the step in its file names
@@ -724,3 +745,32 @@ def test_step_checkpoints_are_named_by_their_own_step_after_a_validation(two_tas
     for step in range(1, 5):
         saved = torch.load(tmp_path / "ckpt" / f"step={step}.ckpt", weights_only=True)
         assert saved["global_step"] == step
+
+
+def test_a_representation_file_gives_each_task_the_row_of_its_name(two_tasks, tmp_path):
+    from moe_mtl.transfer.representations import save_representations
+
+    names = list(two_tasks.task_names)
+    vectors = torch.arange(len(names) * 3, dtype=torch.float32).reshape(len(names), 3)
+    path = tmp_path / "tasks.pt"
+    save_representations(path, names[::-1], vectors.flip(0))  # the file lists the tasks in another order
+    module = make_module(two_tasks, moe={"task_embeddings": str(path)})
+    assert torch.equal(module.model.task_table.embedding.weight.detach(), vectors)
+    # the table is in the weights: the options in effect (and so the checkpoint) no longer name the file
+    assert (module.hparams.moe["task_embeddings"], module.hparams.moe["task_dim"]) == (None, 3)
+    save_representations(path, names[:1], vectors[:1])
+    with pytest.raises(ValueError, match=f"no vector for tasks .*{names[1]}"):
+        make_module(two_tasks, moe={"task_embeddings": str(path)})
+
+
+def test_route_balance_weight_adds_the_balance_term_while_routes_are_learned(two_tasks):
+    module = make_module(two_tasks, moe={"selection": "softmax"})  # softmax, no dropout: a deterministic step
+    two_tasks.setup("fit")
+    batch = next(iter(two_tasks.train_dataloader()))
+    base = module.training_step(batch, 0)
+    module.hparams.route_balance_weight = 2.0
+    tasks = torch.tensor(module.seen_tasks)
+    probs = module.model.router.logits(module.model.task_table(tasks)).softmax(-1)
+    torch.testing.assert_close(module.training_step(batch, 0), base + 2.0 * route_balance(probs))
+    module.model.router.freeze(True)  # fixed routes (stage two): nothing to balance
+    torch.testing.assert_close(module.training_step(batch, 0), base)

@@ -20,6 +20,22 @@ SELECTIONS = ("softmax", "gumbel", "gumbel_st", "argmax")
 ROUTE_SOURCES = ("learned", "average", "random", "given")
 
 
+# options that decide the shape (or the fixed values) of the weights: a saved model or checkpoint decides them
+SHAPE_OPTIONS = (
+    "num_experts",
+    "expert_unit",
+    "moe_layers",
+    "routing",
+    "task_dim",
+    "task_embeddings",
+    "router",
+    "router_hidden",
+    "routes",
+    "given_routes",
+    "route_seed",
+)
+
+
 def _check_choice(option: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise ValueError(f"MoE option `{option}` is {value!r}; allowed values: {', '.join(map(repr, allowed))}")
@@ -157,6 +173,29 @@ class MoEOptions:
         if unknown:
             raise ValueError(f"unknown MoE options {unknown}; allowed options: {', '.join(sorted(known))}")
         return cls(**values)
+
+
+def adopt_saved_shape(configured: MoEOptions, saved: MoEOptions, source: str) -> MoEOptions:
+    """The options of a model whose weights come from `source` (a saved MoE-BART, an upstream run): its
+    `SHAPE_OPTIONS`, the configured values of the others (selection, temperature, freezing, top_k, …, and
+    `route_seed` unless the saved routes are "random").
+
+    A shape option left at its default takes the saved value; one configured to another value must equal
+    the saved one (else a ValueError naming it). `num_tasks` stays as configured (the data's).
+    """
+    defaults = {f.name: f.default for f in fields(MoEOptions)}
+    values, saved_values = asdict(configured), asdict(saved)
+    for option in SHAPE_OPTIONS:
+        if option == "route_seed" and saved.routes != "random":
+            continue  # decides no weight here: the configured seed stays (e.g. for random routes of unseen tasks)
+        given, kept = values[option], saved_values[option]
+        if given != kept and given != defaults[option]:
+            raise ValueError(
+                f"MoE option `{option}` is {given!r}, but {source} has {kept!r}: it shapes the weights, so it "
+                f"must match; leave it unset (or set it to {kept!r})"
+            )
+        values[option] = kept
+    return MoEOptions(**values)
 
 
 @strict

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.nn import CrossEntropyLoss
 from transformers import BartForConditionalGeneration, GenerationMixin, PreTrainedModel
+from transformers import initialization as hf_init
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
@@ -32,7 +33,7 @@ from transformers.models.bart.modeling_bart import (
 from .cache_contract import GENERATION_NAME, layer_cache, output_cache, take_cache
 from .config import MoEBartConfig, MoEOptions
 from .layers import FFNExpertDecoderLayer, FFNExpertEncoderLayer, LayerExperts, LayerRoute, RouteRecord
-from .routing import TaskRouter, TaskTable, load_task_vectors
+from .routing import TORCH_INIT, TaskRouter, TaskTable, load_task_vectors
 from .token_gate import TaskAwareTokenGate
 
 ROUTING_PARAMETERS = re.compile(r"(^|\.)(task_table|router|gate)\.")
@@ -160,6 +161,20 @@ class MoEBartEncoder(MoEBartStack):
             return self.router(task_ids, self.task_table), None
         return None, self.task_table(task_ids)
 
+    def check_given_routes(self, routes: torch.Tensor | None, task_vectors: torch.Tensor | None, batch: int) -> None:
+        """Given routes must be what this model's routing takes, in its shape (see `forward`)."""
+        if self.router is not None:
+            given, name = routes, "routes"
+            shape = (batch, len(self.routed) + len(self.decoder_routed), self.router.num_experts)
+        else:
+            given, name = task_vectors, "task_vectors"
+            shape = (batch, self.task_table.embedding.embedding_dim)
+        if given is None or (routes is not None and task_vectors is not None):
+            routing = "task" if self.router is not None else "token"
+            raise ValueError(f"{routing} routing takes given `{name}` {shape} alone")
+        if tuple(given.shape) != shape:
+            raise ValueError(f"given `{name}` have shape {tuple(given.shape)}; expected {shape}")
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -169,7 +184,11 @@ class MoEBartEncoder(MoEBartStack):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        routes: torch.Tensor | None = None,
+        task_vectors: torch.Tensor | None = None,
     ) -> MoEEncoderOutput:
+        """Encode; routes come from `task_ids`, or are given: `routes` (B, L_enc + L_dec, E) for task routing,
+        `task_vectors` (B, t) for token routing, e.g. uniform routes for a task without a trained row."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if output_attentions or output_hidden_states:
@@ -181,12 +200,15 @@ class MoEBartEncoder(MoEBartStack):
             raise ValueError(
                 f"`attention_mask` has shape {tuple(attention_mask.shape)}; expected {tuple(inputs_embeds.shape[:2])}"
             )
-        task_ids = check_task_ids(task_ids, batch_size, self.num_tasks, inputs_embeds.device)
+        if routes is None and task_vectors is None:
+            task_ids = check_task_ids(task_ids, batch_size, self.num_tasks, inputs_embeds.device)
+            routes, task_vectors = self.route(task_ids)
+        else:
+            self.check_given_routes(routes, task_vectors, batch_size)
 
         hidden_states = self.embed(inputs_embeds, self.embed_positions(inputs_embeds[:, :, -1]))
         mask = create_bidirectional_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask)
 
-        routes, task_vectors = self.route(task_ids)
         encoder_routes = None if routes is None else routes[:, : len(self.routed)]
         records = {}
         for i, layer in enumerate(self.layers):
@@ -368,9 +390,18 @@ class MoEBartForConditionalGeneration(PreTrainedModel, GenerationMixin):
         return model
 
     def _init_weights(self, module):
+        if getattr(module, TORCH_INIT, False):
+            # the task table and router: PyTorch's initialisation (task vectors N(0, 1)), not BART's std 0.02, with
+            # which every task's router logits are ~1e-4 apart and routes stay uniform for hundreds of steps
+            # (docs/routing_investigation.md). transformers' guarded init functions leave loaded weights alone.
+            module.reset_parameters()
+            return
         super()._init_weights(module)
         if isinstance(module, MoEBartForConditionalGeneration):
             nn.init.zeros_(module.final_logits_bias)
+        if isinstance(module, TaskRouter):  # a model saved before route overrides existed: none set
+            hf_init.zeros_(module.override_mask)
+            hf_init.zeros_(module.override_routes)
 
     # --- public routing state (read and changed by callbacks) -------------------------------
     @property

@@ -14,6 +14,8 @@ from torch import nn
 
 from .config import MoEOptions
 
+# set on the task table's and router's modules: the model initialises them by PyTorch's rule, not by BART's
+TORCH_INIT = "keeps_torch_init"
 GUMBEL_EPS = 1e-6  # clamp of the uniform draw: gumbel noise stays finite in fp16 and on every backend
 
 
@@ -76,6 +78,7 @@ class TaskTable(nn.Module):
     def __init__(self, num_tasks: int, task_dim: int, frozen: bool = False):
         super().__init__()
         self.embedding = nn.Embedding(num_tasks, task_dim)
+        setattr(self.embedding, TORCH_INIT, True)
         self.freeze(frozen)
 
     def freeze(self, frozen: bool = True) -> None:
@@ -198,9 +201,18 @@ class TaskRouter(nn.Module):
         self.register_buffer("temperature", torch.tensor(float(options.temperature)))
         if self.source == "learned":
             self.network = build_router_network(options, task_dim, num_layers)
+            for module in self.network.modules():
+                if hasattr(module, "reset_parameters"):
+                    setattr(module, TORCH_INIT, True)
             self.freeze(options.freeze_router)
         else:
             self.register_buffer("fixed_routes", fixed_route_table(options, num_layers))
+        # per-task route overrides (`set_route_overrides`): buffers, so checkpoints and `save_pretrained` keep them;
+        # on the CPU even under a "meta" default device (`from_pretrained` of a model saved without them)
+        cpu = torch.device("cpu")
+        self.register_buffer("override_mask", torch.zeros(options.num_tasks, dtype=torch.bool, device=cpu))
+        routes = torch.zeros(options.num_tasks, num_layers, self.num_experts, device=cpu)
+        self.register_buffer("override_routes", routes)
 
     @property
     def learned(self) -> bool:
@@ -211,6 +223,46 @@ class TaskRouter(nn.Module):
         self.frozen = frozen
         for param in self.network.parameters():
             param.requires_grad_(not frozen)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # a checkpoint saved before route overrides existed loads with none set
+        for name in ("override_mask", "override_routes"):
+            state_dict.setdefault(prefix + name, torch.zeros_like(getattr(self, name), device="cpu"))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @torch.no_grad()
+    def set_route_overrides(self, task_ids, routes: torch.Tensor) -> None:
+        """Route the tasks `task_ids` (n,) by the weights `routes` (n, L, E) in training and evaluation alike,
+        with no gradient (fixed routes of unseen tasks, disabled experts). Weights are used as given (not
+        renormalised); each must be >= 0 with a positive sum per task and layer."""
+        task_ids = torch.as_tensor(task_ids, dtype=torch.long).flatten()
+        routes = torch.as_tensor(routes, dtype=torch.float32)
+        num_tasks = self.override_mask.shape[0]
+        expected = (len(task_ids), self.num_layers, self.num_experts)
+        if tuple(routes.shape) != expected:
+            raise ValueError(
+                f"route overrides have shape {tuple(routes.shape)}; expected (tasks, routed layers, experts) "
+                f"= {expected}"
+            )
+        bad = [i for i in task_ids.tolist() if not 0 <= i < num_tasks]
+        if bad:
+            raise ValueError(f"route overrides name task ids {bad}; allowed: 0 to {num_tasks - 1}")
+        if not torch.isfinite(routes).all() or routes.min() < 0 or (routes.sum(-1) <= 0).any():
+            raise ValueError("route overrides must be finite, >= 0, with a positive sum for every task and layer")
+        self.override_routes[task_ids.to(self.override_routes.device)] = routes.to(self.override_routes.device)
+        self.override_mask[task_ids.to(self.override_mask.device)] = True
+
+    @torch.no_grad()
+    def clear_route_overrides(self, task_ids=None) -> None:
+        """Route the tasks `task_ids` (all tasks if None) by their own source again."""
+        ids = slice(None) if task_ids is None else torch.as_tensor(task_ids, dtype=torch.long).flatten()
+        self.override_mask[ids] = False
+        self.override_routes[ids] = 0.0
+
+    def apply_overrides(self, task_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """`weights` (B, L, E) of the tasks `task_ids` (B,), with the overridden tasks' routes put in (no sync)."""
+        mask = self.override_mask[task_ids][:, None, None]
+        return torch.where(mask, self.override_routes[task_ids].to(weights.dtype), weights)
 
     def set_temperature(self, value: float) -> None:
         if not value > 0:
@@ -229,14 +281,15 @@ class TaskRouter(nn.Module):
 
         Training uses `selection`. Evaluation scores routes still being learned by their hard top-k (the
         paper's inference); fixed routes (frozen router, fixed sources) route evaluation as training does,
-        so what is scored and selected is the network that was trained.
+        so what is scored and selected is the network that was trained. Tasks with a route override
+        (`set_route_overrides`) route by it, in training and evaluation.
         """
         if not self.learned:
-            return self.fixed_routes[task_ids].float()
+            return self.apply_overrides(task_ids, self.fixed_routes[task_ids].float())
         tasks, inverse = torch.unique(task_ids, return_inverse=True)
         logits = self.logits(task_table(tasks))
         if self.selection != "argmax" and (self.training or self.frozen):
             weights = select_experts(logits, self.selection, self.temperature.float())
         else:  # argmax routes are fixed: no gradient, even through top-k's renormalised weights
             weights = hard_top_k(logits.detach() if self.selection == "argmax" else logits, self.top_k)
-        return weights[inverse]
+        return self.apply_overrides(task_ids, weights[inverse])

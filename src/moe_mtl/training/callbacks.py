@@ -15,6 +15,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from transformers import AutoConfig, BartForConditionalGeneration
 
+from ..analysis.extras import available
 from ..evaluation.analysis import (
     expert_utilisation,
     route_entropy,
@@ -57,7 +58,9 @@ class TemperatureAnnealing(Callback):
     Default (the paper's stage one): τ = max(2.0 · exp(−3e-4 · step), 0.1). "linear" and "cosine" go from
     `start` to `end` over `total_steps` (default: the run's training steps). With `stage_two`, a second
     schedule runs from the two-stage switch on (e.g. the paper's softmax τ 300 → 1.0, rate 1e-4); without
-    it, the stage-two temperature set at the switch is kept. The module logs τ as train/temperature.
+    it, the stage-two temperature set at the switch is kept. The module logs τ as train/temperature. Only
+    learned task routes have a τ: with fixed routes or token routing the callback does nothing. The `moe-mtl`
+    command always has it, in its `temperature` group (`--temperature.rate 0` keeps τ at `start`).
 
     Args:
         start: τ at step 0.
@@ -95,7 +98,11 @@ class TemperatureAnnealing(Callback):
         self.apply(trainer, pl_module)
 
     def apply(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Set τ for the coming optimizer step (TwoStageTraining calls it again right after its switch)."""
+        """Set τ for the coming optimizer step (TwoStageTraining calls it again right after its switch).
+        Fixed routes and token routing have no τ: nothing to anneal."""
+        router = pl_module.model.router
+        if router is None or not router.learned:
+            return
         temperature = self.temperature_for(trainer, pl_module)
         if temperature is not None:
             pl_module.model.set_temperature(temperature)
@@ -119,6 +126,11 @@ class TemperatureAnnealing(Callback):
 class TwoStageTraining(Callback):
     """Ye et al.'s two-stage training: learn routes, then fix them and train the experts.
 
+    On with `switch_step` or `switch_epoch`; with neither (the default) it is off and the run trains in one
+    stage (the `moe-mtl` command always has this callback, in its `two_stage` group: `--two_stage.switch_step
+    null` turns a config's two stages off). On, it needs learned task routes: fixed routes (random, average,
+    given) and token routing have nothing to learn in stage one.
+
     At the switch (the first optimizer step at or after `switch_step`, or the start of epoch
     `switch_epoch`): the routes become the router's argmax per task and layer, or its softmax at
     `temperature`; router and task table are frozen; experts (and the other BART weights) are optionally
@@ -127,7 +139,7 @@ class TwoStageTraining(Callback):
     restores the fixed routes from its checkpoint and nothing is frozen or re-initialised again.
 
     Args:
-        switch_step: Optimizer step at which stage two begins.
+        switch_step: Optimizer step at which stage two begins (None, with `switch_epoch` None: one stage).
         switch_epoch: Epoch at whose start stage two begins (instead of `switch_step`).
         routes: Stage-two routes: "argmax" (hard, only the chosen expert runs) or "softmax" at `temperature`.
         temperature: τ of softmax routes at the switch (the paper: 300, annealed to 1.0 by TemperatureAnnealing's
@@ -150,8 +162,11 @@ class TwoStageTraining(Callback):
         reset_optimizer_state: bool = True,
         restart_lr_schedule: bool = True,
     ):
-        if (switch_step is None) == (switch_epoch is None):
-            raise ValueError("TwoStageTraining: give exactly one of `switch_step` and `switch_epoch`")
+        if switch_step is not None and switch_epoch is not None:
+            raise ValueError(
+                f"TwoStageTraining: `switch_step` is {switch_step} and `switch_epoch` {switch_epoch}; give at most "
+                "one of them (neither: single-stage training)"
+            )
         for option, value in (("switch_step", switch_step), ("switch_epoch", switch_epoch)):
             if value is not None and value < 0:
                 raise ValueError(f"TwoStageTraining: `{option}` is {value}; it must be >= 0")
@@ -166,11 +181,25 @@ class TwoStageTraining(Callback):
         self.restart_lr_schedule = restart_lr_schedule
         self.switched_at: int | None = None
 
+    @property
+    def enabled(self) -> bool:
+        """Whether a switch is scheduled (else the run trains in one stage)."""
+        return self.switch_step is not None or self.switch_epoch is not None
+
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         router = pl_module.model.router
-        if router is None or not router.learned:
+        learned = router is not None and router.learned
+        if not self.enabled:
+            if learned and stage == "fit":
+                rank_zero_info("TwoStageTraining: no `switch_step` or `switch_epoch`: single-stage training")
+            return
+        if not learned:
+            options = pl_module.model.moe_options
+            option = "switch_step" if self.switch_step is not None else "switch_epoch"
             raise ValueError(
-                "TwoStageTraining needs learned task routes (MoE options routing='task', routes='learned')"
+                f"TwoStageTraining needs learned task routes (MoE options routing='task', routes='learned'); this "
+                f"model has routing={options.routing!r}, routes={options.routes!r}. Turn two-stage training off "
+                f"with `--two_stage.{option} null` (YAML: `two_stage: {{{option}: null}}`)"
             )
         if stage == "fit":
             require_unused_parameter_detection(trainer, "TwoStageTraining fixes the routes in stage two")
@@ -258,20 +287,35 @@ class RoutingMonitor(Callback):
     of each task's route; low = decisive routes), routing/entropy_task_avg/<layer> (entropy of the
     task-averaged route; high = tasks spread over the experts), routing/utilisation/<layer>/expert<e>
     (share of routing mass); the same entropies averaged over layers; and routing/route_map, a
-    task × (layer, expert) heatmap image of every task's route. Route tables go to
+    task × (layer, expert) heatmap of every task's route (with matplotlib: labelled with task names, partitions,
+    layers and experts, and a colour bar; else an unlabelled image). Route tables go to
     `<run dir>/routes/step<N>.json`.
 
     Args:
         every_n_steps: Optimizer steps between two logs.
         heatmap: Also log the route map image (TensorBoard loggers only).
+        heatmap_every_n_steps: Optimizer steps between two route maps (a multiple of `every_n_steps`; drawing the
+            labelled figure costs about as much as a few hundred training steps of the quick start).
         save_route_tables: Save the route table as JSON at each validation.
     """
 
-    def __init__(self, every_n_steps: int = 50, heatmap: bool = True, save_route_tables: bool = True):
+    def __init__(
+        self,
+        every_n_steps: int = 50,
+        heatmap: bool = True,
+        heatmap_every_n_steps: int = 500,
+        save_route_tables: bool = True,
+    ):
         if every_n_steps < 1:
             raise ValueError(f"RoutingMonitor: `every_n_steps` is {every_n_steps}; it must be >= 1")
+        if heatmap_every_n_steps < 1 or heatmap_every_n_steps % every_n_steps:
+            raise ValueError(
+                f"RoutingMonitor: `heatmap_every_n_steps` is {heatmap_every_n_steps}; it must be a positive multiple "
+                f"of `every_n_steps` ({every_n_steps})"
+            )
         self.every_n_steps = every_n_steps
         self.heatmap = heatmap
+        self.heatmap_every_n_steps = heatmap_every_n_steps
         self.save_route_tables = save_route_tables
         self.last_logged_step = -1
         # (step, route table) logged since the last training batch: token routing's table holds the gate weights
@@ -306,9 +350,24 @@ class RoutingMonitor(Callback):
         step = trainer.global_step
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
-            if self.heatmap and isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
-                logger.experiment.add_image("routing/route_map", route_heatmap(routes), step, dataformats="CHW")
+            route_map = self.heatmap and step % self.heatmap_every_n_steps == 0
+            if route_map and isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
+                self._log_route_map(logger, pl_module, routes, step)
         return metrics
+
+    @staticmethod
+    def _log_route_map(logger: TensorBoardLogger, pl_module: LightningModule, routes: torch.Tensor, step: int) -> None:
+        """The route map as a figure labelled with task names (grouped by partition) and layers/experts; without
+        matplotlib (the optional extra `analysis`), the unlabelled numpy image."""
+        if not available("matplotlib.figure"):
+            logger.experiment.add_image("routing/route_map", route_heatmap(routes), step, dataformats="CHW")
+            return
+        from ..analysis.plots import route_heatmap_figure  # matplotlib is imported only where it is installed
+
+        figure = route_heatmap_figure(
+            routes, pl_module.task_names, pl_module.model.routed_layer_names, pl_module.task_partitions, "partition"
+        )
+        logger.experiment.add_figure("routing/route_map", figure, step, close=True)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.save_route_tables or trainer.sanity_checking or not trainer.is_global_zero:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -27,3 +29,13 @@ def sequence_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
         logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"
     )  # (B, T), 0 at padding
     return token_nll.sum(1), (labels != IGNORE_INDEX).sum(1)
+
+
+def route_balance(probs: torch.Tensor) -> torch.Tensor:
+    """Task-level balance: KL(mean route over tasks ‖ uniform), averaged over routed layers; 0 when the tasks
+    together use every expert equally, ln E when they all take one expert. probs (T, L, E) → scalar.
+
+    Unlike the token-level load-balancing loss, it does not ask a task to spread itself: each task may (and in
+    stage one should) settle on one expert, as long as different tasks settle on different ones."""
+    mean = probs.float().mean(0)  # (L, E)
+    return (mean * (mean.clamp_min(1e-9).log() + math.log(probs.shape[-1]))).sum(-1).mean()

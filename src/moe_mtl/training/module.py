@@ -2,29 +2,44 @@
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
-import math
-from collections import defaultdict
-from dataclasses import asdict
+from collections.abc import Sequence
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from lightning.pytorch import LightningModule
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import AutoConfig, BartConfig
 
 from ..data import METRICS, MODEL_INPUTS, PARTITIONS, load_tokenizer
-from ..evaluation.metrics import score
+from ..data.tasks import shortened
+from ..evaluation.results import evaluation_stem, write_evaluation, write_predictions
+from ..evaluation.task_evaluation import EvaluationResult, TaskEvaluation, gather_predictions
 from ..models import MoEBartConfig, MoEBartForConditionalGeneration, MoEOptions
+from ..models.config import adopt_saved_shape
 from ..models.routing import hard_top_k
-from .losses import label_smoothed_nll, sequence_nll
+from ..transfer.init_from import (
+    TASK_TABLE_KEY,
+    check_vocabulary,
+    load_upstream_weights,
+    read_upstream,
+    task_row_map,
+    upstream_config,
+)
+from ..transfer.representations import load_representations
+from ..transfer.unseen_routes import (
+    NEEDS_REPRESENTATIONS,
+    assign_unseen_routes,
+    check_source,
+    representations_of_tasks,
+)
+from ..transfer.unseen_routes import describe as describe_nearest
+from .losses import label_smoothed_nll, route_balance, sequence_nll
 from .optim import (
     build_param_groups,
     clip_grad_norms,
@@ -48,6 +63,7 @@ SMALL_BART = dict(
     dropout=0.1,
 )
 STAGE_ROUTES = ("argmax", "softmax")
+FINETUNE = ("all", "task_table")
 
 
 def build_model(
@@ -56,39 +72,48 @@ def build_model(
     moe: MoEOptions,
     vocab_size: int | None,
     special_tokens: dict[str, int],
+    task_names: Sequence[str] | None = None,
 ) -> MoEBartForConditionalGeneration:
     """The MoE-BART: a saved MoE-BART loaded as it is, a dense BART upcycled (`from_dense`), or (no
-    `pretrained`) a new BART of the `bart` sizes over the data's vocabulary and special token ids."""
+    `pretrained`) a new BART of the `bart` sizes over the data's vocabulary and special token ids.
+
+    A `task_embeddings` file that names its tasks (`moe-mtl represent`) gives each task id the row of its
+    name in `task_names`; a plain matrix is taken in task-id order."""
+    if pretrained is not None and bart:
+        raise ValueError("model option `bart` sets the sizes of a new model; leave it unset with `pretrained`")
+    task_vectors = None
+    saved_moe = pretrained is not None and AutoConfig.from_pretrained(pretrained).model_type == MoEBartConfig.model_type
+    if moe.task_embeddings is not None and not saved_moe:
+        names = task_names or [f"task{i}" for i in range(moe.num_tasks)]
+        task_vectors = load_representations(moe.task_embeddings, names)
+        moe = replace(moe, task_embeddings=None, task_dim=task_vectors.shape[1])
     if pretrained is not None:
-        if bart:
-            raise ValueError("model option `bart` sets the sizes of a new model; leave it unset with `pretrained`")
-        if AutoConfig.from_pretrained(pretrained).model_type == MoEBartConfig.model_type:
-            model = MoEBartForConditionalGeneration.from_pretrained(pretrained)
-            if model.task_table.num_tasks != moe.num_tasks:
+        config = AutoConfig.from_pretrained(pretrained)
+        if config.model_type == MoEBartConfig.model_type:
+            saved = config.moe_options
+            if saved.num_tasks != moe.num_tasks:
                 raise ValueError(
-                    f"the MoE-BART in {pretrained} has a task table of {model.task_table.num_tasks} tasks; "
+                    f"the MoE-BART in {pretrained} has a task table of {saved.num_tasks} tasks; "
                     f"the data has {moe.num_tasks}"
                 )
-            saved = asdict(model.moe_options)
-            ignored = sorted(key for key, value in asdict(moe).items() if saved[key] != value)
-            if ignored:
-                rank_zero_warn(
-                    f"`pretrained` {pretrained} is a saved MoE-BART: its own MoE options are used, and the "
-                    f"configured `moe` values of {ignored} are ignored"
-                )
+            # its shape options, the configured rest (selection, freezing, temperature, …), so that a route
+            # can be learned anew
+            options = adopt_saved_shape(moe, saved, f"the saved MoE-BART {pretrained}")
+            model = MoEBartForConditionalGeneration.from_pretrained(pretrained, moe=asdict(options))
+            model.set_temperature(options.temperature)  # the configured one, not the saved buffer's
         else:
-            model = MoEBartForConditionalGeneration.from_dense(pretrained, **asdict(moe))
+            model = MoEBartForConditionalGeneration.from_dense(pretrained, task_vectors, **asdict(moe))
         if vocab_size is not None and vocab_size > model.config.vocab_size:
             raise ValueError(
                 f"the tokenizer has {vocab_size} tokens but the model {pretrained} only {model.config.vocab_size}; "
                 f"use the model's own tokenizer (data option `tokenizer: {pretrained}`)"
             )
-        return model
+        return model.train()  # `from_pretrained` returns a model in eval mode: training would run without dropout
     if vocab_size is None:
         raise ValueError("a new model (no `pretrained`) needs `vocab_size` (linked from the data's tokenizer)")
     sizes = {**SMALL_BART, **(bart or {})}
     config = BartConfig(vocab_size=vocab_size, **special_tokens, **sizes)
-    return MoEBartForConditionalGeneration(MoEBartConfig.from_bart_config(config, moe))
+    return MoEBartForConditionalGeneration(MoEBartConfig.from_bart_config(config, moe), task_vectors)
 
 
 def special_token_ids(tokenizer, pad_token_id: int | None) -> dict[str, int]:
@@ -122,15 +147,6 @@ def require_unused_parameter_detection(trainer, why: str) -> None:
         )
 
 
-def gather_objects(obj: Any) -> list[Any]:
-    """`obj` of every rank (a list with only `obj` outside distributed runs)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [obj]
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, obj)
-    return gathered
-
-
 class MoEMultiTaskModule(LightningModule):
     """Multi-task training of a sparse MoE-BART with task-aware routing (Ye et al. 2022; Gupta et al. 2022).
 
@@ -161,6 +177,13 @@ class MoEMultiTaskModule(LightningModule):
         lr: Learning rate of the backbone (experts and every other BART weight).
         router_lr: Learning rate of the router networks and token gates.
         task_lr: Learning rate of the task table.
+        two_speed_lr: Ye et al.'s two learning-rate speeds: router and task table train at `router_lr` and
+            `task_lr`, faster than the experts (released: 1e-3 and 1e-2 vs 1e-5, INK-USC/CrossTaskMoE
+            example_scripts/train_routing_bart.sh). False (the ablation): every group at `lr`.
+        route_balance_weight: Weight of the task-level balance term while routes are learned (stage one):
+            KL(mean route of the seen tasks ‖ uniform) per routed layer, from softmax(router logits) over the
+            whole task table, so that tasks spread over the experts instead of sharing the expert that every
+            task's gradient favours; 0: off (the paper has no such term).
         weight_decay: AdamW weight decay of matrices (none on biases and LayerNorm weights).
         betas: AdamW betas.
         warmup: Warmup before the linear decay: a fraction of the training steps if below 1, else a step count.
@@ -173,6 +196,21 @@ class MoEMultiTaskModule(LightningModule):
             the batch (on every rank) and count it.
         num_beams: Beams of generation in validation, test and predict.
         results_dir: Folder of evaluation files, route tables and predictions; None: the logger's run folder.
+        init_from: Start from the weights of an upstream `moe-mtl fit` run: its Lightning checkpoint (.ckpt), or its
+            run folder (its single checkpoints/best-step*.ckpt, else checkpoints/last.ckpt). Not a resume: the
+            optimizer, step counter and lr schedule are new. The architecture (bart sizes, pretrained, MoE shape
+            options) is the upstream run's; the configured non-shape MoE options apply. Task-table rows are mapped
+            by task name: a task the upstream run trained on keeps its row, the others get `unseen_routes`. With
+            `moe-mtl test` and no `--ckpt_path`, this is zero-shot evaluation.
+        unseen_routes: Route of a task the upstream run did not train on (`init_from`): "representation" (its
+            representation as its row, through the trained router), "nearest" (the row of the nearest trained task
+            by cosine similarity of representations), "average" (uniform weights over experts), "random" (seeded by
+            moe.route_seed: top_k random experts per routed layer), "learned" (a new row, the mean of the trained
+            rows, trained on the task's data; the router is frozen). See `moe_mtl.transfer.unseen_routes`.
+        representation: Task representations of "representation" and "nearest": "text" or "fisher" (computed with
+            the model's own encoder, cached in `<data output_dir>/representations`), or a representation file.
+        finetune: Which weights train: "all", or "task_table" only (everything else frozen, e.g. with
+            `unseen_routes: learned`).
     """
 
     def __init__(
@@ -192,6 +230,8 @@ class MoEMultiTaskModule(LightningModule):
         lr: float = 1e-5,
         router_lr: float = 1e-3,
         task_lr: float = 1e-2,
+        two_speed_lr: bool = True,
+        route_balance_weight: float = 0.0,
         weight_decay: float = 0.01,
         betas: tuple[float, float] = (0.9, 0.999),
         warmup: float = 0.06,
@@ -202,6 +242,10 @@ class MoEMultiTaskModule(LightningModule):
         nan_policy: Literal["stop", "skip"] = "stop",
         num_beams: int = 4,
         results_dir: str | None = None,
+        init_from: str | None = None,
+        unseen_routes: Literal["representation", "nearest", "average", "random", "learned"] = "nearest",
+        representation: str = "text",
+        finetune: Literal["all", "task_table"] = "all",
     ):
         super().__init__()
         if nan_policy not in ("stop", "skip"):
@@ -212,11 +256,25 @@ class MoEMultiTaskModule(LightningModule):
         moe = asdict(options)
         self.save_hyperparameters()
         self._tokenizer = None  # loaded on first use (`tokenizer`), here already for a new model's special ids
-        special = {}
-        if pretrained is None:
-            special = special_token_ids(self.tokenizer if tokenizer_path else None, pad_token_id)
-        self.model = build_model(pretrained, bart, options, tokenizer_size, special)
+        self._unseen: dict[str, Any] = {}  # init_from: unseen tasks whose routes wait for the data (`setup`)
+        if init_from is not None:
+            self.task_names = task_names or [f"task{i}" for i in range(options.num_tasks)]
+            self.model = self._build_from_upstream(init_from, options)
+        else:
+            special = {}
+            if pretrained is None:
+                special = special_token_ids(self.tokenizer if tokenizer_path else None, pad_token_id)
+            self.model = build_model(pretrained, bart, options, tokenizer_size, special, task_names)
         self.hparams["moe"] = asdict(self.model.moe_options)  # the options in effect (a saved MoE-BART's own)
+        if finetune not in FINETUNE:
+            raise ValueError(f"model option `finetune` is {finetune!r}; allowed: {', '.join(map(repr, FINETUNE))}")
+        if finetune == "task_table":
+            if self.model.moe_options.freeze_task_table:
+                raise ValueError(
+                    "model option `finetune` is 'task_table', but moe.freeze_task_table is true: nothing would train"
+                )
+            for name, param in self.model.named_parameters():
+                param.requires_grad_(name == TASK_TABLE_KEY)
         num_tasks = self.model.task_table.num_tasks
         self.task_names = task_names or [f"task{i}" for i in range(num_tasks)]
         self.task_metrics = task_metrics or ["EM"] * num_tasks
@@ -246,7 +304,8 @@ class MoEMultiTaskModule(LightningModule):
         self._seed_base = 0  # set at fit start
         self._resumed_seed: int | None = None
         self._token_routes: dict[str, torch.Tensor] = {}  # token routing: per-task gate sums for `route_table`
-        self._eval: dict[str, Any] = {}
+        self._evaluation: TaskEvaluation | None = None  # of the running validation or test epoch
+        self._predictions: list[dict[str, Any]] = []  # rows of the running predict epoch
         self._run_dir: Path | None = None  # set in `setup`
 
     # --- routing state, read and changed by the callbacks -----------------------------------------
@@ -262,20 +321,26 @@ class MoEMultiTaskModule(LightningModule):
 
         Learned task routes: the selection probabilities: softmax(logits / τ) for softmax selection,
         softmax(logits) for gumbel selection (the Gumbel-max probability of each expert), one-hot argmax
-        for argmax selection (stage two). Fixed routes: their table. Token routing: the mean gate weight
+        for argmax selection (stage two). Fixed routes: their table. Overridden tasks
+        (`TaskRouter.set_route_overrides`): their override, normalised. Token routing: the mean gate weight
         per task over the training batches since the last call (uniform for tasks not seen since).
         """
         router = self.model.router
         if router is None:
             return self._token_route_table()
         if not router.learned:
-            return router.fixed_routes.float() / router.fixed_routes.float().sum(-1, keepdim=True)
-        task_ids = torch.arange(self.model.task_table.num_tasks, device=self.device)
-        logits = router.logits(self.model.task_table(task_ids))
-        if router.selection == "argmax":
-            return hard_top_k(logits, router.top_k)
-        temperature = router.temperature.float() if router.selection == "softmax" else 1.0
-        return (logits / temperature).softmax(-1)
+            table = router.fixed_routes.float() / router.fixed_routes.float().sum(-1, keepdim=True)
+        else:
+            task_ids = torch.arange(self.model.task_table.num_tasks, device=self.device)
+            logits = router.logits(self.model.task_table(task_ids))
+            if router.selection == "argmax":
+                table = hard_top_k(logits, router.top_k)
+            else:
+                temperature = router.temperature.float() if router.selection == "softmax" else 1.0
+                table = (logits / temperature).softmax(-1)
+        overrides = router.override_routes.float()  # tasks routed by `set_route_overrides`
+        overrides = overrides / overrides.sum(-1, keepdim=True).clamp_min(torch.finfo(overrides.dtype).tiny)
+        return torch.where(router.override_mask[:, None, None], overrides, table)
 
     def _record_token_routes(self, routes, task_ids: torch.Tensor) -> None:
         layers = self.model.routed_layer_names
@@ -324,6 +389,97 @@ class MoEMultiTaskModule(LightningModule):
         self.stage_info = {"routes": routes, "switch_step": self.trainer.global_step if self._trainer else 0}
         return frozen
 
+    # --- starting from an upstream run (init_from) ------------------------------------------------
+
+    def _build_from_upstream(self, init_from: str, configured: MoEOptions) -> MoEBartForConditionalGeneration:
+        """The upstream run's MoE-BART over this run's tasks: its architecture and weights, rows mapped by task name,
+        the configured non-shape options; unseen tasks get `unseen_routes` (now, or in `setup` if they need the
+        data's tasks)."""
+        hp = self.hparams
+        upstream = read_upstream(init_from)
+        for option in ("pretrained", "bart"):
+            given, kept = hp[option], upstream.hparams.get(option)
+            if given is not None and given != kept:
+                raise ValueError(
+                    f"model option `{option}` is {given!r}, but {upstream.describe()} has {kept!r}: with "
+                    f"`init_from` the architecture is the upstream run's; leave `{option}` unset"
+                )
+            hp[option] = kept  # the architecture in effect, as with `--ckpt_path`
+        check_vocabulary(upstream, hp.tokenizer_size)
+        if configured.task_embeddings is not None:
+            raise ValueError(
+                f"MoE option `task_embeddings` is {configured.task_embeddings!r}, but with `init_from` the task table "
+                "is the upstream run's (rows by task name; unseen tasks: `unseen_routes`, e.g. 'representation' with "
+                "`representation: <file>`); set it to null"
+            )
+        options = adopt_saved_shape(configured, upstream.options, upstream.describe())
+        check_source(hp.unseen_routes, hp.representation, options.routing)
+        tokenizer_path = upstream.tokenizer_path
+        tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path else None
+        special = special_token_ids(tokenizer, upstream.hparams.get("pad_token_id"))
+        sizes = {**SMALL_BART, **(upstream.hparams.get("bart") or {})}
+        model = MoEBartForConditionalGeneration(upstream_config(upstream, options, sizes, special))
+        rows = task_row_map(upstream.task_names, self.task_names, upstream.trained_tasks)
+        load_upstream_weights(model, upstream, rows)
+        model.set_temperature(options.temperature)
+        seen = [i for i, row in enumerate(rows) if row is not None]
+        unseen = [i for i, row in enumerate(rows) if row is None]
+        trained = [upstream.task_names.index(name) for name in upstream.trained_tasks]
+        self._unseen = {
+            "unseen": unseen,
+            "seen": seen,
+            "seen_rows": upstream.state_dict[TASK_TABLE_KEY][trained].float(),
+            "seed": options.route_seed,
+        }
+        names = f" ({shortened([self.task_names[i] for i in unseen])})" if unseen else ""
+        rank_zero_info(
+            f"init_from {upstream.path}: {len(seen)} tasks keep their trained rows; {len(unseen)} unseen tasks{names} "
+            f"get {hp.unseen_routes!r} routes"
+        )
+        if hp.unseen_routes == "learned":
+            if options.freeze_task_table:
+                raise ValueError(
+                    "model option `unseen_routes` is 'learned', but moe.freeze_task_table is true: the new rows "
+                    "could not be trained; set moe.freeze_task_table false"
+                )
+            if options.selection == "argmax":
+                raise ValueError(
+                    "model option `unseen_routes` is 'learned', but moe.selection 'argmax' passes no gradient to the "
+                    "new rows; allowed: softmax, gumbel, gumbel_st"
+                )
+            if model.router is not None and model.router.learned:
+                for param in model.router.parameters():  # the router stays as trained, the new rows learn
+                    param.requires_grad_(False)
+        if hp.unseen_routes not in NEEDS_REPRESENTATIONS or Path(hp.representation).is_file():
+            self.assign_unseen_routes(model)  # needs no data: the model starts with its routes
+        return model.train()
+
+    def assign_unseen_routes(self, model: MoEBartForConditionalGeneration | None = None, datamodule=None) -> None:
+        """Give the unseen tasks of an `init_from` run their routes (`unseen_routes`); computed representations
+        ("text", "fisher") need the data module's tasks. Runs once (`setup` calls it when still due)."""
+        if not self._unseen:
+            return
+        model = model if model is not None else self.model
+        hp = self.hparams
+        vectors = None
+        if hp.unseen_routes in NEEDS_REPRESENTATIONS and self._unseen["unseen"]:
+            vectors = representations_of_tasks(
+                hp.representation, self.task_names, datamodule, model, self.tokenizer, hp.unseen_routes
+            )
+        nearest = assign_unseen_routes(
+            model,
+            self._unseen["unseen"],
+            self._unseen["seen"],
+            hp.unseen_routes,
+            seen_rows=self._unseen["seen_rows"],
+            representations=vectors,
+            seed=self._unseen["seed"],
+            task_names=self.task_names,
+        )
+        if nearest:
+            rank_zero_info(f"unseen tasks take the route of the nearest trained task: {describe_nearest(nearest)}")
+        self._unseen = {}
+
     # --- training ---------------------------------------------------------------------------------
 
     def forward(self, batch: dict[str, Any]):
@@ -347,10 +503,15 @@ class MoEMultiTaskModule(LightningModule):
             self.log("train/aux_loss", out.aux_loss, batch_size=size)
         # logged before the NaN policy: a step that skips its batch shows its own non-finite loss, not the
         # previous step's (Lightning logs the last value again for a key that a step does not log)
+        balance = self._route_balance()
+        if balance is not None:
+            loss = loss + self.hparams.route_balance_weight * balance
+            self.log("train/route_balance", balance, batch_size=size)
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         if self.model.router is not None and self.model.router.learned:
+            # only learned task routes have a τ and two stages: fixed routes are neither learned nor "stage one"
             self.log("train/temperature", self.model.router.temperature.float(), batch_size=size)
-        self.log("train/stage", float(self.stage), batch_size=size)
+            self.log("train/stage", float(self.stage), batch_size=size)
         for group in self.trainer.optimizers[0].param_groups if self._trainer else []:
             if not group["name"].endswith("no_decay"):
                 self.log(f"lr/{group['name']}", group["lr"], batch_size=size)
@@ -366,6 +527,14 @@ class MoEMultiTaskModule(LightningModule):
             if self.model.router is None:
                 self._record_token_routes(out.routes, batch["task_ids"])
         return loss
+
+    def _route_balance(self) -> torch.Tensor | None:
+        """The task-level balance term over every seen task's route (None: off, or routes not being learned)."""
+        router = self.model.router
+        if not self.hparams.route_balance_weight or router is None or not router.learned or router.frozen:
+            return None
+        tasks = torch.tensor(self.seen_tasks or range(self.model.task_table.num_tasks), device=self.device)
+        return route_balance(router.logits(self.model.task_table(tasks)).softmax(-1))
 
     def _loss_is_finite(self, loss: torch.Tensor, batch: dict[str, Any]) -> bool:
         """Apply the NaN policy; every rank takes the same decision (a skip on one rank alone hangs DDP)."""
@@ -453,6 +622,9 @@ class MoEMultiTaskModule(LightningModule):
                 )
         # on every rank, here: `Trainer.log_dir` broadcasts, so reading it first in rank-0-only code hangs DDP
         self._run_dir = Path(self.hparams.results_dir or self.trainer.log_dir or self.trainer.default_root_dir)
+        # init_from: unseen routes that need the data's tasks (a checkpoint about to be loaded brings its own)
+        if self._unseen and not self.trainer.ckpt_path:
+            self.assign_unseen_routes(datamodule=getattr(self.trainer, "datamodule", None))
 
     def on_train_start(self) -> None:
         # after every restore (FSDP and DeepSpeed restore after `on_fit_start`): the checkpoint's seed when resuming,
@@ -479,6 +651,8 @@ class MoEMultiTaskModule(LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         lrs = {"backbone": hp.lr, "router": hp.router_lr, "task_table": hp.task_lr}
+        if not hp.two_speed_lr:  # the ablation: routing learns at the experts' speed
+            lrs = dict.fromkeys(lrs, hp.lr)
         groups = build_param_groups(self.model, lrs, hp.weight_decay)
         optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
         total = max(1, int(self.trainer.estimated_stepping_batches))
@@ -550,62 +724,30 @@ class MoEMultiTaskModule(LightningModule):
         )
         return [text.strip() for text in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
-    def _evaluation_start(self) -> None:
-        num_tasks = self.model.task_table.num_tasks
-        self._eval = {
-            "nll": torch.zeros(num_tasks, dtype=torch.float64, device=self.device),
-            "tokens": torch.zeros(num_tasks, dtype=torch.float64, device=self.device),
-            "records": [],
-        }
-
     def _evaluation_step(self, batch: dict[str, Any]) -> None:
-        # no collectives and no task-dependent log keys here: ranks may hold different tasks (see
-        # SequentialTaskBatchSampler); sums over all task ids are reduced at epoch end
         nll, tokens = sequence_nll(self(batch).logits, batch["labels"])
-        self._eval["nll"].index_add_(0, batch["task_ids"], nll.double())
-        self._eval["tokens"].index_add_(0, batch["task_ids"], tokens.double())
-        predictions = self.generate(batch)
-        for task, example, prediction, references in zip(
-            batch["task_ids"].tolist(), batch["example_ids"].tolist(), predictions, batch["references"], strict=True
-        ):
-            self._eval["records"].append((task, example, prediction, list(references)))
+        self._evaluation.add(
+            batch["task_ids"], nll, tokens, batch["example_ids"].tolist(), self.generate(batch), batch["references"]
+        )
 
-    def _evaluation_end(self, stage: str) -> dict[str, Any]:
+    def _evaluation_end(self, stage: str) -> EvaluationResult:
         strategy = self.trainer.strategy
-        nll = strategy.reduce(self._eval["nll"], reduce_op="sum")
-        tokens = strategy.reduce(self._eval["tokens"], reduce_op="sum")
-        by_task: dict[int, list[tuple]] = defaultdict(list)
-        for records in gather_objects(self._eval["records"]):
-            for task, example, prediction, references in records:
-                by_task[task].append((example, prediction, references))
-        rows = []
-        for task in sorted(by_task):
-            examples = sorted(by_task[task])
-            value = score(self.task_metrics[task], [e[1] for e in examples], [e[2] for e in examples])
-            loss = (nll[task] / tokens[task]).item() if tokens[task] > 0 else math.nan
-            rows.append(
-                {
-                    "task": self.task_names[task],
-                    "partition": self.task_partitions[task],
-                    "metric": self.task_metrics[task],
-                    "score": value,
-                    "loss": loss,
-                    "examples": len(examples),
-                }
-            )
-        mean_loss = (nll.sum() / tokens.sum().clamp_min(1)).item()
-        average = sum(r["score"] for r in rows) / len(rows) if rows else math.nan
-        metrics = {f"{stage}/loss": mean_loss, f"{stage}/score": average}
-        for row in rows:
-            metrics[f"{stage}/score/{row['task']}"] = row["score"]
-            metrics[f"{stage}/loss/{row['task']}"] = row["loss"]
+        result = self._evaluation.finish(
+            stage,
+            lambda sums: strategy.reduce(sums, reduce_op="sum"),
+            self.task_names,
+            self.task_metrics,
+            self.task_partitions,
+        )
+        self._evaluation = None
         # every rank holds the same gathered values, so no sync_dist is needed. (No "step" metric to move the point
         # in TensorBoard: ModelCheckpoint would take it for the step in its file names.)
-        self.log_dict(metrics, batch_size=1)
+        self.log_dict(result.metrics, batch_size=1)
         if not self.trainer.sanity_checking and self.trainer.is_global_zero:
-            self._write_evaluation(stage, rows, {"loss": mean_loss, "score": average})
-        self._eval = {}
-        return metrics
+            ckpt_path = self.trainer.ckpt_path if self.trainer.state.fn != "fit" else None
+            stem = evaluation_stem(self.run_dir / "evaluation", stage, self.current_epoch, self.global_step, ckpt_path)
+            write_evaluation(stem, result, self.current_epoch, self.global_step)
+        return result
 
     @property
     def run_dir(self) -> Path:
@@ -616,24 +758,8 @@ class MoEMultiTaskModule(LightningModule):
             raise RuntimeError("`run_dir` is known once the Trainer has called `setup` on this module")
         return self._run_dir
 
-    def _write_evaluation(self, stage: str, rows: list[dict[str, Any]], average: dict[str, float]) -> None:
-        folder = self.run_dir / "evaluation"
-        folder.mkdir(parents=True, exist_ok=True)
-        ckpt_path = self.trainer.ckpt_path
-        if self.trainer.state.fn != "fit" and ckpt_path:  # a checkpoint evaluated on its own: name it
-            stem = folder / f"{stage}-{Path(ckpt_path).stem}"
-        else:
-            stem = folder / f"{stage}-epoch{self.current_epoch}-step{self.global_step}"
-        with open(stem.with_suffix(".csv"), "w", newline="") as file:
-            writer = csv.DictWriter(file, fieldnames=["task", "partition", "metric", "score", "loss", "examples"])
-            writer.writeheader()
-            writer.writerows(rows)
-            writer.writerow({"task": "average", "score": average["score"], "loss": average["loss"]})
-        summary = {"stage": stage, "epoch": self.current_epoch, "step": self.global_step, "average": average}
-        stem.with_suffix(".json").write_text(json.dumps({**summary, "tasks": rows}, indent=1) + "\n")
-
     def on_validation_epoch_start(self) -> None:
-        self._evaluation_start()
+        self._evaluation = TaskEvaluation(self.model.task_table.num_tasks, self.device)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluation_step(batch)
@@ -642,7 +768,7 @@ class MoEMultiTaskModule(LightningModule):
         self._evaluation_end("val")
 
     def on_test_epoch_start(self) -> None:
-        self._evaluation_start()
+        self._evaluation = TaskEvaluation(self.model.task_table.num_tasks, self.device)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluation_step(batch)
@@ -653,7 +779,7 @@ class MoEMultiTaskModule(LightningModule):
     # --- predict ----------------------------------------------------------------------------------
 
     def on_predict_epoch_start(self) -> None:
-        self._eval = {"records": []}
+        self._predictions = []
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         inputs = self.tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)
@@ -674,24 +800,17 @@ class MoEMultiTaskModule(LightningModule):
                 strict=True,
             )
         ]
-        self._eval["records"].extend(rows)
+        self._predictions.extend(rows)
         return rows
 
     def on_predict_epoch_end(self) -> None:
         """Write `<run dir>/predictions/<task>.jsonl`, rows in example order, all ranks' rows gathered."""
-        rows = [row for records in gather_objects(self._eval["records"]) for row in records]
-        self._eval = {}
+        by_task = gather_predictions(self._predictions)
+        self._predictions = []
         if not self.trainer.is_global_zero:
             return
         folder = self.run_dir / "predictions"
-        folder.mkdir(parents=True, exist_ok=True)
-        by_task: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        for row in rows:
-            by_task[row["task"]].append(row)
-        for task, task_rows in by_task.items():
-            with open(folder / f"{task}.jsonl", "w") as file:
-                for row in sorted(task_rows, key=lambda r: r["example_id"]):
-                    file.write(json.dumps(row) + "\n")
+        write_predictions(folder, by_task)
         log.info("wrote predictions of %d tasks to %s", len(by_task), folder)
 
 

@@ -1,0 +1,205 @@
+"""The paper's comparison (Ye et al. 2022, Table 2's rows) on the built-in skill suite, on the CPU.
+
+For each routing method (vanilla multi-task BART, random task-level routes, average routing, learned routing) and
+each seed: a `moe-mtl fit` of the quick-start model with the method's overlay (`configs/baselines/`), a zero-shot
+`moe-mtl test` on the unseen tasks (`--model.init_from` the run, unseen tasks routed by the method's own route
+source), and `moe-mtl fewshot` on the unseen tasks (one k-shot seed per upstream seed). Then `moe-mtl analyze` of
+the learned runs (route–skill correlation and agreement against the suite's ground-truth skills) and
+`moe-mtl summarize` of every run into one table (seen-task dev average, unseen zero-/few-shot averages and ARG
+against vanilla, mean ± std over seeds).
+
+    python experiments/skill_suite_table.py --out runs/skill_table --docs docs/skill_suite
+
+Every step is skipped when its result exists, so an interrupted run resumes. `--preset tiny` shrinks everything
+to seconds (the test suite runs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from moe_mtl.cli import main as moe_mtl
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE_CONFIG = ROOT / "configs" / "quickstart.yaml"
+METHODS = ("vanilla", "random", "average", "learned")
+# how each method routes a task new to its task table (zero-shot and few-shot): by its own kind of route
+UNSEEN_ROUTES = {"vanilla": "average", "random": "random", "average": "average", "learned": "nearest"}
+# how the few-shot cells route: learned routing learns the new task's row, the others keep their fixed routes
+FEWSHOT_ROUTES = {**UNSEEN_ROUTES, "learned": "learned"}
+
+PRESETS = {
+    # ~30 min on 2 idle CPU cores (see docs/skill_suite/README.md for the measured time)
+    "full": {
+        "steps": 1000,
+        "fewshot_steps": 40,
+        "fewshot_lrs": [5e-4],
+        "data": [],
+        "learned": [],
+    },
+    # seconds: the test suite's end-to-end run of this script
+    "tiny": {
+        "steps": 4,
+        "fewshot_steps": 2,
+        "fewshot_lrs": [5e-4],
+        "data": [
+            "--data.skills.train_size=8",
+            "--data.skills.dev_size=2",
+            "--data.skills.test_size=2",
+            "--data.skills.shots=2",
+            "--data.batch_size=4",
+            "--data.eval_batch_size=8",
+            "--data.vocab_size=300",
+            "--model.bart.d_model=16",
+            "--model.bart.encoder_layers=1",
+            "--model.bart.decoder_layers=1",
+            "--model.bart.encoder_ffn_dim=32",
+            "--model.bart.decoder_ffn_dim=32",
+            "--model.bart.encoder_attention_heads=2",
+            "--model.bart.decoder_attention_heads=2",
+            "--model.moe.task_dim=8",
+            "--model.moe.router_hidden=8",
+            "--data.max_input_length=32",
+            "--data.max_target_length=8",
+            "--trainer.log_every_n_steps=1",
+        ],
+        "learned": ["--two_stage.switch_step=2"],
+    },
+}
+
+
+def configs(method: str, preset: dict) -> list[str]:
+    """The method's configs, then the preset's sizes (and, for learned routing, its stage-one settings)."""
+    files = ["--config", str(BASE_CONFIG), "--config", str(ROOT / "configs" / "baselines" / f"{method}.yaml")]
+    return files + preset["data"] + (preset["learned"] if method == "learned" else [])
+
+
+def run(args: Sequence[str]) -> None:
+    """One `moe-mtl` command in this process (no interpreter start-up per step); a usage error stops the script."""
+    print("moe-mtl " + " ".join(args), flush=True)
+    try:
+        moe_mtl(list(args))
+    except SystemExit as exit_:
+        if exit_.code not in (0, None):
+            raise RuntimeError(f"`moe-mtl {args[0]}` exited with {exit_.code}") from None
+
+
+def fit(method: str, seed: int, out: Path, preset: dict, data_dir: Path) -> Path:
+    folder = out / method / f"seed{seed}"
+    if list(folder.glob("evaluation/val-*.json")) and (folder / "checkpoints" / "last.ckpt").is_file():
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)  # a fit cut short starts again
+    steps = preset["steps"]
+    run(
+        [
+            "fit",
+            *configs(method, preset),
+            f"--seed_everything={seed}",
+            f"--trainer.max_steps={steps}",
+            f"--trainer.val_check_interval={steps}",
+            f"--trainer.logger.init_args.save_dir={out}",
+            f"--trainer.logger.init_args.name={method}",
+            f"--trainer.logger.init_args.version=seed{seed}",
+            f"--data.output_dir={data_dir}",
+        ]
+    )
+    return folder
+
+
+def zeroshot(method: str, folder: Path, preset: dict, data_dir: Path) -> None:
+    if list((folder / "zeroshot" / "evaluation").glob("test-*.json")):
+        return
+    run(
+        [
+            "test",
+            *configs(method, preset),
+            f"--model.init_from={folder}",
+            f"--model.unseen_routes={UNSEEN_ROUTES[method]}",
+            f"--model.results_dir={folder / 'zeroshot'}",
+            "--data.test_partitions=test",
+            f"--data.output_dir={data_dir}",
+            "--trainer.logger=false",
+        ]
+    )
+
+
+def fewshot(
+    method: str, folder: Path, kshot_seed: int, preset: dict, data_dir: Path, tasks: Sequence[str] | None
+) -> None:
+    if (folder / "fewshot" / "fewshot_summary.csv").is_file():
+        return
+    steps = preset["fewshot_steps"]
+    # the runner sets each cell's batch size itself (`--batch_sizes`)
+    sizes = [arg.split("=", 1)[1] for arg in preset["data"] if arg.startswith("--data.batch_size=")]
+    run(
+        [
+            "fewshot",
+            *(arg for arg in configs(method, preset) if not arg.startswith("--data.batch_size=")),
+            *(["--batch_sizes", *sizes] if sizes else []),
+            *(["--tasks", *tasks] if tasks else []),
+            "--init_from",
+            str(folder),
+            "--out",
+            str(folder / "fewshot"),
+            "--seeds",
+            str(kshot_seed),
+            "--lrs",
+            *map(str, preset["fewshot_lrs"]),
+            "--unseen_routes",
+            FEWSHOT_ROUTES[method],
+            "--max_steps",
+            str(steps),
+            f"--trainer.val_check_interval={steps}",
+            f"--data.output_dir={data_dir}",
+            "--two_stage.switch_step=null",
+        ]
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("runs/skill_table"), help="folder of every run")
+    parser.add_argument("--docs", type=Path, help="also copy the table and the learned routes' heatmap here")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the upstream runs")
+    parser.add_argument("--kshot_seeds", type=int, nargs="+", default=[100, 13, 21], help="k-shot seed per seed")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--preset", default="full", choices=sorted(PRESETS))
+    parser.add_argument("--fewshot_tasks", nargs="+", help="few-shot on these unseen tasks only (default: all)")
+    options = parser.parse_args(argv)
+    if len(options.kshot_seeds) < len(options.seeds):
+        parser.error(f"--kshot_seeds gives {len(options.kshot_seeds)} seeds for {len(options.seeds)} upstream seeds")
+    preset, out = PRESETS[options.preset], options.out
+    data_dir = out / "data"  # one tokenizer and data cache for every run
+    started = time.monotonic()
+    for method in options.methods:
+        for seed, kshot_seed in zip(options.seeds, options.kshot_seeds, strict=False):
+            folder = fit(method, seed, out, preset, data_dir)
+            zeroshot(method, folder, preset, data_dir)
+            fewshot(method, folder, kshot_seed, preset, data_dir, options.fewshot_tasks)
+            if method == "learned":
+                run(["analyze", str(folder)])
+    table = out / "table"
+    baseline = ["--baseline", "vanilla"] if "vanilla" in options.methods else []
+    run(["summarize", *(str(out / m) for m in options.methods), *baseline, "--out", str(table)])
+    minutes = (time.monotonic() - started) / 60
+    record = {"preset": options.preset, "seeds": options.seeds, "methods": options.methods, "minutes": minutes}
+    (out / "run.json").write_text(json.dumps(record, indent=1) + "\n")
+    if options.docs:
+        options.docs.mkdir(parents=True, exist_ok=True)
+        for suffix in (".md", ".csv"):
+            shutil.copy(table.with_suffix(suffix), options.docs / f"table{suffix}")
+        learned = out / "learned" / f"seed{options.seeds[0]}" / "analysis"
+        for name in ("route_heatmap.png", "correlation.md", "skill_agreement.json"):
+            if (learned / name).is_file():
+                shutil.copy(learned / name, options.docs / name)
+    print(f"done in {minutes:.1f} min: {table}.md")
+    return record
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,21 @@
+"""Route analysis of a trained run (`moe-mtl analyze`): labelled route heatmaps and learning dynamics, the
+correlation of task features with expert usage, route–skill agreement, and expert disabling.
+
+scipy and matplotlib are the optional extra `analysis` (`pip install moe-mtl[analysis]`); each module imports
+them inside the functions that need them, so `import moe_mtl` works without them. The subcommand
+(`analysis.command`) and expert disabling import the training package: import them from their modules.
+"""
+
+from .agreement import route_agreement, route_skill_agreement
+from .correlation import CorrelationResult, benjamini_hochberg, expert_usage, feature_usage_correlation
+from .extras import require
+
+__all__ = [
+    "CorrelationResult",
+    "benjamini_hochberg",
+    "expert_usage",
+    "feature_usage_correlation",
+    "require",
+    "route_agreement",
+    "route_skill_agreement",
+]

@@ -1,0 +1,116 @@
+"""`moe-mtl analyze <run or checkpoint>`: parse the options, run `report.analyze`, print a short summary."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from jsonargparse import ArgumentParser
+
+from .report import analyze
+from .run import RunFolder
+
+
+def build_analyze_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="moe-mtl analyze",
+        description="Route analysis of a trained run: heatmap, learning dynamics, feature correlation, route–skill "
+        "agreement and (with --disable true) expert disabling, written to <run>/analysis/.",
+    )
+    parser.add_argument("run", help="run folder (runs/<name>/version_N) or a checkpoint (.ckpt) in one")
+    parser.add_argument(
+        "--ckpt_path",
+        default=None,
+        help="checkpoint to analyse; null: the run's single best-*.ckpt, else its last.ckpt",
+    )
+    parser.add_argument("--output_dir", default=None, help="where the files go; null: <run>/analysis")
+    parser.add_argument(
+        "--group_by", default="family", help="task feature that groups tasks: family, output_type or any feature"
+    )
+    parser.add_argument(
+        "--step",
+        type=int | None,
+        default=None,
+        help="route table of this step; null: the named checkpoint's routes, else the last saved table",
+    )
+    parser.add_argument("--alpha", type=float, default=0.05, help="false discovery rate of the correlation tests")
+    parser.add_argument("--skill_feature", default="skills", help="list feature that defines shared skills")
+    parser.add_argument("--permutations", type=int, default=10_000, help="permutations of the agreement test")
+    parser.add_argument("--disable", type=bool, default=False, help="evaluate with each expert disabled (costly)")
+    parser.add_argument(
+        "--layers",
+        type=list[str] | None,
+        default=None,
+        help="routed layers to disable experts in, e.g. [encoder.0]; null: all",
+    )
+    parser.add_argument(
+        "--max_examples",
+        type=int | None,
+        default=None,
+        help="first dev examples of each task in the disabling evaluations; null: all",
+    )
+    parser.add_argument(
+        "--tasks",
+        type=list[str] | None,
+        default=None,
+        help="tasks (names) the disabling evaluations validate; null: every validated task",
+    )
+    parser.add_argument("--accelerator", default="auto", help="Trainer accelerator of the disabling evaluations")
+    return parser
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    correlation = summary["correlation"]
+    skipped = ", ".join(f"{count} {reason}" for reason, count in correlation["skipped"].items()) or "none"
+    print(f"analysed {summary['run']} at step {summary['step']}: {summary['tasks']} seen tasks")
+    print(
+        f"feature correlation: {correlation['tests']} tests, {correlation['significant']} significant "
+        f"(BH); columns not tested: {skipped}"
+    )
+    for row in correlation["top"]:
+        print(f"  {row['feature']} ~ {row['usage']}: r={row['r']:+.3f}, q={row['q']:.2e}")
+    agreement = summary["skill_agreement"]
+    if "skipped" in agreement:
+        print(f"route–skill agreement: not measured ({agreement['skipped']})")
+    else:
+        print(
+            f"route–skill agreement: {agreement['sharing']:.3f} for pairs sharing a skill vs "
+            f"{agreement['not_sharing']:.3f} for pairs sharing none (p={agreement['p_permutation']:.4f}, permutation); "
+            f"argmax routes: {agreement['argmax']['sharing']:.3f} vs {agreement['argmax']['not_sharing']:.3f} "
+            f"(p={agreement['argmax']['p_permutation']:.4f})"
+        )
+    if "disabling" in summary:
+        disabling = summary["disabling"]
+        worst = disabling["largest_drop"]
+        print(
+            f"expert disabling ({disabling['checkpoint']}): {disabling['evaluations']} evaluations; largest drop "
+            f"{worst['drop']:+.4f} ({worst['task']}, {worst['layer']} expert {worst['expert']})"
+        )
+    print(f"wrote {', '.join(summary['files'])}")
+
+
+def run_analyze(args: Sequence[str]) -> dict[str, Any]:
+    parser = build_analyze_parser()
+    options = parser.parse_args(list(args))
+    try:
+        run = RunFolder.resolve(options.run, options.ckpt_path)
+        summary = analyze(
+            run,
+            output_dir=options.output_dir,
+            group_by=options.group_by,
+            step=options.step,
+            alpha=options.alpha,
+            skill_feature=options.skill_feature,
+            permutations=options.permutations,
+            disable=options.disable,
+            layers=options.layers,
+            max_examples=options.max_examples,
+            tasks=options.tasks,
+            trainer={"accelerator": options.accelerator},
+        )
+    except ValueError as err:  # a bad option or input: a usage error, not a traceback
+        parser.error(str(err))
+    except ImportError as err:  # the optional extra is missing
+        parser.exit(1, f"moe-mtl analyze: {err}\n")
+    print_summary(summary)
+    return summary

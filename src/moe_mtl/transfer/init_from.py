@@ -1,0 +1,238 @@
+"""Starting a new run from a trained one (`--model.init_from`): the upstream run's checkpoint, its architecture,
+and its weights mapped onto a task table of other tasks.
+
+A new fit from an upstream run is not a resume: the weights come from the upstream checkpoint, the optimizer, step
+counter and learning-rate schedule are new. Task-table rows (and every other per-task tensor) are mapped by task
+NAME: a task the upstream run trained on keeps its row; the others are the tasks whose route comes from
+`transfer.unseen_routes`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, BartConfig
+
+from ..data.tasks import shortened
+from ..models import MoEBartConfig, MoEBartForConditionalGeneration, MoEOptions
+
+TASK_TABLE_KEY = "model.encoder.task_table.embedding.weight"
+# per-task tensors of the model, first dimension = task id: mapped by task name, not copied whole
+PER_TASK_WEIGHTS = (
+    TASK_TABLE_KEY,
+    "model.encoder.router.fixed_routes",
+    "model.encoder.router.override_mask",
+    "model.encoder.router.override_routes",
+)
+# of the weights, those the new run's options decide (the configured temperature, not the annealed one)
+CONFIGURED_WEIGHTS = ("model.encoder.router.temperature",)
+# weights a checkpoint from before they existed lacks; the new model's defaults stand
+OPTIONAL_WEIGHTS = ("model.encoder.router.override_mask", "model.encoder.router.override_routes")
+MODEL_PREFIX = "model."  # the module's attribute holding the MoE-BART, in Lightning's state dict
+# data options that decide which tasks a fit trains on: a resume (`fit --ckpt_path`) must keep them
+RESUME_DATA_OPTIONS = ("source", "data_dir", "partition", "task_info", "skills", "hf", "train_partitions")
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The Lightning checkpoint of `init_from`: a .ckpt file, or a run folder's single best checkpoint
+    (`checkpoints/best-step*.ckpt`), else its `checkpoints/last.ckpt`; a folder may also be `checkpoints/` itself."""
+    path = Path(path)
+    if path.is_file():
+        if path.suffix != ".ckpt":
+            raise ValueError(f"model option `init_from` {str(path)!r} is not a Lightning checkpoint (.ckpt)")
+        return path
+    if not path.is_dir():
+        raise ValueError(
+            f"model option `init_from` {str(path)!r} does not exist; give a .ckpt file or the folder of a "
+            "`moe-mtl fit` run (with checkpoints/best-step*.ckpt or checkpoints/last.ckpt)"
+        )
+    folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    best = sorted(folder.glob("best-step*.ckpt"))
+    if len(best) == 1:
+        return best[0]
+    if not best and (folder / "last.ckpt").is_file():
+        return folder / "last.ckpt"
+    found = sorted(p.name for p in folder.glob("*.ckpt"))
+    why = f"{len(best)} best checkpoints" if best else "no best-step*.ckpt and no last.ckpt"
+    raise ValueError(
+        f"model option `init_from` {str(path)!r}: {why} in {folder} (found: {found or 'no .ckpt file'}); "
+        "give the .ckpt file to start from"
+    )
+
+
+@dataclass
+class UpstreamRun:
+    """What a new run takes from an upstream run's checkpoint."""
+
+    path: Path
+    hparams: dict[str, Any]  # the module's hyper-parameters
+    data_hparams: dict[str, Any]  # the data module's
+    state_dict: dict[str, torch.Tensor]  # the MoE-BART's weights (no "model." prefix)
+
+    @property
+    def options(self) -> MoEOptions:
+        return MoEOptions.from_dict(self.hparams["moe"])
+
+    @property
+    def task_names(self) -> list[str]:
+        return list(self.hparams["task_names"])
+
+    @property
+    def trained_tasks(self) -> list[str]:
+        """Names of the tasks the upstream run trained on (partitions of its `train_partitions`), table order.
+
+        Tasks in its table that it did not train on (held-out tasks of the same suite) have untrained rows, so
+        they count as unseen here."""
+        parts = self.data_hparams.get("train_partitions", "train")
+        parts = {parts} if isinstance(parts, str) else set(parts)
+        partitions = self.hparams.get("task_partitions") or ["train"] * len(self.task_names)
+        return [name for name, part in zip(self.task_names, partitions, strict=True) if part in parts]
+
+    @property
+    def tokenizer_path(self) -> str | None:
+        return self.hparams.get("tokenizer_path")
+
+    def describe(self) -> str:
+        return f"the upstream run {self.path}"
+
+
+def read_upstream(init_from: str | Path) -> UpstreamRun:
+    """The checkpoint of `init_from` (see `resolve_checkpoint`), read on the CPU with weights only."""
+    path = resolve_checkpoint(init_from)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (OSError, RuntimeError, ValueError) as err:
+        raise ValueError(f"model option `init_from`: {path} could not be read as a checkpoint ({err})") from None
+    hparams = checkpoint.get("hyper_parameters") or {}
+    if "moe" not in hparams or "task_names" not in hparams or "state_dict" not in checkpoint:
+        raise ValueError(
+            f"model option `init_from`: {path} is not a checkpoint of a `moe-mtl fit` run (no MoE-BART "
+            "hyper-parameters and weights)"
+        )
+    state = {
+        key[len(MODEL_PREFIX) :]: value
+        for key, value in checkpoint["state_dict"].items()
+        if key.startswith(MODEL_PREFIX)
+    }
+    return UpstreamRun(path, dict(hparams), dict(checkpoint.get("datamodule_hyper_parameters") or {}), state)
+
+
+def upstream_config(upstream: UpstreamRun, options: MoEOptions, sizes: dict[str, Any], special: dict[str, int]):
+    """The MoE-BART config of the new run: the upstream architecture (its `pretrained` model's config, or a
+    new BART of `sizes` over the upstream vocabulary with the `special` token ids) with `options`."""
+    pretrained = upstream.hparams.get("pretrained")
+    if pretrained is not None:
+        try:
+            config = AutoConfig.from_pretrained(pretrained)
+        except OSError as err:
+            raise ValueError(
+                f"{upstream.describe()} was built from `pretrained` {pretrained!r}, whose config cannot be read "
+                f"now ({err}); its architecture is needed to rebuild the model"
+            ) from None
+        return MoEBartConfig.from_bart_config(config, options)
+    vocab_size = upstream.state_dict["model.shared.weight"].shape[0]
+    return MoEBartConfig.from_bart_config(BartConfig(vocab_size=vocab_size, **special, **sizes), options)
+
+
+def task_row_map(upstream_names: list[str], names: list[str], trained: list[str]) -> list[int | None]:
+    """For each task of `names`, its row in the upstream table if the upstream run trained on it, else None."""
+    index = {name: i for i, name in enumerate(upstream_names)}
+    trained_set = set(trained)
+    return [index[name] if name in trained_set else None for name in names]
+
+
+@torch.no_grad()
+def load_upstream_weights(model: MoEBartForConditionalGeneration, upstream: UpstreamRun, rows: list[int | None]):
+    """Copy the upstream weights into `model`, name by name; per-task tensors row by row (`rows[i]`: the upstream
+    row of task i, None: left as the new model has it). A missing, extra or differently shaped weight is an error
+    naming it."""
+    source = upstream.state_dict
+    target = model.state_dict()
+    extra = sorted(set(source) - set(target))
+    if extra:
+        raise ValueError(f"{upstream.describe()} has weights the new model lacks: {shortened(extra)}")
+    missing = sorted(set(target) - set(source) - set(OPTIONAL_WEIGHTS))
+    if missing:
+        raise ValueError(f"{upstream.describe()} lacks weights of the new model: {shortened(missing)}")
+    mapped = [(new, old) for new, old in enumerate(rows) if old is not None]
+    new_ids = torch.tensor([new for new, _ in mapped], dtype=torch.long)
+    old_ids = torch.tensor([old for _, old in mapped], dtype=torch.long)
+    for name, weight in target.items():
+        if name in CONFIGURED_WEIGHTS or name not in source:
+            continue
+        value = source[name]
+        per_task = name in PER_TASK_WEIGHTS
+        if (value.shape[1:] if per_task else value.shape) != (weight.shape[1:] if per_task else weight.shape):
+            raise ValueError(
+                f"weight {name} has shape {tuple(value.shape)} in {upstream.describe()} and {tuple(weight.shape)} "
+                "in the new model; the architecture options (bart sizes, pretrained, MoE shape options) must match"
+            )
+        if per_task:
+            weight[new_ids] = value[old_ids].to(weight.dtype)
+        else:
+            weight.copy_(value)
+
+
+def run_tokenizer_path(upstream: UpstreamRun, tokenizer: str | None) -> str:
+    """The tokenizer of a run started from `upstream`: the upstream one when none is given (nothing is retrained or
+    re-tokenised with another vocabulary); a given one must have exactly the upstream vocabulary."""
+    from ..data import load_tokenizer  # loads tokenizers: only when a run starts
+
+    path = upstream.tokenizer_path
+    if path is None:
+        raise ValueError(f"{upstream.describe()} records no `tokenizer_path`; give data option `tokenizer`")
+    if tokenizer is None or tokenizer == path:
+        return path
+    if load_tokenizer(tokenizer).get_vocab() != load_tokenizer(path).get_vocab():
+        raise ValueError(
+            f"init_from with a mismatched vocabulary: data option `tokenizer` {tokenizer!r} has another vocabulary "
+            f"than the tokenizer of {upstream.describe()} ({path}); leave `tokenizer` unset to use the upstream one"
+        )
+    return tokenizer
+
+
+def resume_mismatch(checkpoint: dict[str, Any], data: Mapping[str, Any], max_steps: int | None) -> str | None:
+    """Why `fit --ckpt_path checkpoint` with data options `data` would train nothing or other tasks than the
+    checkpoint's run (its data options differ, or its step is already `max_steps`); None for a true resume."""
+    saved = checkpoint.get("datamodule_hyper_parameters") or {}
+    for option in RESUME_DATA_OPTIONS:
+        if option not in saved or option not in data:
+            continue
+        given, kept = data[option], saved[option]
+        if option == "train_partitions":
+            given, kept = ([v] if isinstance(v, str) else list(v) for v in (given, kept))
+        if given != kept:
+            return f"data option `{option}` is {given!r}, but the checkpoint's run has {kept!r}"
+    step = checkpoint.get("global_step", 0)
+    if max_steps is not None and max_steps >= 0 and step >= max_steps:
+        return f"the checkpoint is at step {step}, and trainer.max_steps is {max_steps}: nothing would train"
+    return None
+
+
+def check_vocabulary(upstream: UpstreamRun, tokenizer_size: int | None) -> None:
+    """The new run's tokenizer must be the upstream one's size (token ids index the trained embeddings)."""
+    size = upstream.hparams.get("tokenizer_size")
+    if tokenizer_size is not None and size is not None and tokenizer_size != size:
+        raise ValueError(
+            f"init_from with a mismatched vocabulary: the data's tokenizer has {tokenizer_size} tokens, "
+            f"{upstream.describe()} was trained with {size} ({upstream.tokenizer_path}); use that tokenizer "
+            "(leave data option `tokenizer` unset, or set it to the upstream one)"
+        )
+
+
+__all__ = [
+    "TASK_TABLE_KEY",
+    "UpstreamRun",
+    "check_vocabulary",
+    "load_upstream_weights",
+    "read_upstream",
+    "resolve_checkpoint",
+    "resume_mismatch",
+    "run_tokenizer_path",
+    "task_row_map",
+    "upstream_config",
+]

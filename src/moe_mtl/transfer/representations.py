@@ -1,0 +1,661 @@
+"""Task representations (Ye et al. 2022): text and Fisher embeddings of tasks, files of vectors, `moe-mtl represent`.
+
+- text: the mean, over a task's training inputs, of the mean-pooled last encoder states (padding left out), from
+  the model's own encoder or any local Hugging Face encoder folder.
+- fisher: the diagonal Fisher information of the model's layer weights on a task's training examples (squared
+  gradients of each target's log-likelihood, averaged over examples), reduced by a seeded count sketch.
+- a file of precomputed vectors: .pt {"task_names", "vectors", meta}, .json {"task": [floats]}, or a plain
+  (tasks, width) matrix (.pt, .npy, .json list of rows) whose rows are in task order.
+
+An MoE-BART encodes with uniform ("average") routing over the experts of every routed layer, so a task's
+representation does not depend on any task's route, and an unseen task, which has none, gets one the same way.
+Reductions to `dim` are fixed projections (the same for every task and call), so seen and unseen tasks computed
+at different times share one space. Results are cached in `<cache_dir>/<fingerprint>.pt`, like tokenised data.
+
+Where the paper's code (INK-USC/CrossTaskMoE, task_emb/) differs: its text embedding averages BartModel's last
+states (those of the decoder, fed the shifted input) over padded positions; ours pools the encoder, padding left
+out, as the paper describes it. Its Fisher embedding first trains adapters on each task and takes their weights'
+Fisher; ours takes the Fisher of the given model's own layer weights, with no training, so any checkpoint (and
+any unseen task) gets one at the cost of one backward pass per example.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import math
+import os
+import pickle
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from jsonargparse import ArgumentParser
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+)
+from transformers.models.bart.modeling_bart import shift_tokens_right
+
+from ..data import MultiTaskDataModule, Task
+from ..data.tasks import ALL_SEEDS, Example, shortened
+from ..data.tokenizer import text_hash, tokenizer_fingerprint
+from ..models import MoEBartConfig, MoEBartForConditionalGeneration, MoEOptions
+from ..models.moe_bart import ROUTING_PARAMETERS
+from .init_from import resolve_checkpoint
+
+log = logging.getLogger(__name__)
+
+REPRESENTATION_KINDS = ("text", "fisher")
+FILE_SUFFIXES = (".pt", ".json", ".npy")
+PROJECTION_SEED = 0  # of the fixed projections to `dim`; part of every fingerprint
+CACHE_VERSION = 1  # bump when the computation changes, so old cache files are not reused
+
+Model = nn.Module  # a MoE-BART, or a Hugging Face model loaded from a folder
+
+
+# --- the examples a representation is computed from -------------------------------------------------
+
+
+def training_examples(task: Task, max_examples: int, fewshot_seed: int | str | None = None) -> list[Example]:
+    """At most `max_examples` of the task's training examples, evenly spaced over the split (deterministic).
+
+    The training split is `task.examples("train", fewshot_seed)`; a task with no training split of its own
+    (a held-out task with k-shot splits only) uses the k-shot training examples of all its seeds.
+    """
+    if fewshot_seed is None and not task.splits.get("train"):
+        fewshot_seed = ALL_SEEDS
+    examples = task.examples("train", fewshot_seed)
+    if len(examples) <= max_examples:
+        return list(examples)
+    # evenly spaced rather than the first ones: files are often sorted by label or length
+    return [examples[i] for i in np.linspace(0, len(examples) - 1, max_examples).round().astype(int)]
+
+
+# --- routing and encoding -------------------------------------------------------------------------------
+
+
+def uniform_routing(model: MoEBartForConditionalGeneration, batch_size: int) -> dict[str, torch.Tensor]:
+    """Encoder keywords that route every example the same way, independent of any task's route.
+
+    Task routing: weight 1/E on every expert of every routed layer (the paper's "average" routing). Token
+    routing: the mean row of the task table as every example's task vector, the gates' input for no task
+    in particular.
+    """
+    encoder = model.model.encoder
+    device = model.task_table.embedding.weight.device
+    if model.router is not None:
+        layers, experts = len(encoder.routed) + len(encoder.decoder_routed), model.router.num_experts
+        return {"routes": torch.full((batch_size, layers, experts), 1.0 / experts, device=device)}
+    mean = model.task_table.embedding.weight.detach().float().mean(0)
+    return {"task_vectors": mean.expand(batch_size, -1)}
+
+
+def encoder_states(model: Model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Last encoder states (B, L, d): a MoE-BART's under uniform routing; else the model's encoder (or the
+    model itself, for an encoder-only model)."""
+    if isinstance(model, MoEBartForConditionalGeneration):
+        routing = uniform_routing(model, len(input_ids))
+        return model.model.encoder(input_ids=input_ids, attention_mask=attention_mask, **routing).last_hidden_state
+    encoder = model.get_encoder() if hasattr(model, "get_encoder") else model
+    return encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def mean_pooled(states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the non-padding positions: (B, L, d), (B, L) → (B, d). Padding left out, so an example's
+    vector does not depend on the batch it was encoded in."""
+    mask = attention_mask.to(states.dtype)[..., None]
+    return (states * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
+def target_log_likelihood(model: Model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """log p(labels | input) summed over the target tokens of the batch (a MoE-BART under uniform routing)."""
+    labels = batch["labels"]
+    config = model.config
+    decoder_input_ids = shift_tokens_right(labels, config.pad_token_id, config.decoder_start_token_id)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if isinstance(model, MoEBartForConditionalGeneration):
+        routing = uniform_routing(model, len(labels))
+        inputs = {
+            "encoder_outputs": model.model.encoder(**inputs, **routing),
+            "attention_mask": batch["attention_mask"],
+        }
+    logits = model(**inputs, decoder_input_ids=decoder_input_ids).logits
+    return -F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum")
+
+
+def fisher_parameters(model: Model) -> list[tuple[str, nn.Parameter]]:
+    """The parameters the Fisher embedding is taken over: the weight matrices of the encoder and decoder layers
+    (every expert's), as the paper takes its adapters' weight matrices; not embeddings, routers or gates."""
+    return [
+        (name, param)
+        for name, param in model.named_parameters()
+        if ".layers." in name and name.endswith(".weight") and param.dim() == 2 and not ROUTING_PARAMETERS.search(name)
+    ]
+
+
+# --- reductions to `dim` --------------------------------------------------------------------------------
+
+
+def _seed(*parts: Any) -> int:
+    """A generator seed from a hash of `parts` (Python's own `hash` of a string changes between processes)."""
+    digest = hashlib.blake2b("|".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % 2**63
+
+
+def random_projection(native: int, dim: int, seed: int = PROJECTION_SEED) -> torch.Tensor:
+    """A fixed Gaussian projection (native, dim), scaled by 1/sqrt(dim) so that lengths are kept in expectation.
+
+    Fixed by (`seed`, `native`, `dim`) rather than fitted to the tasks at hand (as PCA would be), so that
+    vectors computed at different times, e.g. for unseen tasks after training, are in the same space.
+    """
+    generator = torch.Generator().manual_seed(_seed("projection", seed, native, dim))
+    return torch.randn(native, dim, generator=generator, dtype=torch.float64) / math.sqrt(dim)
+
+
+def count_sketch(pieces: Mapping[str, torch.Tensor], dim: int, seed: int = PROJECTION_SEED) -> torch.Tensor:
+    """A long vector, given as named pieces, reduced to (dim,): every coordinate is added with a random sign to
+    one random bucket (a count sketch, Charikar et al. 2002), which keeps inner products in expectation.
+
+    Buckets and signs are drawn per piece from a generator seeded by `seed` and the piece's name: the same
+    coordinate lands in the same bucket in every call, and no (native × dim) matrix is ever held.
+    """
+    sketch = torch.zeros(dim, dtype=torch.float64)
+    for name, values in pieces.items():
+        flat = values.detach().reshape(-1).to("cpu", torch.float64)
+        generator = torch.Generator().manual_seed(_seed("sketch", seed, name))
+        buckets = torch.randint(dim, flat.shape, generator=generator)
+        signs = torch.randint(2, flat.shape, generator=generator, dtype=torch.float64) * 2 - 1
+        sketch.index_add_(0, buckets, flat * signs)
+    return sketch
+
+
+# --- the two kinds ---------------------------------------------------------------------------------------
+
+
+def _batches(
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    batch_size: int,
+    lengths: tuple[int, int],
+    device: torch.device,
+    targets: bool = False,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Tokenised batches of inputs (and first targets, labels padded with -100)."""
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        encoded = tokenizer(
+            [e.input for e in chunk], truncation=True, max_length=lengths[0], padding=True, return_tensors="pt"
+        )
+        batch = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+        if targets:
+            labels = tokenizer(
+                [e.targets[0] for e in chunk], truncation=True, max_length=lengths[1], padding=True, return_tensors="pt"
+            )
+            batch["labels"] = labels["input_ids"].masked_fill(labels["attention_mask"] == 0, -100)
+        yield {key: value.to(device) for key, value in batch.items()}
+
+
+@torch.no_grad()
+def text_vector(
+    model: Model, tokenizer, examples: Sequence[Example], batch_size: int, lengths: tuple[int, int]
+) -> torch.Tensor:
+    """(d,): the mean over `examples` of their mean-pooled last encoder states."""
+    device = next(model.parameters()).device
+    pooled = [
+        mean_pooled(encoder_states(model, batch["input_ids"], batch["attention_mask"]), batch["attention_mask"])
+        for batch in _batches(tokenizer, examples, batch_size, lengths, device)
+    ]
+    return torch.cat(pooled).double().mean(0).cpu()
+
+
+def diagonal_fisher(
+    model: Model, tokenizer, examples: Sequence[Example], lengths: tuple[int, int]
+) -> dict[str, torch.Tensor]:
+    """Per parameter of `fisher_parameters`, the mean over `examples` of the squared gradient of the example's
+    target log-likelihood (the empirical diagonal Fisher). One example per backward pass: the Fisher needs each
+    example's own gradient, not that of a batch mean."""
+    device = next(model.parameters()).device
+    named = fisher_parameters(model)
+    if not named:
+        raise ValueError(
+            f"{type(model).__name__} has no weight matrices in `.layers.` to take a Fisher embedding over; "
+            "Fisher embeddings need a BART-style encoder-decoder"
+        )
+    params = [param for _, param in named]
+    fisher = [torch.zeros_like(param, dtype=torch.float32) for param in params]
+    with _gradients_on(params):
+        for batch in _batches(tokenizer, examples, 1, lengths, device, targets=True):
+            grads = torch.autograd.grad(target_log_likelihood(model, batch), params, allow_unused=True)
+            for total, grad in zip(fisher, grads, strict=True):
+                if grad is not None:
+                    total += grad.float() ** 2
+    return {name: total / len(examples) for (name, _), total in zip(named, fisher, strict=True)}
+
+
+@contextmanager
+def _gradients_on(params: Sequence[nn.Parameter]) -> Iterator[None]:
+    """Let gradients reach `params` (a frozen table or expert included) for the duration; restore afterwards."""
+    before = [param.requires_grad for param in params]
+    try:
+        for param in params:
+            param.requires_grad_(True)
+        yield
+    finally:
+        for param, flag in zip(params, before, strict=True):
+            param.requires_grad_(flag)
+
+
+@contextmanager
+def _evaluation_mode(model: nn.Module) -> Iterator[None]:
+    """No dropout while representations are computed; the model's mode is restored afterwards."""
+    training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(training)
+
+
+# --- fingerprints ---------------------------------------------------------------------------------------
+
+
+def model_fingerprint(model: Model) -> str:
+    """A hash of the model's class, configuration and every weight that can change a representation.
+
+    A task-routed MoE-BART's task table, router and route overrides are left out (uniform routing never reads
+    them), so adding task rows or training the router keeps the cached representations of the backbone.
+    """
+    digest = hashlib.blake2b(digest_size=16)
+    config = model.config.to_dict()
+    for key in ("transformers_version", "_name_or_path", "architectures"):
+        config.pop(key, None)
+    skip_routing = isinstance(model, MoEBartForConditionalGeneration) and model.router is not None
+    if skip_routing:
+        config.pop("moe", None)  # what shapes the experts is in the weights' names and shapes
+    digest.update(f"{type(model).__name__}\n{json.dumps(config, sort_keys=True, default=str)}".encode())
+    for name, tensor in model.state_dict().items():
+        if skip_routing and ROUTING_PARAMETERS.search(name):
+            continue
+        data = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tuple(data.shape)}|{data.dtype}".encode())
+        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def folder_fingerprint(path: str | Path) -> str:
+    """A hash of every file in a model folder (relative names and bytes)."""
+    root = Path(path)
+    digest = hashlib.blake2b(digest_size=16)
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(f"{file.relative_to(root).as_posix()}\n".encode())
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def representation_fingerprint(
+    kind: str, source: str, tokenizer, examples: Mapping[str, Sequence[Example]], **settings
+):
+    """A hash of everything that decides a set of representations: kind, model or folder, tokenizer, each
+    task's name and chosen examples (inputs, and targets for "fisher"), and the settings (dim, lengths, …)."""
+    tasks = [
+        (name, text_hash(e.input for e in chosen), text_hash(e.targets[0] for e in chosen) if kind == "fisher" else "")
+        for name, chosen in examples.items()
+    ]
+    state = {
+        "version": CACHE_VERSION,
+        "kind": kind,
+        "source": source,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "tasks": tasks,
+        "projection_seed": PROJECTION_SEED,
+        **settings,
+    }
+    return hashlib.blake2b(json.dumps(state, sort_keys=True).encode(), digest_size=16).hexdigest()
+
+
+# --- the public entry points -----------------------------------------------------------------------------
+
+
+def read_model_folder(path: str | Path) -> tuple[PretrainedConfig, PreTrainedTokenizerBase]:
+    """The configuration and tokenizer of a local Hugging Face model folder (the weights are loaded later, and
+    only when the cache does not already hold the result)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ValueError(
+            f"`encoder` {str(path)!r} is not a model folder (no config.json); give a local folder "
+            "written by `save_pretrained`"
+        )
+    try:
+        return AutoConfig.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"`encoder` {str(path)!r} could not be loaded: {err}") from err
+
+
+def load_folder_model(path: str | Path, config: PretrainedConfig, kind: str) -> Model:
+    """The model of a folder: a saved MoE-BART, else `AutoModel` for "text" (any encoder, or the encoder of an
+    encoder-decoder) and `AutoModelForSeq2SeqLM` for "fisher"; on the GPU if there is one."""
+    if config.model_type == MoEBartConfig.model_type:
+        model = MoEBartForConditionalGeneration.from_pretrained(path)
+    else:
+        model = (AutoModel if kind == "text" else AutoModelForSeq2SeqLM).from_pretrained(path)
+    return model.to("cuda") if torch.cuda.is_available() else model
+
+
+def compute_representations(
+    kind: str,
+    tasks: Sequence[Task],
+    *,
+    model: Model | None = None,
+    encoder: str | Path | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    dim: int | None = None,
+    max_examples: int = 64,
+    batch_size: int = 16,
+    cache_dir: str | Path | None = None,
+    max_input_length: int | None = None,
+    max_target_length: int | None = None,
+    fewshot_seed: int | str | None = None,
+) -> torch.Tensor:
+    """Representations (len(tasks), dim) float32 of `tasks`, rows in their order, from their training examples.
+
+    kind: "text" or "fisher" (see the module docstring).
+    model: a model in memory (a `MoEBartForConditionalGeneration`, or any Hugging Face encoder or
+        encoder-decoder), with `tokenizer` the tokenizer of its training run.
+    encoder: instead of `model`, a local model folder with its tokenizer (see `load_folder_model`).
+    dim: the width wanted; None keeps the native one (d_model for "text", every weight of
+        `fisher_parameters` for "fisher"). Text is reduced by `random_projection`, Fisher by `count_sketch`.
+    max_examples: training examples per task (evenly spaced, see `training_examples`).
+    batch_size: examples per encoder pass ("text"; "fisher" takes one example per backward pass).
+    cache_dir: where results are cached as `<fingerprint>.pt` and found again; None: no cache.
+    max_input_length, max_target_length: tokens kept of inputs and targets; None: what the model's positions allow.
+    fewshot_seed: the k-shot training split of tasks that have them (see `training_examples`).
+    """
+    if kind not in REPRESENTATION_KINDS:
+        raise ValueError(f"representation kind is {kind!r}; allowed: {', '.join(map(repr, REPRESENTATION_KINDS))}")
+    if (model is None) == (encoder is None):
+        raise ValueError(
+            f"{kind} representations need exactly one of `model` (with `tokenizer`) or `encoder` (a folder)"
+        )
+    for option, value in (("dim", dim), ("max_examples", max_examples), ("batch_size", batch_size)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"representation option `{option}` is {value!r}; it must be a positive integer")
+    if not tasks:
+        raise ValueError("no tasks to compute representations of")
+    names = [task.name for task in tasks]
+    if len(set(names)) != len(names):
+        raise ValueError(f"tasks {sorted({n for n in names if names.count(n) > 1})} appear more than once")
+    if model is not None and tokenizer is None:
+        raise ValueError("representations of a `model` need its `tokenizer` (the tokenizer of its training run)")
+    config = model.config if model is not None else None
+    if encoder is not None:
+        config, folder_tokenizer = read_model_folder(encoder)
+        tokenizer = tokenizer or folder_tokenizer
+    examples = {task.name: training_examples(task, max_examples, fewshot_seed) for task in tasks}
+    positions = getattr(config, "max_position_embeddings", None) or tokenizer.model_max_length
+    lengths = (max_input_length or positions, max_target_length or positions)
+
+    path = None
+    if cache_dir is not None:
+        source = folder_fingerprint(encoder) if encoder is not None else model_fingerprint(model)
+        fingerprint = representation_fingerprint(kind, source, tokenizer, examples, dim=dim, lengths=lengths)
+        path = Path(cache_dir) / f"{fingerprint}.pt"
+        if path.is_file():
+            log.info("%s representations of %d tasks loaded from the cache %s", kind, len(tasks), path)
+            return load_representations(path, list(examples), dim)
+
+    if encoder is not None:
+        model = load_folder_model(encoder, config, kind)
+    with _evaluation_mode(model):
+        if kind == "text":
+            vectors = torch.stack(
+                [text_vector(model, tokenizer, chosen, batch_size, lengths) for chosen in examples.values()]
+            )
+            if dim is not None and dim != vectors.shape[1]:
+                vectors = vectors @ random_projection(vectors.shape[1], dim)
+        else:
+            fishers = [diagonal_fisher(model, tokenizer, chosen, lengths) for chosen in examples.values()]
+            if dim is None:
+                vectors = torch.stack([torch.cat([f.reshape(-1) for f in fisher.values()]) for fisher in fishers])
+            else:
+                vectors = torch.stack([count_sketch(fisher, dim) for fisher in fishers])
+    vectors = vectors.float()
+    if path is not None:
+        save_representations(path, list(examples), vectors, kind=kind, fingerprint=path.stem, max_examples=max_examples)
+        log.info("%s representations of %d tasks cached in %s", kind, len(tasks), path)
+    return vectors
+
+
+def save_representations(path: str | Path, task_names: Sequence[str], vectors: torch.Tensor, **meta: Any) -> None:
+    """Write vectors (T, d) of `task_names`: .pt {"task_names", "vectors", **meta} or .json {"task": [floats]}
+    (no meta). Written to a temporary file renamed into place, so a reader never sees half a file."""
+    path = Path(path)
+    names = list(task_names)
+    if vectors.dim() != 2 or vectors.shape[0] != len(names):
+        raise ValueError(
+            f"{path}: vectors of shape {tuple(vectors.shape)} for {len(names)} task names; expected "
+            f"({len(names)}, width)"
+        )
+    if len(set(names)) != len(names):
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        raise ValueError(f"{path}: task names {duplicates} appear more than once")
+    if path.suffix not in (".pt", ".json"):
+        raise ValueError(f"{path}: representation files are written as .pt or .json, not {path.suffix!r}")
+    vectors = vectors.detach().to("cpu", torch.float32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.{os.getpid()}")
+    if path.suffix == ".pt":
+        torch.save({**meta, "task_names": names, "vectors": vectors}, staging)
+    else:
+        staging.write_text(json.dumps(dict(zip(names, vectors.tolist(), strict=True)), indent=1) + "\n")
+    staging.replace(path)
+
+
+def load_representations(path: str | Path, task_names: Sequence[str], dim: int | None = None) -> torch.Tensor:
+    """The vectors of `task_names` (T, d) float32, rows in that order, from a representation file.
+
+    Files with task names (.pt dict, .json object) must name exactly the tasks of `task_names`; a plain
+    matrix (.pt tensor, .npy, .json list of rows) is taken as rows in `task_names` order, so it needs one
+    row per task. With `dim`, the width must be `dim`.
+    """
+    path = Path(path)
+    names = list(task_names)
+    if not path.is_file():
+        raise ValueError(f"representation file {path} does not exist")
+    if path.suffix not in FILE_SUFFIXES:
+        raise ValueError(f"representation file {path} has suffix {path.suffix!r}; allowed: {', '.join(FILE_SUFFIXES)}")
+    named, matrix = _read_vectors(path)
+    if named is not None:
+        missing = [name for name in names if name not in named]
+        unknown = [name for name in named if name not in set(names)]
+        if missing:
+            raise ValueError(
+                f"representation file {path} has no vector for tasks {shortened(missing)}; it has: "
+                f"{shortened(list(named))}"
+            )
+        if unknown:
+            raise ValueError(
+                f"representation file {path} names tasks the data does not have: {shortened(unknown)}; "
+                f"the data's tasks: {shortened(names)}"
+            )
+        rows = [named[name] for name in names]
+        widths = sorted({len(row) for row in rows})
+        if len(widths) > 1:
+            raise ValueError(f"representation file {path} holds vectors of different widths {widths}")
+        matrix = torch.as_tensor(np.asarray(rows, dtype=np.float32)).reshape(len(rows), -1)
+    elif matrix.dim() != 2 or matrix.shape[0] != len(names):
+        raise ValueError(
+            f"representation file {path} holds a matrix of shape {tuple(matrix.shape)} without task "
+            f"names; its rows are taken in task order, so it needs one row per task: ({len(names)}, "
+            f"width) for {shortened(names)}"
+        )
+    if dim is not None and matrix.shape[1] != dim:
+        raise ValueError(f"representation file {path} holds vectors of width {matrix.shape[1]}; expected width {dim}")
+    if not torch.isfinite(matrix).all():
+        raise ValueError(f"representation file {path} holds non-finite values (nan or inf)")
+    return matrix.float()
+
+
+def _read_vectors(path: Path) -> tuple[dict[str, Sequence[float]] | None, torch.Tensor | None]:
+    """(task name → vector, None) of a file with names, or (None, matrix) of a plain matrix."""
+    try:
+        if path.suffix == ".npy":
+            return None, torch.as_tensor(np.load(path, allow_pickle=False))
+        if path.suffix == ".json":
+            value = json.loads(path.read_text())
+        else:
+            value = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        raise ValueError(f"representation file {path} could not be read: {err}") from None
+    if isinstance(value, torch.Tensor):
+        return None, value
+    if isinstance(value, dict) and "vectors" in value and "task_names" in value:
+        vectors = torch.as_tensor(value["vectors"])
+        if vectors.dim() != 2 or vectors.shape[0] != len(value["task_names"]):
+            raise ValueError(
+                f"representation file {path}: vectors of shape {tuple(vectors.shape)} for "
+                f"{len(value['task_names'])} task names"
+            )
+        if len(set(value["task_names"])) != len(value["task_names"]):
+            raise ValueError(f"representation file {path} names some task more than once")
+        return dict(zip(value["task_names"], vectors.tolist(), strict=True)), None
+    if isinstance(value, dict) and all(_is_vector(row) for row in value.values()):
+        return value, None
+    if isinstance(value, list) and all(_is_vector(row) for row in value):
+        return None, torch.as_tensor(np.asarray(value, dtype=np.float32))
+    raise ValueError(
+        f"representation file {path} holds {type(value).__name__}; expected {{'task_names', 'vectors'}} "
+        "(.pt), {task: [numbers]} (.json), or a (tasks, width) matrix"
+    )
+
+
+def _is_vector(row: Any) -> bool:
+    return isinstance(row, list) and all(isinstance(x, int | float) and not isinstance(x, bool) for x in row)
+
+
+# --- moe-mtl represent -----------------------------------------------------------------------------------
+
+
+def load_run_model(init_from: str | Path) -> tuple[MoEBartForConditionalGeneration, PreTrainedTokenizerBase, int]:
+    """The MoE-BART, tokenizer and task width of a training run: its Lightning checkpoint (.ckpt), or the run
+    folder's best or last one (see `resolve_checkpoint`)."""
+    from ..training import MoEMultiTaskModule  # the training layer sits above this one
+
+    path = resolve_checkpoint(init_from)
+    try:
+        module = MoEMultiTaskModule.load_from_checkpoint(path, map_location="cpu")
+    except (OSError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError) as err:
+        raise ValueError(f"`init_from`: {path} could not be loaded as a `moe-mtl fit` checkpoint ({err})") from None
+    return module.model, module.tokenizer, module.model.moe_options.task_dim
+
+
+def config_section(path: str | Path, section: str) -> dict[str, Any]:
+    """One section (`data`, `model`) of a `moe-mtl fit` YAML config, in its plain or class_path/init_args form."""
+    try:
+        config = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ValueError(f"`--config` {str(path)!r} could not be read: {err}") from None
+    value = config.get(section) or {}
+    return dict(value.get("init_args", value)) if isinstance(value, dict) else {}
+
+
+def build_represent_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="moe-mtl represent",
+        description="Compute task representations of every task of a run's data and write them to a file usable as "
+        "`--model.moe.task_embeddings` (rows in task-id order).",
+    )
+    parser.add_argument(
+        "--config", required=True, help="a `moe-mtl fit` YAML config: its `data` section gives the tasks"
+    )
+    parser.add_argument("--kind", required=True, choices=REPRESENTATION_KINDS, help="text or fisher")
+    parser.add_argument("--encoder", type=str | None, default=None, help="a local Hugging Face model folder")
+    parser.add_argument(
+        "--init_from",
+        type=str | None,
+        default=None,
+        help="a training run: its checkpoint (.ckpt) or its folder (best, else last checkpoint)",
+    )
+    parser.add_argument(
+        "--dim",
+        type=int | None,
+        default=None,
+        help="width of the vectors; default: native for text; for fisher the run's task_dim (`--init_from`), "
+        "else the config's `model.moe.task_dim`",
+    )
+    parser.add_argument("--max_examples", type=int, default=64, help="training examples per task")
+    parser.add_argument("--batch_size", type=int, default=16, help="examples per encoder pass (text)")
+    parser.add_argument(
+        "--cache_dir", type=str | None, default=None, help="cache folder; default: <data.output_dir>/representations"
+    )
+    parser.add_argument("--output", required=True, help="the file written: .pt or .json")
+    return parser
+
+
+def run_represent(args: Sequence[str]) -> torch.Tensor:
+    """`moe-mtl represent`: bad options are usage errors (one line, exit 2)."""
+    parser = build_represent_parser()
+    options = parser.parse_args(list(args))
+    try:
+        vectors, names = represent(options)
+    except ValueError as err:  # DataError included
+        parser.error(str(err))
+    print(f"wrote {options.kind} representations of {len(names)} tasks, width {vectors.shape[1]}, to {options.output}")
+    return vectors
+
+
+def represent(options) -> tuple[torch.Tensor, list[str]]:
+    """The work of `moe-mtl represent` for parsed `options`; returns (vectors, task names)."""
+    if (options.encoder is None) == (options.init_from is None):
+        raise ValueError("give exactly one of `--encoder` (a model folder) or `--init_from` (a run's checkpoint)")
+    if Path(options.output).suffix not in (".pt", ".json"):
+        raise ValueError(f"`--output` {options.output!r} must end in .pt or .json")
+    section = config_section(options.config, "data")
+    allowed = inspect.signature(MultiTaskDataModule).parameters
+    unknown = sorted(set(section) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"the `data` section of {options.config} has unknown options {unknown}; allowed: {', '.join(allowed)}"
+        )
+    data = MultiTaskDataModule(**section)
+    tasks = data.tasks
+    dim = options.dim
+    model = tokenizer = None
+    if options.init_from is not None:
+        model, tokenizer, task_dim = load_run_model(options.init_from)
+    else:
+        task_dim = MoEOptions.from_dict(config_section(options.config, "model").get("moe") or {}).task_dim
+    if dim is None and options.kind == "fisher":
+        dim = task_dim  # the paper reduces Fisher embeddings to the task width
+    cache_dir = options.cache_dir or Path(data.hparams.output_dir) / "representations"
+    vectors = compute_representations(
+        options.kind,
+        tasks,
+        model=model,
+        encoder=options.encoder,
+        tokenizer=tokenizer,
+        dim=dim,
+        max_examples=options.max_examples,
+        batch_size=options.batch_size,
+        cache_dir=cache_dir,
+        max_input_length=data.hparams.max_input_length,
+        max_target_length=data.hparams.max_target_length,
+        fewshot_seed=data.hparams.fewshot_seed,
+    )
+    names = [task.name for task in tasks]
+    save_representations(options.output, names, vectors, kind=options.kind)
+    return vectors, names

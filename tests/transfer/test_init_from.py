@@ -1,0 +1,170 @@
+"""`MoEMultiTaskModule(init_from=...)`: the upstream checkpoint, its weights mapped by task name, the options that
+apply, and the errors of a run that cannot start from it."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+
+from moe_mtl import MoEOptions
+from moe_mtl.training import MoEMultiTaskModule
+from moe_mtl.transfer.init_from import TASK_TABLE_KEY, read_upstream, resolve_checkpoint, resume_mismatch
+
+from ..training.conftest import tiny_data, tiny_module, tiny_trainer
+
+PER_TASK = ("task_table.", "override_", "fixed_routes", "router.temperature")
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory) -> Path:
+    """The checkpoint of a 2-step fit over the skill suite's training tasks (2 experts, task_dim 8)."""
+    root = tmp_path_factory.mktemp("upstream")
+    data = tiny_data(root / "data")
+    module = tiny_module(data, bart={"encoder_layers": 1, "decoder_layers": 1})
+    trainer = Trainer(**tiny_trainer(root, max_steps=2))
+    trainer.fit(module, datamodule=data)
+    trainer.save_checkpoint(root / "upstream.ckpt")
+    return root / "upstream.ckpt"
+
+
+def downstream(upstream: Path, names: list[str], **options) -> MoEMultiTaskModule:
+    """A module over the tasks `names` started from `upstream` (the options the CLI would link, set by hand)."""
+    hparams = read_upstream(upstream).hparams
+    moe = MoEOptions(**{**options.pop("moe", {}), "num_tasks": len(names)})
+    return MoEMultiTaskModule(
+        moe=moe,
+        init_from=str(upstream),
+        task_names=names,
+        task_partitions=["test"] * len(names),
+        task_metrics=["EM"] * len(names),
+        tokenizer_size=hparams["tokenizer_size"],
+        pad_token_id=hparams["pad_token_id"],
+        tokenizer_path=hparams["tokenizer_path"],
+        **options,
+    )
+
+
+def upstream_split(upstream: Path) -> tuple[list[str], list[str]]:
+    """(trained, untrained) task names of the upstream run."""
+    run = read_upstream(upstream)
+    trained = run.trained_tasks
+    return trained, [name for name in run.task_names if name not in trained]
+
+
+def test_a_run_folder_resolves_to_its_single_best_checkpoint_else_last(tmp_path):
+    checkpoints = tmp_path / "run/checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "last.ckpt").touch()
+    assert resolve_checkpoint(tmp_path / "run") == checkpoints / "last.ckpt"
+    (checkpoints / "best-step4.ckpt").touch()
+    assert resolve_checkpoint(tmp_path / "run") == checkpoints / "best-step4.ckpt"
+    assert resolve_checkpoint(checkpoints / "last.ckpt") == checkpoints / "last.ckpt"
+    (checkpoints / "best-step8.ckpt").touch()
+    with pytest.raises(
+        ValueError, match=r"2 best checkpoints .* \['best-step4.ckpt', 'best-step8.ckpt', 'last.ckpt'\]"
+    ):
+        resolve_checkpoint(tmp_path / "run")
+    with pytest.raises(ValueError, match=r"no best-step\*.ckpt and no last.ckpt .*found: no .ckpt file"):
+        resolve_checkpoint(tmp_path)
+    with pytest.raises(ValueError, match="does not exist"):
+        resolve_checkpoint(tmp_path / "missing")
+
+
+def test_trained_rows_are_mapped_by_task_name_and_every_other_weight_is_copied(upstream):
+    trained, untrained = upstream_split(upstream)
+    names = [*reversed(trained[:5]), untrained[0], "a-task-new-to-the-table"]
+    module = downstream(upstream, names, unseen_routes="average")
+    run = read_upstream(upstream)
+    table = module.model.task_table.embedding.weight
+    for i, name in enumerate(names[:5]):  # seen rows: bitwise the upstream ones, whatever their new ids
+        assert torch.equal(table[i], run.state_dict[TASK_TABLE_KEY][run.task_names.index(name)])
+    state = module.model.state_dict()
+    for key, value in run.state_dict.items():
+        if not any(part in key for part in PER_TASK):
+            assert torch.equal(state[key], value), key
+    router = module.model.router
+    assert router.override_mask.tolist() == [False] * 5 + [True, True]  # the untrained row and the new task
+    routes = module.route_table()
+    torch.testing.assert_close(routes[5:], torch.full_like(routes[5:], 0.5))
+    assert all(m.training for m in module.model.modules())
+    assert module.hparams.bart == run.hparams["bart"]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_random_routes_of_unseen_tasks_are_seeded_one_hot(upstream, seed):
+    trained, untrained = upstream_split(upstream)
+    names = [trained[0], *untrained[:6]]
+    routes = [downstream(upstream, names, unseen_routes="random", moe={"route_seed": seed}).route_table() for _ in "ab"]
+    assert torch.equal(routes[0], routes[1])
+    assert torch.equal(routes[0][1:].max(-1).values, torch.ones(6, routes[0].shape[1]))
+    other = downstream(upstream, names, unseen_routes="random", moe={"route_seed": seed + 10}).route_table()
+    assert not torch.equal(other[1:], routes[0][1:])
+
+
+def test_learned_rows_start_at_the_mean_of_the_trained_rows_and_alone_get_gradient(upstream):
+    trained, untrained = upstream_split(upstream)
+    names = [trained[0], untrained[0]]
+    module = downstream(upstream, names, unseen_routes="learned", moe={"selection": "gumbel_st"})
+    run = read_upstream(upstream)
+    rows = run.state_dict[TASK_TABLE_KEY][[run.task_names.index(n) for n in trained]]
+    table = module.model.task_table.embedding.weight
+    torch.testing.assert_close(table[1], rows.mean(0))
+    batch = torch.randint(3, 50, (2, 6))
+    out = module.model(input_ids=batch, decoder_input_ids=batch, task_ids=torch.tensor([1, 1]))
+    out.logits.logsumexp(-1).mean().backward()
+    assert table.grad[1].abs().sum() > 0 and not table.grad[0].any()
+    assert all(p.grad is None and not p.requires_grad for p in module.model.router.parameters())
+    with pytest.raises(ValueError, match="'argmax' passes no gradient"):
+        downstream(upstream, names, unseen_routes="learned", moe={"selection": "argmax"})
+
+
+def test_finetune_task_table_trains_the_task_table_only(upstream):
+    trained, untrained = upstream_split(upstream)
+    module = downstream(upstream, [trained[0], untrained[0]], unseen_routes="learned", finetune="task_table")
+    trainable = [name for name, p in module.model.named_parameters() if p.requires_grad]
+    assert trainable == [TASK_TABLE_KEY]
+
+
+def test_representation_files_give_unseen_rows_directly_or_the_nearest_seen_row(upstream, tmp_path):
+    trained, untrained = upstream_split(upstream)
+    names = [trained[0], trained[1], untrained[0]]
+    vectors = torch.tensor([[1.0, 0, 0, 0, 0, 0, 0, 0], [0, 1.0, 0, 0, 0, 0, 0, 0], [0.1, 3.0, 0, 0, 0, 0, 0, 1]])
+    path = tmp_path / "vectors.pt"
+    torch.save({"task_names": names, "vectors": vectors}, path)
+    nearest = downstream(upstream, names, unseen_routes="nearest", representation=str(path))
+    table = nearest.model.task_table.embedding.weight
+    assert torch.equal(table[2], table[1])  # cosine: the second seen task, whatever the scale
+    direct = downstream(upstream, names, unseen_routes="representation", representation=str(path))
+    assert torch.equal(direct.model.task_table.embedding.weight[2], vectors[2])
+    torch.save({"task_names": names, "vectors": vectors[:, :5]}, path)
+    with pytest.raises(ValueError, match="width 5, the task table task_dim=8"):
+        downstream(upstream, names, unseen_routes="representation", representation=str(path))
+    torch.save({"task_names": names[:2], "vectors": vectors[:2]}, path)
+    with pytest.raises(ValueError, match=f"no vector for tasks {untrained[0]}"):
+        downstream(upstream, names, unseen_routes="nearest", representation=str(path))
+
+
+def test_runs_that_cannot_start_from_the_upstream_one_are_errors(upstream):
+    trained, _ = upstream_split(upstream)
+    with pytest.raises(ValueError, match=r"`num_experts` is 4, but the upstream run .* has 2: it shapes the weights"):
+        downstream(upstream, trained[:2], moe={"num_experts": 4})
+    with pytest.raises(ValueError, match="init_from with a mismatched vocabulary: the data's tokenizer has 301"):
+        MoEMultiTaskModule(
+            moe=MoEOptions(num_tasks=1), init_from=str(upstream), task_names=trained[:1], tokenizer_size=301
+        )
+    with pytest.raises(ValueError, match=r"`bart` is .*with `init_from` the architecture is the upstream run's"):
+        downstream(upstream, trained[:2], bart={"d_model": 32})
+    with pytest.raises(ValueError, match=r"`task_embeddings` is 'vectors.pt', but with `init_from` the task table"):
+        downstream(upstream, trained[:2], moe={"task_embeddings": "vectors.pt"})
+
+
+def test_a_fit_resume_on_other_tasks_or_with_no_steps_left_is_named(upstream):
+    checkpoint = torch.load(upstream, map_location="cpu", weights_only=True)
+    data = dict(checkpoint["datamodule_hyper_parameters"])
+    assert resume_mismatch(checkpoint, data, max_steps=10) is None
+    assert "`train_partitions` is ['test'], but the checkpoint's run has ['train']" in resume_mismatch(
+        checkpoint, {**data, "train_partitions": "test"}, max_steps=10
+    )
+    assert "`source` is 'jsonl'" in resume_mismatch(checkpoint, {**data, "source": "jsonl"}, max_steps=10)
+    assert "at step 2, and trainer.max_steps is 2" in resume_mismatch(checkpoint, data, max_steps=2)
