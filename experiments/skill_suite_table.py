@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+import yaml
 
 from moe_mtl.cli import main as moe_mtl
 
@@ -131,8 +134,7 @@ def zeroshot(method: str, folder: Path, preset: dict, data_dir: Path) -> None:
 def fewshot(
     method: str, folder: Path, kshot_seed: int, preset: dict, data_dir: Path, tasks: Sequence[str] | None
 ) -> None:
-    if (folder / "fewshot" / "fewshot_summary.csv").is_file():
-        return
+    # always run: the runner itself skips finished cells and retries failed ones
     steps = preset["fewshot_steps"]
     # the runner sets each cell's batch size itself (`--batch_sizes`)
     sizes = [arg.split("=", 1)[1] for arg in preset["data"] if arg.startswith("--data.batch_size=")]
@@ -161,6 +163,54 @@ def fewshot(
     )
 
 
+def route_record(folder: Path, switch_step: int) -> dict:
+    """How decided and how skill-aligned a learned run's routes are: the per-task and task-averaged route entropy
+    (RoutingMonitor's, over the seen tasks) at the last log before the two-stage switch, the distinct argmax routes
+    after it, and `moe-mtl analyze`'s route–skill agreement of the final routes."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    events.Reload()
+
+    def before_switch(tag: str) -> float:  # nan: RoutingMonitor logged nothing before the switch
+        logged = events.Tags()["scalars"]
+        values = [e.value for e in events.Scalars(tag) if e.step <= switch_step] if tag in logged else []
+        return values[-1] if values else math.nan
+
+    tables = sorted(folder.glob("routes/step*.json"), key=lambda path: int(path.stem.removeprefix("step")))
+    final = json.loads(tables[-1].read_text())
+    seen = json.loads(next((folder / "evaluation").glob("val-*.json")).read_text())["tasks"]
+    rows = [final["tasks"].index(row["task"]) for row in seen if row["partition"] == "train"]
+    routes = {tuple(max(range(len(layer)), key=layer.__getitem__) for layer in final["routes"][i]) for i in rows}
+    agreement = json.loads((folder / "analysis" / "skill_agreement.json").read_text())
+    return {
+        "entropy_per_task": before_switch("routing/entropy_per_task/mean"),
+        "entropy_task_avg": before_switch("routing/entropy_task_avg/mean"),
+        "max_entropy": math.log(final["num_experts"]),
+        "distinct_routes": len(routes),
+        "tasks": len(rows),
+        "agreement_sharing": agreement["sharing"],
+        "agreement_not_sharing": agreement["not_sharing"],
+        "p_permutation": agreement["p_permutation"],
+    }
+
+
+def routes_markdown(records: dict[int, dict]) -> str:
+    """The learned runs' route records (`route_record`) as a markdown table, a row per seed."""
+    lines = [
+        "| seed | per-task entropy before the switch (max ln E) | task-averaged entropy | distinct routes after "
+        "| route agreement: tasks sharing a skill / sharing none | permutation p |",
+        "|---|---|---|---|---|---|",
+    ]
+    for seed, r in records.items():
+        lines.append(
+            f"| {seed} | {r['entropy_per_task']:.3f} (max {r['max_entropy']:.3f}) | {r['entropy_task_avg']:.3f} "
+            f"| {r['distinct_routes']} for {r['tasks']} tasks | {r['agreement_sharing']:.3f} / "
+            f"{r['agreement_not_sharing']:.3f} | {r['p_permutation']:.4f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/skill_table"), help="folder of every run")
@@ -173,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     options = parser.parse_args(argv)
     if len(options.kshot_seeds) < len(options.seeds):
         parser.error(f"--kshot_seeds gives {len(options.kshot_seeds)} seeds for {len(options.seeds)} upstream seeds")
-    preset, out = PRESETS[options.preset], options.out
+    preset, out = PRESETS[options.preset], options.out.absolute()
     data_dir = out / "data"  # one tokenizer and data cache for every run
     started = time.monotonic()
     for method in options.methods:
@@ -183,6 +233,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
             fewshot(method, folder, kshot_seed, preset, data_dir, options.fewshot_tasks)
             if method == "learned":
                 run(["analyze", str(folder)])
+    if "learned" in options.methods:
+        switch = int(yaml.safe_load(BASE_CONFIG.read_text())["two_stage"]["switch_step"])
+        for arg in preset["learned"]:  # the preset's own switch step, if it sets one
+            switch = int(arg.split("=", 1)[1]) if arg.startswith("--two_stage.switch_step=") else switch
+        records = {seed: route_record(out / "learned" / f"seed{seed}", switch) for seed in options.seeds}
+        (out / "routes.md").write_text(routes_markdown(records))
     table = out / "table"
     baseline = ["--baseline", "vanilla"] if "vanilla" in options.methods else []
     run(["summarize", *(str(out / m) for m in options.methods), *baseline, "--out", str(table)])
@@ -193,6 +249,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         options.docs.mkdir(parents=True, exist_ok=True)
         for suffix in (".md", ".csv"):
             shutil.copy(table.with_suffix(suffix), options.docs / f"table{suffix}")
+        if (out / "routes.md").is_file():
+            shutil.copy(out / "routes.md", options.docs / "routes.md")
         learned = out / "learned" / f"seed{options.seeds[0]}" / "analysis"
         for name in ("route_heatmap.png", "correlation.md", "skill_agreement.json"):
             if (learned / name).is_file():

@@ -22,3 +22,22 @@ def test_family_scores_average_each_family_over_its_tasks(family_scores):
     # max: aggregate → number; reverse: order → sequence; evens-sum: filter + aggregate → number
     assert result["family"] == {"aggregate": (0.75, 2), "filter": (0.5, 1), "order": (0.0, 1)}
     assert result["output_type"] == {"number": (0.75, 2), "sequence": (0.0, 1)}
+
+
+def test_the_skill_suite_table_runs_every_step_end_to_end_and_resumes(tmp_path):
+    spec = importlib.util.spec_from_file_location("skill_suite_table", SCRIPT.with_name("skill_suite_table.py"))
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    args = ["--preset", "tiny", "--out", str(tmp_path / "runs"), "--docs", str(tmp_path / "docs"), "--seeds", "0"]
+    args += ["--kshot_seeds", "100", "--methods", "vanilla", "learned", "--fewshot_tasks", "odds-sum"]
+    table.main(args)
+    rows = (tmp_path / "docs" / "table.md").read_text()
+    assert "| vanilla | 1 |" in rows and "| learned | 1 |" in rows
+    learned = tmp_path / "runs" / "learned" / "seed0"
+    assert list((learned / "zeroshot" / "evaluation").glob("test-*.json"))
+    assert (learned / "fewshot" / "fewshot.csv").read_text().count("odds-sum") == 1
+    assert (tmp_path / "docs" / "route_heatmap.png").stat().st_size > 0
+    assert "| 0 | " in (tmp_path / "docs" / "routes.md").read_text()  # the learned run's entropy and agreement
+    stamp = (learned / "checkpoints" / "last.ckpt").stat().st_mtime_ns
+    table.main(args)  # everything finished: nothing is trained again
+    assert (learned / "checkpoints" / "last.ckpt").stat().st_mtime_ns == stamp

@@ -206,3 +206,10 @@ def test_bad_options_are_usage_errors(fewshot_config, tmp_path, capsys, extra, m
     assert stopped.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_relative_out_folder_works(fewshot_config, upstream, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # Lightning reports absolute checkpoint paths; the cell folder was relative
+    main(fewshot_command(fewshot_config, upstream, Path("out"), "--seeds", "100", "--lrs", str(LRS[0])))
+    result = json.loads((cell_folder(tmp_path / "out", 100, LRS[0]) / "result.json").read_text())
+    assert result["checkpoint"].startswith("checkpoints/best-step")

@@ -387,7 +387,7 @@ def fewshot(
             f"without --init_from, give the fit option data.tokenizer (e.g. the pretrained BART's) or have one saved "
             f"in {saved.parent}: else the cells would share a tokenizer trained on the first cell's k-shot examples"
         )
-    out = Path(out)
+    out = Path(out).absolute()  # the checkpoint paths Lightning reports are absolute
     results: dict[Cell, dict[str, Any] | None] = {}
     failed = []
     cells = [Cell(task.name, seed, lr, b) for task in chosen for seed in seeds for lr, b in grid]
