@@ -127,6 +127,7 @@ def zeroshot(method: str, folder: Path, preset: dict, data_dir: Path) -> None:
             "--data.test_partitions=test",
             f"--data.output_dir={data_dir}",
             "--trainer.logger=false",
+            f"--trainer.default_root_dir={folder / 'zeroshot'}",  # its config.yaml goes there, not to the cwd
         ]
     )
 
