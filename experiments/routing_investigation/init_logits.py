@@ -7,22 +7,14 @@ import torch
 from transformers import BartConfig
 
 from moe_mtl.models import MoEBartConfig, MoEBartForConditionalGeneration, MoEOptions
+from moe_mtl.training.module import SMALL_BART
 
 sys.path.insert(0, "experiments/routing_investigation")
 from prototypes import text_task_embeddings
 from summarise import route_agreement, skill_sets
 
 names = list(skill_sets())
-sizes = dict(
-    d_model=128,
-    encoder_layers=2,
-    decoder_layers=2,
-    encoder_attention_heads=4,
-    decoder_attention_heads=4,
-    encoder_ffn_dim=512,
-    decoder_ffn_dim=512,
-    vocab_size=1024,
-)
+sizes = {**SMALL_BART, "vocab_size": 1024}  # the quick start's model
 print(
     "| init | logit std over tasks | max logit gap | per-task entropy | distinct argmax routes / 34 "
     "| agreement ≥1 skill / none |"
