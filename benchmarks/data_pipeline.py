@@ -26,7 +26,7 @@ from moe_mtl import MoEBartConfig, MoEBartForConditionalGeneration, MoEOptions
 from moe_mtl.data import MODEL_INPUTS, EncodedSplit, Example, HomogeneousBatchSampler, collate, train_tokenizer
 from moe_mtl.data.encoding import SplitPart, encode_split
 from moe_mtl.data.sources.skills import skill_tasks
-from moe_mtl.training.module import SMALL_BART
+from moe_mtl.models.build import SMALL_BART
 
 
 def generate(num_tasks: int, examples: int, seed: int) -> list[SplitPart]:

@@ -19,9 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
@@ -33,13 +37,15 @@ BASE_CONFIG = ROOT / "configs" / "quickstart.yaml"
 METHODS = ("vanilla", "random", "average", "learned")
 # how each method routes a task new to its task table (zero-shot and few-shot): by its own kind of route
 UNSEEN_ROUTES = {"vanilla": "average", "random": "random", "average": "average", "learned": "nearest"}
-# how the few-shot cells route: learned routing learns the new task's row, the others keep their fixed routes
-FEWSHOT_ROUTES = {**UNSEEN_ROUTES, "learned": "learned"}
+# the few-shot cells fine-tune every weight on the same fixed route as zero-shot. For learned routing that is the
+# nearest seen task's route: learning the new task's row (`unseen_routes learned`, router frozen) scored lowest of all
+# four methods (0.198 vs 0.275-0.291 at 1,000 steps; docs/skill_suite/README.md)
+FEWSHOT_ROUTES = UNSEEN_ROUTES
 
 PRESETS = {
     # ~30 min on 2 idle CPU cores (see docs/skill_suite/README.md for the measured time)
     "full": {
-        "steps": 1000,
+        "steps": 2000,
         "fewshot_steps": 40,
         "fewshot_lrs": [5e-4],
         "data": [],
@@ -212,6 +218,50 @@ def routes_markdown(records: dict[int, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def pipeline(
+    method: str, seed: int, kshot_seed: int, out: Path, preset: dict, data_dir: Path, tasks: Sequence[str] | None
+) -> None:
+    """One upstream run and everything measured on it: fit, zero-shot test, few-shot cells (and analysis)."""
+    folder = fit(method, seed, out, preset, data_dir)
+    zeroshot(method, folder, preset, data_dir)
+    fewshot(method, folder, kshot_seed, preset, data_dir, tasks)
+    if method == "learned":
+        run(["analyze", str(folder)])
+
+
+def pipeline_args(options: argparse.Namespace, method: str, seed: int, kshot_seed: int) -> list[str]:
+    """This script's arguments for a worker that runs one (method, seed) pipeline and nothing else."""
+    args = ["--out", str(options.out.absolute()), "--preset", options.preset, "--pipeline_only"]
+    args += ["--methods", method, "--seeds", str(seed), "--kshot_seeds", str(kshot_seed)]
+    args += [f"--{key}={getattr(options, key)}" for key in ("steps", "fewshot_steps") if getattr(options, key)]
+    return args + (["--fewshot_tasks", *options.fewshot_tasks] if options.fewshot_tasks else [])
+
+
+def run_parallel(pairs: Sequence[tuple[str, int, int]], options: argparse.Namespace) -> None:
+    """Each (method, seed, k-shot seed) pipeline in a worker process, `options.jobs` at a time, its output in
+    `<out>/logs/<method>-seed<seed>.log`. Workers share the data cache (its files are written whole, then renamed).
+    One thread per worker (torch would otherwise start a thread per core in every worker and oversubscribe them)."""
+    logs = options.out.absolute() / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+
+    def work(pair: tuple[str, int, int]) -> tuple[str, int]:  # (what it ran, its exit code)
+        method, seed, kshot_seed = pair
+        log = logs / f"{method}-seed{seed}.log"
+        with log.open("w") as stream:
+            command = [sys.executable, __file__, *pipeline_args(options, method, seed, kshot_seed)]
+            code = subprocess.run(command, stdout=stream, stderr=subprocess.STDOUT, env=env, check=False).returncode
+        return f"{method} seed {seed} (log: {log})", code
+
+    # the costliest pipelines first (average routing runs every expert at every step; learned does in stage one)
+    cost = {"average": 0, "learned": 1, "random": 2, "vanilla": 3}
+    ordered = sorted(pairs, key=lambda pair: cost.get(pair[0], 0))
+    with ThreadPoolExecutor(options.jobs) as pool:
+        failed = [name for name, code in pool.map(work, ordered) if code != 0]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(pairs)} pipelines failed: {'; '.join(failed)}")
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/skill_table"), help="folder of every run")
@@ -221,19 +271,29 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--preset", default="full", choices=sorted(PRESETS))
     parser.add_argument("--fewshot_tasks", nargs="+", help="few-shot on these unseen tasks only (default: all)")
+    parser.add_argument("--steps", type=int, help="upstream training steps (default: the preset's)")
+    parser.add_argument("--fewshot_steps", type=int, help="few-shot training steps per cell (default: the preset's)")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="run this many (method, seed) pipelines at once, each its own process"
+    )
+    parser.add_argument("--pipeline_only", action="store_true", help=argparse.SUPPRESS)  # a --jobs worker
     options = parser.parse_args(argv)
+    if options.jobs < 1:
+        parser.error(f"--jobs {options.jobs}: give 1 or more")
     if len(options.kshot_seeds) < len(options.seeds):
         parser.error(f"--kshot_seeds gives {len(options.kshot_seeds)} seeds for {len(options.seeds)} upstream seeds")
     preset, out = PRESETS[options.preset], options.out.absolute()
+    preset = {**preset, **{key: getattr(options, key) for key in ("steps", "fewshot_steps") if getattr(options, key)}}
     data_dir = out / "data"  # one tokenizer and data cache for every run
     started = time.monotonic()
-    for method in options.methods:
-        for seed, kshot_seed in zip(options.seeds, options.kshot_seeds, strict=False):
-            folder = fit(method, seed, out, preset, data_dir)
-            zeroshot(method, folder, preset, data_dir)
-            fewshot(method, folder, kshot_seed, preset, data_dir, options.fewshot_tasks)
-            if method == "learned":
-                run(["analyze", str(folder)])
+    pairs = [(m, s, k) for m in options.methods for s, k in zip(options.seeds, options.kshot_seeds, strict=False)]
+    if options.jobs > 1:
+        run_parallel(pairs, options)
+    else:
+        for method, seed, kshot_seed in pairs:
+            pipeline(method, seed, kshot_seed, out, preset, data_dir, options.fewshot_tasks)
+    if options.pipeline_only:
+        return {}
     if "learned" in options.methods:
         switch = int(yaml.safe_load(BASE_CONFIG.read_text())["two_stage"]["switch_step"])
         for arg in preset["learned"]:  # the preset's own switch step, if it sets one

@@ -30,7 +30,8 @@ def test_the_skill_suite_table_runs_every_step_end_to_end_and_resumes(tmp_path):
     spec.loader.exec_module(table)
     args = ["--preset", "tiny", "--out", str(tmp_path / "runs"), "--docs", str(tmp_path / "docs"), "--seeds", "0"]
     args += ["--kshot_seeds", "100", "--methods", "vanilla", "learned", "--fewshot_tasks", "odds-sum"]
-    table.main(args)
+    table.main([*args, "--jobs", "2"])  # each (method, seed) pipeline in a worker process, two at a time
+    assert sorted(p.name for p in (tmp_path / "runs" / "logs").iterdir()) == ["learned-seed0.log", "vanilla-seed0.log"]
     rows = (tmp_path / "docs" / "table.md").read_text()
     assert "| vanilla | 1 |" in rows and "| learned | 1 |" in rows
     learned = tmp_path / "runs" / "learned" / "seed0"
@@ -39,5 +40,5 @@ def test_the_skill_suite_table_runs_every_step_end_to_end_and_resumes(tmp_path):
     assert (tmp_path / "docs" / "route_heatmap.png").stat().st_size > 0
     assert "| 0 | " in (tmp_path / "docs" / "routes.md").read_text()  # the learned run's entropy and agreement
     stamp = (learned / "checkpoints" / "last.ckpt").stat().st_mtime_ns
-    table.main(args)  # everything finished: nothing is trained again
+    table.main(args)  # everything finished: nothing is trained again (here in this process, one after another)
     assert (learned / "checkpoints" / "last.ckpt").stat().st_mtime_ns == stamp

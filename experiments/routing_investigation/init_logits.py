@@ -7,7 +7,7 @@ import torch
 from transformers import BartConfig
 
 from moe_mtl.models import MoEBartConfig, MoEBartForConditionalGeneration, MoEOptions
-from moe_mtl.training.module import SMALL_BART
+from moe_mtl.models.build import SMALL_BART
 
 sys.path.insert(0, "experiments/routing_investigation")
 from prototypes import text_task_embeddings

@@ -11,7 +11,6 @@ from moe_mtl.models.routing import (
     fixed_route_table,
     gumbel_noise,
     hard_top_k,
-    load_task_vectors,
     select_experts,
 )
 
@@ -97,21 +96,6 @@ def test_temperature_is_a_checkpointed_buffer():
     assert task_router.state_dict()["temperature"].item() == pytest.approx(0.3)
     with pytest.raises(ValueError, match="temperature must be > 0"):
         task_router.set_temperature(0.0)
-
-
-def test_task_vectors_load_from_files_and_name_bad_ones(tmp_path):
-    vectors = torch.randn(3, 4)
-    torch.save(vectors, tmp_path / "v.pt")
-    (tmp_path / "v.json").write_text(str(vectors.tolist()))
-    assert torch.equal(load_task_vectors(tmp_path / "v.pt", 3), vectors)
-    torch.testing.assert_close(load_task_vectors(tmp_path / "v.json", 3), vectors)
-    with pytest.raises(ValueError, match=r"v.pt holds \(3, 4\); expected a \(num_tasks=2, dim\) matrix"):
-        load_task_vectors(tmp_path / "v.pt", 2)
-    with pytest.raises(ValueError, match=r"missing.pt does not exist"):
-        load_task_vectors(tmp_path / "missing.pt", 3)
-    (tmp_path / "v.txt").write_text("1 2 3")
-    with pytest.raises(ValueError, match=r"suffix '.txt'; allowed: .pt, .npy, .json"):
-        load_task_vectors(tmp_path / "v.txt", 3)
 
 
 def test_frozen_task_table_passes_no_gradient_even_if_made_trainable():

@@ -5,9 +5,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from lightning.pytorch import Trainer
 
 from moe_mtl import MoEOptions
+from moe_mtl.models.task_vectors import load_task_vectors
 from moe_mtl.training import MoEMultiTaskModule
 from moe_mtl.transfer.init_from import TASK_TABLE_KEY, read_upstream, resolve_checkpoint, resume_mismatch
 
@@ -143,6 +145,33 @@ def test_representation_files_give_unseen_rows_directly_or_the_nearest_seen_row(
     torch.save({"task_names": names[:2], "vectors": vectors[:2]}, path)
     with pytest.raises(ValueError, match=f"no vector for tasks {untrained[0]}"):
         downstream(upstream, names, unseen_routes="nearest", representation=str(path))
+
+
+@pytest.mark.parametrize("source", ["representation", "nearest"])
+def test_computed_text_representations_route_the_unseen_tasks_when_the_data_is_set_up(upstream, tmp_path, source):
+    hparams = read_upstream(upstream).hparams
+    data = tiny_data(tmp_path / "data", tokenizer=hparams["tokenizer_path"])
+    data.prepare_data()
+    module = downstream(upstream, list(data.task_names), unseen_routes=source, representation="text")
+    module.task_partitions = list(data.task_partitions)
+    before = module.model.task_table.embedding.weight.detach().clone()
+    Trainer(**tiny_trainer(tmp_path)).validate(module, datamodule=data, verbose=False)  # setup assigns the routes
+    table = module.model.task_table.embedding.weight
+    unseen = [i for i, name in enumerate(data.task_names) if name not in read_upstream(upstream).trained_tasks]
+    seen = [i for i in range(len(data.task_names)) if i not in unseen]
+    assert unseen and torch.equal(table[seen], before[seen])  # trained rows are kept
+    (cached,) = (tmp_path / "data" / "representations").glob("*.pt")  # computed once, with the model's encoder
+    vectors = load_task_vectors(cached, list(data.task_names))
+    if source == "representation":  # the row is the task's text representation, projected to task_dim
+        assert vectors.shape[1] == table.shape[1]
+        torch.testing.assert_close(table[unseen], vectors[unseen])
+    else:  # the row of the seen task whose representation is nearest by cosine
+        similarity = F.normalize(vectors[unseen], dim=1) @ F.normalize(vectors[seen], dim=1).T
+        nearest = torch.tensor(seen)[similarity.argmax(1)]
+        assert torch.equal(table[unseen], before[nearest])
+    assert module._unseen is None  # assigned once: a second setup keeps them
+    Trainer(**tiny_trainer(tmp_path)).validate(module, datamodule=data, verbose=False)
+    assert torch.equal(module.model.task_table.embedding.weight, table)
 
 
 def test_runs_that_cannot_start_from_the_upstream_one_are_errors(upstream):

@@ -1,10 +1,8 @@
 """Task representations: text and Fisher embeddings, their cache, representation files and `moe-mtl represent`."""
 
 import json
-import re
 
 import lightning
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -15,13 +13,12 @@ from moe_mtl.cli import main
 from moe_mtl.data import Example, Task, load_tasks
 from moe_mtl.data.tokenizer import train_tokenizer
 from moe_mtl.models.moe_bart import dense_name
+from moe_mtl.models.task_vectors import load_task_vectors
 from moe_mtl.training import MoEMultiTaskModule
 from moe_mtl.transfer.representations import (
     compute_representations,
     count_sketch,
     diagonal_fisher,
-    load_representations,
-    save_representations,
     training_examples,
 )
 
@@ -230,58 +227,6 @@ def test_a_second_call_loads_from_the_cache_and_a_changed_input_recomputes(folde
     assert len(list(tmp_path.glob("*.pt"))) == 3 and len(calls) > encoded
 
 
-# --- files ----------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("suffix", [".pt", ".json"])
-def test_named_files_round_trip_in_any_task_order(tmp_path, suffix):
-    vectors = torch.arange(6.0).reshape(3, 2)
-    path = tmp_path / f"vectors{suffix}"
-    save_representations(path, ["a", "b", "c"], vectors, kind="text")
-    torch.testing.assert_close(load_representations(path, ["c", "a", "b"], dim=2), vectors[[2, 0, 1]])
-
-
-@pytest.mark.parametrize("suffix", [".pt", ".npy", ".json"])
-def test_a_plain_matrix_is_read_in_task_order(tmp_path, suffix):
-    vectors = torch.arange(6.0).reshape(3, 2)
-    path = tmp_path / f"vectors{suffix}"
-    if suffix == ".pt":
-        torch.save(vectors, path)
-    elif suffix == ".npy":
-        np.save(path, vectors.numpy())
-    else:
-        path.write_text(json.dumps(vectors.tolist()))
-    torch.testing.assert_close(load_representations(path, ["x", "y", "z"]), vectors)
-    with pytest.raises(ValueError, match=r"shape \(3, 2\) without task names; .* one row per task: \(2, width\)"):
-        load_representations(path, ["x", "y"])
-
-
-def test_file_errors_name_the_file_and_what_is_allowed(tmp_path):
-    path = tmp_path / "vectors.pt"
-    save_representations(path, ["a", "b"], torch.ones(2, 4))
-    with pytest.raises(ValueError, match=re.escape(f"{path} holds vectors of width 4; expected width 8")):
-        load_representations(path, ["a", "b"], dim=8)
-    with pytest.raises(ValueError, match=re.escape(f"{path} has no vector for tasks c; it has: a, b")):
-        load_representations(path, ["a", "b", "c"])
-    with pytest.raises(
-        ValueError, match=re.escape(f"{path} names tasks the data does not have: b; the data's tasks: a")
-    ):
-        load_representations(path, ["a"])
-    with pytest.raises(ValueError, match=r"missing\.pt does not exist"):
-        load_representations(tmp_path / "missing.pt", ["a"])
-    (tmp_path / "vectors.csv").write_text("1,2\n")
-    with pytest.raises(ValueError, match=r"suffix '.csv'; allowed: .pt, .json, .npy"):
-        load_representations(tmp_path / "vectors.csv", ["a"])
-    (tmp_path / "bad.json").write_text(json.dumps({"a": "not a vector"}))
-    with pytest.raises(ValueError, match=r"bad.json holds dict; expected"):
-        load_representations(tmp_path / "bad.json", ["a"])
-    (tmp_path / "nan.json").write_text('{"a": [NaN, 1.0]}')
-    with pytest.raises(ValueError, match="non-finite"):
-        load_representations(tmp_path / "nan.json", ["a"])
-    with pytest.raises(ValueError, match=r"vectors of shape \(3, 4\) for 2 task names"):
-        save_representations(path, ["a", "b"], torch.ones(3, 4))
-
-
 def test_compute_errors_name_the_option(folder, tokenizer):
     tasks = make_tasks()
     with pytest.raises(ValueError, match="representation kind is 'task2vec'; allowed: 'text', 'fisher'"):
@@ -312,7 +257,7 @@ def test_represent_text_writes_a_vector_per_task_of_the_data(config, folder, tmp
     args = ["--kind", "text", "--encoder", str(folder), "--max_examples", "2", "--output", str(output)]
     main(["represent", "--config", str(config), *args])
     names = [task.name for task in load_tasks("skills", skills=TINY_SKILLS)]
-    vectors = load_representations(output, names, dim=16)
+    vectors = load_task_vectors(output, names, dim=16)
     assert vectors.shape == (len(names), 16) and torch.isfinite(vectors).all()
     assert list((tmp_path / "data" / "representations").glob("*.pt"))  # cached beside the tokenised data
     assert f"wrote text representations of {len(names)} tasks, width 16" in capsys.readouterr().out
@@ -334,7 +279,7 @@ def test_represent_fisher_from_a_run_folder_has_the_run_task_width(config, folde
     args = ["--kind", "fisher", "--init_from", str(tmp_path / "run"), "--max_examples", "1", "--output", str(output)]
     main(["represent", "--config", str(config), *args])
     assert list(json.loads(output.read_text())) == names
-    assert load_representations(output, names, dim=4).abs().sum() > 0  # the checkpoint's task_dim, not the config's
+    assert load_task_vectors(output, names, dim=4).abs().sum() > 0  # the checkpoint's task_dim, not the config's
 
 
 @pytest.mark.parametrize(

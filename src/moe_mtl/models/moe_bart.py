@@ -33,7 +33,8 @@ from transformers.models.bart.modeling_bart import (
 from .cache_contract import GENERATION_NAME, layer_cache, output_cache, take_cache
 from .config import MoEBartConfig, MoEOptions
 from .layers import FFNExpertDecoderLayer, FFNExpertEncoderLayer, LayerExperts, LayerRoute, RouteRecord
-from .routing import TORCH_INIT, TaskRouter, TaskTable, load_task_vectors
+from .routing import TORCH_INIT, TaskRouter, TaskTable
+from .task_vectors import read_task_embeddings
 from .token_gate import TaskAwareTokenGate
 
 ROUTING_PARAMETERS = re.compile(r"(^|\.)(task_table|router|gate)\.")
@@ -370,7 +371,7 @@ class MoEBartForConditionalGeneration(PreTrainedModel, GenerationMixin):
         """
         options = config.moe_options
         if task_vectors is None and options.task_embeddings is not None:
-            task_vectors = load_task_vectors(options.task_embeddings, options.num_tasks)
+            task_vectors = read_task_embeddings(options.task_embeddings, options.num_tasks)
         if task_vectors is None:
             return None
         if task_vectors.dim() != 2 or task_vectors.shape[0] != options.num_tasks:

@@ -5,9 +5,6 @@ Shapes: U unique tasks in a batch, L routed layers (encoder then decoder), E exp
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -47,29 +44,6 @@ def select_experts(logits: torch.Tensor, selection: str, temperature: float | to
         return soft
     hard = F.one_hot(soft.argmax(-1), logits.shape[-1]).to(soft.dtype)
     return hard - soft.detach() + soft
-
-
-def load_task_vectors(path: str | Path, num_tasks: int) -> torch.Tensor:
-    """Precomputed task representations (text or Fisher embeddings) from a .pt, .npy or .json file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"MoE option `task_embeddings`: file {path} does not exist")
-    if path.suffix == ".pt":
-        vectors = torch.load(path, map_location="cpu", weights_only=True)
-    elif path.suffix == ".npy":
-        import numpy as np
-
-        vectors = torch.from_numpy(np.load(path))
-    elif path.suffix == ".json":
-        vectors = torch.tensor(json.loads(path.read_text()))
-    else:
-        raise ValueError(f"MoE option `task_embeddings`: {path} has suffix {path.suffix!r}; allowed: .pt, .npy, .json")
-    if not isinstance(vectors, torch.Tensor) or vectors.dim() != 2 or vectors.shape[0] != num_tasks:
-        shape = tuple(vectors.shape) if isinstance(vectors, torch.Tensor) else type(vectors).__name__
-        raise ValueError(
-            f"MoE option `task_embeddings`: {path} holds {shape}; expected a (num_tasks={num_tasks}, dim) matrix"
-        )
-    return vectors.float()
 
 
 class TaskTable(nn.Module):

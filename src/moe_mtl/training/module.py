@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,31 +13,15 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch.optim.lr_scheduler import LambdaLR
-from transformers import AutoConfig, BartConfig
 
 from ..data import METRICS, MODEL_INPUTS, PARTITIONS, load_tokenizer
-from ..data.tasks import shortened
 from ..evaluation.results import evaluation_stem, write_evaluation, write_predictions
 from ..evaluation.task_evaluation import EvaluationResult, TaskEvaluation, gather_predictions
-from ..models import MoEBartConfig, MoEBartForConditionalGeneration, MoEOptions
-from ..models.config import adopt_saved_shape
+from ..models import MoEOptions
+from ..models.build import build_model, special_token_ids
 from ..models.routing import hard_top_k
-from ..transfer.init_from import (
-    TASK_TABLE_KEY,
-    check_vocabulary,
-    load_upstream_weights,
-    read_upstream,
-    task_row_map,
-    upstream_config,
-)
-from ..transfer.representations import load_representations
-from ..transfer.unseen_routes import (
-    NEEDS_REPRESENTATIONS,
-    assign_unseen_routes,
-    check_source,
-    representations_of_tasks,
-)
-from ..transfer.unseen_routes import describe as describe_nearest
+from ..transfer.init_from import TASK_TABLE_KEY, build_from_upstream
+from ..transfer.unseen_routes import UnseenTasks
 from .losses import label_smoothed_nll, route_balance, sequence_nll
 from .optim import (
     build_param_groups,
@@ -50,82 +33,8 @@ from .schedules import WarmupLinearDecay, warmup_steps_for
 
 log = logging.getLogger(__name__)
 
-# a small from-scratch BART (the quick start's); `bart` overrides any of these
-SMALL_BART = dict(
-    d_model=128,
-    encoder_layers=2,
-    decoder_layers=2,
-    encoder_attention_heads=4,
-    decoder_attention_heads=4,
-    encoder_ffn_dim=512,
-    decoder_ffn_dim=512,
-    max_position_embeddings=256,
-    dropout=0.1,
-)
 STAGE_ROUTES = ("argmax", "softmax")
 FINETUNE = ("all", "task_table")
-
-
-def build_model(
-    pretrained: str | None,
-    bart: dict[str, Any] | None,
-    moe: MoEOptions,
-    vocab_size: int | None,
-    special_tokens: dict[str, int],
-    task_names: Sequence[str] | None = None,
-) -> MoEBartForConditionalGeneration:
-    """The MoE-BART: a saved MoE-BART loaded as it is, a dense BART upcycled (`from_dense`), or (no
-    `pretrained`) a new BART of the `bart` sizes over the data's vocabulary and special token ids.
-
-    A `task_embeddings` file that names its tasks (`moe-mtl represent`) gives each task id the row of its
-    name in `task_names`; a plain matrix is taken in task-id order."""
-    if pretrained is not None and bart:
-        raise ValueError("model option `bart` sets the sizes of a new model; leave it unset with `pretrained`")
-    task_vectors = None
-    saved_moe = pretrained is not None and AutoConfig.from_pretrained(pretrained).model_type == MoEBartConfig.model_type
-    if moe.task_embeddings is not None and not saved_moe:
-        names = task_names or [f"task{i}" for i in range(moe.num_tasks)]
-        task_vectors = load_representations(moe.task_embeddings, names)
-        moe = replace(moe, task_embeddings=None, task_dim=task_vectors.shape[1])
-    if pretrained is not None:
-        config = AutoConfig.from_pretrained(pretrained)
-        if config.model_type == MoEBartConfig.model_type:
-            saved = config.moe_options
-            if saved.num_tasks != moe.num_tasks:
-                raise ValueError(
-                    f"the MoE-BART in {pretrained} has a task table of {saved.num_tasks} tasks; "
-                    f"the data has {moe.num_tasks}"
-                )
-            # its shape options, the configured rest (selection, freezing, temperature, …), so that a route
-            # can be learned anew
-            options = adopt_saved_shape(moe, saved, f"the saved MoE-BART {pretrained}")
-            model = MoEBartForConditionalGeneration.from_pretrained(pretrained, moe=asdict(options))
-            model.set_temperature(options.temperature)  # the configured one, not the saved buffer's
-        else:
-            model = MoEBartForConditionalGeneration.from_dense(pretrained, task_vectors, **asdict(moe))
-        if vocab_size is not None and vocab_size > model.config.vocab_size:
-            raise ValueError(
-                f"the tokenizer has {vocab_size} tokens but the model {pretrained} only {model.config.vocab_size}; "
-                f"use the model's own tokenizer (data option `tokenizer: {pretrained}`)"
-            )
-        return model.train()  # `from_pretrained` returns a model in eval mode: training would run without dropout
-    if vocab_size is None:
-        raise ValueError("a new model (no `pretrained`) needs `vocab_size` (linked from the data's tokenizer)")
-    sizes = {**SMALL_BART, **(bart or {})}
-    config = BartConfig(vocab_size=vocab_size, **special_tokens, **sizes)
-    return MoEBartForConditionalGeneration(MoEBartConfig.from_bart_config(config, moe), task_vectors)
-
-
-def special_token_ids(tokenizer, pad_token_id: int | None) -> dict[str, int]:
-    """`BartConfig` ids of the tokenizer's special tokens (BART's convention: decoding starts at eos), so a
-    new model trains and generates with the tokenizer's own pad, bos and eos (`tokenizer` None: pad only)."""
-    ids = {}
-    if tokenizer is not None:
-        ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
-        ids["decoder_start_token_id"] = ids["forced_eos_token_id"] = tokenizer.eos_token_id
-    if pad_token_id is not None:
-        ids["pad_token_id"] = pad_token_id
-    return {key: value for key, value in ids.items() if value is not None}
 
 
 def step_seed(seed: int, step: int, micro_batch: int, rank: int) -> int:
@@ -256,10 +165,20 @@ class MoEMultiTaskModule(LightningModule):
         moe = asdict(options)
         self.save_hyperparameters()
         self._tokenizer = None  # loaded on first use (`tokenizer`), here already for a new model's special ids
-        self._unseen: dict[str, Any] = {}  # init_from: unseen tasks whose routes wait for the data (`setup`)
+        self._unseen: UnseenTasks | None = None  # init_from: unseen tasks whose routes wait for the data (`setup`)
         if init_from is not None:
-            self.task_names = task_names or [f"task{i}" for i in range(options.num_tasks)]
-            self.model = self._build_from_upstream(init_from, options)
+            names = task_names or [f"task{i}" for i in range(options.num_tasks)]
+            self.model, architecture, self._unseen = build_from_upstream(
+                init_from,
+                options,
+                names,
+                pretrained=pretrained,
+                bart=bart,
+                tokenizer_size=tokenizer_size,
+                unseen_routes=unseen_routes,
+                representation=representation,
+            )
+            self.hparams.update(architecture)  # the architecture in effect, as with `--ckpt_path`
         else:
             special = {}
             if pretrained is None:
@@ -391,94 +310,14 @@ class MoEMultiTaskModule(LightningModule):
 
     # --- starting from an upstream run (init_from) ------------------------------------------------
 
-    def _build_from_upstream(self, init_from: str, configured: MoEOptions) -> MoEBartForConditionalGeneration:
-        """The upstream run's MoE-BART over this run's tasks: its architecture and weights, rows mapped by task name,
-        the configured non-shape options; unseen tasks get `unseen_routes` (now, or in `setup` if they need the
-        data's tasks)."""
-        hp = self.hparams
-        upstream = read_upstream(init_from)
-        for option in ("pretrained", "bart"):
-            given, kept = hp[option], upstream.hparams.get(option)
-            if given is not None and given != kept:
-                raise ValueError(
-                    f"model option `{option}` is {given!r}, but {upstream.describe()} has {kept!r}: with "
-                    f"`init_from` the architecture is the upstream run's; leave `{option}` unset"
-                )
-            hp[option] = kept  # the architecture in effect, as with `--ckpt_path`
-        check_vocabulary(upstream, hp.tokenizer_size)
-        if configured.task_embeddings is not None:
-            raise ValueError(
-                f"MoE option `task_embeddings` is {configured.task_embeddings!r}, but with `init_from` the task table "
-                "is the upstream run's (rows by task name; unseen tasks: `unseen_routes`, e.g. 'representation' with "
-                "`representation: <file>`); set it to null"
-            )
-        options = adopt_saved_shape(configured, upstream.options, upstream.describe())
-        check_source(hp.unseen_routes, hp.representation, options.routing)
-        tokenizer_path = upstream.tokenizer_path
-        tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path else None
-        special = special_token_ids(tokenizer, upstream.hparams.get("pad_token_id"))
-        sizes = {**SMALL_BART, **(upstream.hparams.get("bart") or {})}
-        model = MoEBartForConditionalGeneration(upstream_config(upstream, options, sizes, special))
-        rows = task_row_map(upstream.task_names, self.task_names, upstream.trained_tasks)
-        load_upstream_weights(model, upstream, rows)
-        model.set_temperature(options.temperature)
-        seen = [i for i, row in enumerate(rows) if row is not None]
-        unseen = [i for i, row in enumerate(rows) if row is None]
-        trained = [upstream.task_names.index(name) for name in upstream.trained_tasks]
-        self._unseen = {
-            "unseen": unseen,
-            "seen": seen,
-            "seen_rows": upstream.state_dict[TASK_TABLE_KEY][trained].float(),
-            "seed": options.route_seed,
-        }
-        names = f" ({shortened([self.task_names[i] for i in unseen])})" if unseen else ""
-        rank_zero_info(
-            f"init_from {upstream.path}: {len(seen)} tasks keep their trained rows; {len(unseen)} unseen tasks{names} "
-            f"get {hp.unseen_routes!r} routes"
-        )
-        if hp.unseen_routes == "learned":
-            if options.freeze_task_table:
-                raise ValueError(
-                    "model option `unseen_routes` is 'learned', but moe.freeze_task_table is true: the new rows "
-                    "could not be trained; set moe.freeze_task_table false"
-                )
-            if options.selection == "argmax":
-                raise ValueError(
-                    "model option `unseen_routes` is 'learned', but moe.selection 'argmax' passes no gradient to the "
-                    "new rows; allowed: softmax, gumbel, gumbel_st"
-                )
-            if model.router is not None and model.router.learned:
-                for param in model.router.parameters():  # the router stays as trained, the new rows learn
-                    param.requires_grad_(False)
-        if hp.unseen_routes not in NEEDS_REPRESENTATIONS or Path(hp.representation).is_file():
-            self.assign_unseen_routes(model)  # needs no data: the model starts with its routes
-        return model.train()
-
-    def assign_unseen_routes(self, model: MoEBartForConditionalGeneration | None = None, datamodule=None) -> None:
-        """Give the unseen tasks of an `init_from` run their routes (`unseen_routes`); computed representations
-        ("text", "fisher") need the data module's tasks. Runs once (`setup` calls it when still due)."""
-        if not self._unseen:
-            return
-        model = model if model is not None else self.model
-        hp = self.hparams
-        vectors = None
-        if hp.unseen_routes in NEEDS_REPRESENTATIONS and self._unseen["unseen"]:
-            vectors = representations_of_tasks(
-                hp.representation, self.task_names, datamodule, model, self.tokenizer, hp.unseen_routes
-            )
-        nearest = assign_unseen_routes(
-            model,
-            self._unseen["unseen"],
-            self._unseen["seen"],
-            hp.unseen_routes,
-            seen_rows=self._unseen["seen_rows"],
-            representations=vectors,
-            seed=self._unseen["seed"],
-            task_names=self.task_names,
-        )
-        if nearest:
-            rank_zero_info(f"unseen tasks take the route of the nearest trained task: {describe_nearest(nearest)}")
-        self._unseen = {}
+    def assign_unseen_routes(self, datamodule=None) -> None:
+        """Give the unseen tasks of an `init_from` run the routes still due (`setup` calls it): those of
+        computed representations ("text", "fisher"), which need the data module's tasks."""
+        if self._unseen is not None:
+            hp = self.hparams
+            source, representation = hp.unseen_routes, hp.representation
+            self._unseen.assign(self.model, source, representation, self.task_names, datamodule, self.tokenizer)
+            self._unseen = None
 
     # --- training ---------------------------------------------------------------------------------
 
@@ -623,7 +462,7 @@ class MoEMultiTaskModule(LightningModule):
         # on every rank, here: `Trainer.log_dir` broadcasts, so reading it first in rank-0-only code hangs DDP
         self._run_dir = Path(self.hparams.results_dir or self.trainer.log_dir or self.trainer.default_root_dir)
         # init_from: unseen routes that need the data's tasks (a checkpoint about to be loaded brings its own)
-        if self._unseen and not self.trainer.ckpt_path:
+        if self._unseen is not None and not self.trainer.ckpt_path:
             self.assign_unseen_routes(datamodule=getattr(self.trainer, "datamodule", None))
 
     def on_train_start(self) -> None:
@@ -814,4 +653,4 @@ class MoEMultiTaskModule(LightningModule):
         log.info("wrote predictions of %d tasks to %s", len(by_task), folder)
 
 
-__all__ = ["SMALL_BART", "MoEMultiTaskModule", "build_model", "step_seed"]
+__all__ = ["MoEMultiTaskModule", "step_seed"]

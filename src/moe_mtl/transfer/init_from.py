@@ -15,10 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from transformers import AutoConfig, BartConfig
 
+from ..data import load_tokenizer
 from ..data.tasks import shortened
 from ..models import MoEBartConfig, MoEBartForConditionalGeneration, MoEOptions
+from ..models.build import SMALL_BART, special_token_ids
+from ..models.config import adopt_saved_shape
+from .unseen_routes import NEEDS_REPRESENTATIONS, UnseenTasks, check_source
 
 TASK_TABLE_KEY = "model.encoder.task_table.embedding.weight"
 # per-task tensors of the model, first dimension = task id: mapped by task name, not copied whole
@@ -224,9 +229,87 @@ def check_vocabulary(upstream: UpstreamRun, tokenizer_size: int | None) -> None:
         )
 
 
+def build_from_upstream(
+    init_from: str,
+    configured: MoEOptions,
+    task_names: list[str],
+    *,
+    pretrained: str | None,
+    bart: dict[str, Any] | None,
+    tokenizer_size: int | None,
+    unseen_routes: str,
+    representation: str,
+) -> tuple[MoEBartForConditionalGeneration, dict[str, Any], UnseenTasks | None]:
+    """The upstream run's MoE-BART over the tasks `task_names`: its architecture and weights, rows mapped by task
+    name, the `configured` non-shape options; unseen tasks get `unseen_routes` (see `transfer.unseen_routes`).
+
+    `pretrained` and `bart` are the new run's model options: unset, or the upstream run's own. Returns the model
+    (in train mode), the architecture in effect ({"pretrained", "bart"} of the upstream run, for the new run's
+    hyper-parameters), and the unseen tasks whose routes still need the data's tasks (computed representations),
+    None if every route is set."""
+    upstream = read_upstream(init_from)
+    architecture = {}
+    for option, given in (("pretrained", pretrained), ("bart", bart)):
+        kept = upstream.hparams.get(option)
+        if given is not None and given != kept:
+            raise ValueError(
+                f"model option `{option}` is {given!r}, but {upstream.describe()} has {kept!r}: with "
+                f"`init_from` the architecture is the upstream run's; leave `{option}` unset"
+            )
+        architecture[option] = kept
+    check_vocabulary(upstream, tokenizer_size)
+    if configured.task_embeddings is not None:
+        raise ValueError(
+            f"MoE option `task_embeddings` is {configured.task_embeddings!r}, but with `init_from` the task table "
+            "is the upstream run's (rows by task name; unseen tasks: `unseen_routes`, e.g. 'representation' with "
+            "`representation: <file>`); set it to null"
+        )
+    options = adopt_saved_shape(configured, upstream.options, upstream.describe())
+    check_source(unseen_routes, representation, options.routing)
+    tokenizer_path = upstream.tokenizer_path
+    tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path else None
+    special = special_token_ids(tokenizer, upstream.hparams.get("pad_token_id"))
+    sizes = {**SMALL_BART, **(upstream.hparams.get("bart") or {})}
+    model = MoEBartForConditionalGeneration(upstream_config(upstream, options, sizes, special))
+    rows = task_row_map(upstream.task_names, task_names, upstream.trained_tasks)
+    load_upstream_weights(model, upstream, rows)
+    model.set_temperature(options.temperature)
+    trained = [upstream.task_names.index(name) for name in upstream.trained_tasks]
+    unseen = UnseenTasks(
+        unseen=[i for i, row in enumerate(rows) if row is None],
+        seen=[i for i, row in enumerate(rows) if row is not None],
+        seen_rows=upstream.state_dict[TASK_TABLE_KEY][trained].float(),
+        seed=options.route_seed,
+    )
+    names = f" ({shortened([task_names[i] for i in unseen.unseen])})" if unseen.unseen else ""
+    rank_zero_info(
+        f"init_from {upstream.path}: {len(unseen.seen)} tasks keep their trained rows; {len(unseen.unseen)} unseen "
+        f"tasks{names} get {unseen_routes!r} routes"
+    )
+    if unseen_routes == "learned":
+        if options.freeze_task_table:
+            raise ValueError(
+                "model option `unseen_routes` is 'learned', but moe.freeze_task_table is true: the new rows "
+                "could not be trained; set moe.freeze_task_table false"
+            )
+        if options.selection == "argmax":
+            raise ValueError(
+                "model option `unseen_routes` is 'learned', but moe.selection 'argmax' passes no gradient to the "
+                "new rows; allowed: softmax, gumbel, gumbel_st"
+            )
+        if model.router is not None and model.router.learned:
+            for param in model.router.parameters():  # the router stays as trained, the new rows learn
+                param.requires_grad_(False)
+    if unseen_routes not in NEEDS_REPRESENTATIONS or Path(representation).is_file():
+        unseen.assign(model, unseen_routes, representation, task_names)  # needs no data: routes set from the start
+        unseen = None
+    return model.train(), architecture, unseen
+
+
 __all__ = [
     "TASK_TABLE_KEY",
     "UpstreamRun",
+    "build_from_upstream",
     "check_vocabulary",
     "load_upstream_weights",
     "read_upstream",

@@ -26,7 +26,6 @@ import inspect
 import json
 import logging
 import math
-import os
 import pickle
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -50,16 +49,16 @@ from transformers import (
 from transformers.models.bart.modeling_bart import shift_tokens_right
 
 from ..data import MultiTaskDataModule, Task
-from ..data.tasks import ALL_SEEDS, Example, shortened
+from ..data.tasks import ALL_SEEDS, Example
 from ..data.tokenizer import text_hash, tokenizer_fingerprint
 from ..models import MoEBartConfig, MoEBartForConditionalGeneration, MoEOptions
 from ..models.moe_bart import ROUTING_PARAMETERS
+from ..models.task_vectors import load_task_vectors, save_task_vectors
 from .init_from import resolve_checkpoint
 
 log = logging.getLogger(__name__)
 
 REPRESENTATION_KINDS = ("text", "fisher")
-FILE_SUFFIXES = (".pt", ".json", ".npy")
 PROJECTION_SEED = 0  # of the fixed projections to `dim`; part of every fingerprint
 CACHE_VERSION = 1  # bump when the computation changes, so old cache files are not reused
 
@@ -416,7 +415,7 @@ def compute_representations(
         path = Path(cache_dir) / f"{fingerprint}.pt"
         if path.is_file():
             log.info("%s representations of %d tasks loaded from the cache %s", kind, len(tasks), path)
-            return load_representations(path, list(examples), dim)
+            return load_task_vectors(path, list(examples), dim)
 
     if encoder is not None:
         model = load_folder_model(encoder, config, kind)
@@ -435,116 +434,9 @@ def compute_representations(
                 vectors = torch.stack([count_sketch(fisher, dim) for fisher in fishers])
     vectors = vectors.float()
     if path is not None:
-        save_representations(path, list(examples), vectors, kind=kind, fingerprint=path.stem, max_examples=max_examples)
+        save_task_vectors(path, list(examples), vectors, kind=kind, fingerprint=path.stem, max_examples=max_examples)
         log.info("%s representations of %d tasks cached in %s", kind, len(tasks), path)
     return vectors
-
-
-def save_representations(path: str | Path, task_names: Sequence[str], vectors: torch.Tensor, **meta: Any) -> None:
-    """Write vectors (T, d) of `task_names`: .pt {"task_names", "vectors", **meta} or .json {"task": [floats]}
-    (no meta). Written to a temporary file renamed into place, so a reader never sees half a file."""
-    path = Path(path)
-    names = list(task_names)
-    if vectors.dim() != 2 or vectors.shape[0] != len(names):
-        raise ValueError(
-            f"{path}: vectors of shape {tuple(vectors.shape)} for {len(names)} task names; expected "
-            f"({len(names)}, width)"
-        )
-    if len(set(names)) != len(names):
-        duplicates = sorted({name for name in names if names.count(name) > 1})
-        raise ValueError(f"{path}: task names {duplicates} appear more than once")
-    if path.suffix not in (".pt", ".json"):
-        raise ValueError(f"{path}: representation files are written as .pt or .json, not {path.suffix!r}")
-    vectors = vectors.detach().to("cpu", torch.float32)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.{os.getpid()}")
-    if path.suffix == ".pt":
-        torch.save({**meta, "task_names": names, "vectors": vectors}, staging)
-    else:
-        staging.write_text(json.dumps(dict(zip(names, vectors.tolist(), strict=True)), indent=1) + "\n")
-    staging.replace(path)
-
-
-def load_representations(path: str | Path, task_names: Sequence[str], dim: int | None = None) -> torch.Tensor:
-    """The vectors of `task_names` (T, d) float32, rows in that order, from a representation file.
-
-    Files with task names (.pt dict, .json object) must name exactly the tasks of `task_names`; a plain
-    matrix (.pt tensor, .npy, .json list of rows) is taken as rows in `task_names` order, so it needs one
-    row per task. With `dim`, the width must be `dim`.
-    """
-    path = Path(path)
-    names = list(task_names)
-    if not path.is_file():
-        raise ValueError(f"representation file {path} does not exist")
-    if path.suffix not in FILE_SUFFIXES:
-        raise ValueError(f"representation file {path} has suffix {path.suffix!r}; allowed: {', '.join(FILE_SUFFIXES)}")
-    named, matrix = _read_vectors(path)
-    if named is not None:
-        missing = [name for name in names if name not in named]
-        unknown = [name for name in named if name not in set(names)]
-        if missing:
-            raise ValueError(
-                f"representation file {path} has no vector for tasks {shortened(missing)}; it has: "
-                f"{shortened(list(named))}"
-            )
-        if unknown:
-            raise ValueError(
-                f"representation file {path} names tasks the data does not have: {shortened(unknown)}; "
-                f"the data's tasks: {shortened(names)}"
-            )
-        rows = [named[name] for name in names]
-        widths = sorted({len(row) for row in rows})
-        if len(widths) > 1:
-            raise ValueError(f"representation file {path} holds vectors of different widths {widths}")
-        matrix = torch.as_tensor(np.asarray(rows, dtype=np.float32)).reshape(len(rows), -1)
-    elif matrix.dim() != 2 or matrix.shape[0] != len(names):
-        raise ValueError(
-            f"representation file {path} holds a matrix of shape {tuple(matrix.shape)} without task "
-            f"names; its rows are taken in task order, so it needs one row per task: ({len(names)}, "
-            f"width) for {shortened(names)}"
-        )
-    if dim is not None and matrix.shape[1] != dim:
-        raise ValueError(f"representation file {path} holds vectors of width {matrix.shape[1]}; expected width {dim}")
-    if not torch.isfinite(matrix).all():
-        raise ValueError(f"representation file {path} holds non-finite values (nan or inf)")
-    return matrix.float()
-
-
-def _read_vectors(path: Path) -> tuple[dict[str, Sequence[float]] | None, torch.Tensor | None]:
-    """(task name → vector, None) of a file with names, or (None, matrix) of a plain matrix."""
-    try:
-        if path.suffix == ".npy":
-            return None, torch.as_tensor(np.load(path, allow_pickle=False))
-        if path.suffix == ".json":
-            value = json.loads(path.read_text())
-        else:
-            value = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
-        raise ValueError(f"representation file {path} could not be read: {err}") from None
-    if isinstance(value, torch.Tensor):
-        return None, value
-    if isinstance(value, dict) and "vectors" in value and "task_names" in value:
-        vectors = torch.as_tensor(value["vectors"])
-        if vectors.dim() != 2 or vectors.shape[0] != len(value["task_names"]):
-            raise ValueError(
-                f"representation file {path}: vectors of shape {tuple(vectors.shape)} for "
-                f"{len(value['task_names'])} task names"
-            )
-        if len(set(value["task_names"])) != len(value["task_names"]):
-            raise ValueError(f"representation file {path} names some task more than once")
-        return dict(zip(value["task_names"], vectors.tolist(), strict=True)), None
-    if isinstance(value, dict) and all(_is_vector(row) for row in value.values()):
-        return value, None
-    if isinstance(value, list) and all(_is_vector(row) for row in value):
-        return None, torch.as_tensor(np.asarray(value, dtype=np.float32))
-    raise ValueError(
-        f"representation file {path} holds {type(value).__name__}; expected {{'task_names', 'vectors'}} "
-        "(.pt), {task: [numbers]} (.json), or a (tasks, width) matrix"
-    )
-
-
-def _is_vector(row: Any) -> bool:
-    return isinstance(row, list) and all(isinstance(x, int | float) and not isinstance(x, bool) for x in row)
 
 
 # --- moe-mtl represent -----------------------------------------------------------------------------------
@@ -657,5 +549,5 @@ def represent(options) -> tuple[torch.Tensor, list[str]]:
         fewshot_seed=data.hparams.fewshot_seed,
     )
     names = [task.name for task in tasks]
-    save_representations(options.output, names, vectors, kind=options.kind)
+    save_task_vectors(options.output, names, vectors, kind=options.kind)
     return vectors, names

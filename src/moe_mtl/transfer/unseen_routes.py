@@ -16,10 +16,12 @@ The math is in pure functions of tensors; `assign_unseen_routes` applies a sourc
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 
 from ..data.tasks import shortened
 from ..models import MoEBartForConditionalGeneration
@@ -154,10 +156,11 @@ def representations_of_tasks(
     `transfer.representations` from the tasks of `datamodule` with the model's own encoder, cached in
     `<data output_dir>/representations`: of the table's width `task_dim` for "representation" (the reduction is a
     fixed projection, as in the files `moe-mtl represent` writes), of `NEAREST_WIDTH` for "nearest"."""
-    from .representations import compute_representations, load_representations
+    from ..models.task_vectors import load_task_vectors
+    from .representations import compute_representations
 
     if representation not in REPRESENTATION_KINDS:
-        return load_representations(representation, task_names)
+        return load_task_vectors(representation, task_names)
     if datamodule is None:
         raise ValueError(
             f"representation {representation!r} of unseen tasks is computed from the data module's tasks: run "
@@ -186,9 +189,50 @@ def describe(assigned: dict[str, list[str]]) -> str:
     return shortened([f"{task} → {nearest[0]}" for task, nearest in assigned.items()])
 
 
+@dataclass
+class UnseenTasks:
+    """The tasks of a new run that its upstream run did not train on, and what their routes are chosen from.
+
+    unseen, seen: task ids of the new run's table; seen_rows: the upstream run's trained rows (S', d); seed: of
+    "random" routes."""
+
+    unseen: list[int]
+    seen: list[int]
+    seen_rows: torch.Tensor
+    seed: int
+
+    def assign(
+        self,
+        model: MoEBartForConditionalGeneration,
+        source: str,
+        representation: str,
+        task_names: Sequence[str],
+        datamodule=None,
+        tokenizer=None,
+    ) -> None:
+        """Route the unseen tasks by `source` (`assign_unseen_routes`); computed representations ("text", "fisher")
+        need the data module's tasks and the run's tokenizer, a representation file neither."""
+        vectors = None
+        if source in NEEDS_REPRESENTATIONS and self.unseen:
+            vectors = representations_of_tasks(representation, task_names, datamodule, model, tokenizer, source)
+        nearest = assign_unseen_routes(
+            model,
+            self.unseen,
+            self.seen,
+            source,
+            seen_rows=self.seen_rows,
+            representations=vectors,
+            seed=self.seed,
+            task_names=task_names,
+        )
+        if nearest:
+            rank_zero_info(f"unseen tasks take the route of the nearest trained task: {describe(nearest)}")
+
+
 __all__ = [
     "NEEDS_REPRESENTATIONS",
     "UNSEEN_ROUTES",
+    "UnseenTasks",
     "assign_unseen_routes",
     "average_routes",
     "check_source",

@@ -1,0 +1,88 @@
+"""Building the MoE-BART a run trains: a new small BART, a dense BART upcycled, or a saved MoE-BART."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, replace
+from typing import Any
+
+from transformers import AutoConfig, BartConfig
+
+from .config import MoEBartConfig, MoEOptions, adopt_saved_shape
+from .moe_bart import MoEBartForConditionalGeneration
+from .task_vectors import read_task_embeddings
+
+# a small from-scratch BART (the quick start's); `bart` overrides any of these
+SMALL_BART = dict(
+    d_model=128,
+    encoder_layers=2,
+    decoder_layers=2,
+    encoder_attention_heads=4,
+    decoder_attention_heads=4,
+    encoder_ffn_dim=512,
+    decoder_ffn_dim=512,
+    max_position_embeddings=256,
+    dropout=0.1,
+)
+
+
+def build_model(
+    pretrained: str | None,
+    bart: dict[str, Any] | None,
+    moe: MoEOptions,
+    vocab_size: int | None,
+    special_tokens: dict[str, int],
+    task_names: Sequence[str] | None = None,
+) -> MoEBartForConditionalGeneration:
+    """The MoE-BART: a saved MoE-BART loaded as it is, a dense BART upcycled (`from_dense`), or (no
+    `pretrained`) a new BART of the `bart` sizes over the data's vocabulary and special token ids.
+
+    A `task_embeddings` file that names its tasks (`moe-mtl represent`) gives each task id the row of its
+    name in `task_names`; a plain matrix is taken in task-id order."""
+    if pretrained is not None and bart:
+        raise ValueError("model option `bart` sets the sizes of a new model; leave it unset with `pretrained`")
+    task_vectors = None
+    saved_moe = pretrained is not None and AutoConfig.from_pretrained(pretrained).model_type == MoEBartConfig.model_type
+    if moe.task_embeddings is not None and not saved_moe:
+        names = task_names or [f"task{i}" for i in range(moe.num_tasks)]
+        task_vectors = read_task_embeddings(moe.task_embeddings, names)
+        moe = replace(moe, task_embeddings=None, task_dim=task_vectors.shape[1])
+    if pretrained is not None:
+        config = AutoConfig.from_pretrained(pretrained)
+        if config.model_type == MoEBartConfig.model_type:
+            saved = config.moe_options
+            if saved.num_tasks != moe.num_tasks:
+                raise ValueError(
+                    f"the MoE-BART in {pretrained} has a task table of {saved.num_tasks} tasks; "
+                    f"the data has {moe.num_tasks}"
+                )
+            # its shape options, the configured rest (selection, freezing, temperature, …), so that a route
+            # can be learned anew
+            options = adopt_saved_shape(moe, saved, f"the saved MoE-BART {pretrained}")
+            model = MoEBartForConditionalGeneration.from_pretrained(pretrained, moe=asdict(options))
+            model.set_temperature(options.temperature)  # the configured one, not the saved buffer's
+        else:
+            model = MoEBartForConditionalGeneration.from_dense(pretrained, task_vectors, **asdict(moe))
+        if vocab_size is not None and vocab_size > model.config.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {vocab_size} tokens but the model {pretrained} only {model.config.vocab_size}; "
+                f"use the model's own tokenizer (data option `tokenizer: {pretrained}`)"
+            )
+        return model.train()  # `from_pretrained` returns a model in eval mode: training would run without dropout
+    if vocab_size is None:
+        raise ValueError("a new model (no `pretrained`) needs `vocab_size` (linked from the data's tokenizer)")
+    sizes = {**SMALL_BART, **(bart or {})}
+    config = BartConfig(vocab_size=vocab_size, **special_tokens, **sizes)
+    return MoEBartForConditionalGeneration(MoEBartConfig.from_bart_config(config, moe), task_vectors)
+
+
+def special_token_ids(tokenizer, pad_token_id: int | None) -> dict[str, int]:
+    """`BartConfig` ids of the tokenizer's special tokens (BART's convention: decoding starts at eos), so a
+    new model trains and generates with the tokenizer's own pad, bos and eos (`tokenizer` None: pad only)."""
+    ids = {}
+    if tokenizer is not None:
+        ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+        ids["decoder_start_token_id"] = ids["forced_eos_token_id"] = tokenizer.eos_token_id
+    if pad_token_id is not None:
+        ids["pad_token_id"] = pad_token_id
+    return {key: value for key, value in ids.items() if value is not None}
