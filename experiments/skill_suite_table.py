@@ -83,9 +83,10 @@ PRESETS = {
 
 
 def configs(method: str, preset: dict) -> list[str]:
-    """The method's configs, then the preset's sizes (and, for learned routing, its stage-one settings)."""
+    """The method's configs, then the preset's sizes (and, for learned routing, its stage-one settings), then the
+    user's `--set` overrides."""
     files = ["--config", str(BASE_CONFIG), "--config", str(ROOT / "configs" / "baselines" / f"{method}.yaml")]
-    return files + preset["data"] + (preset["learned"] if method == "learned" else [])
+    return files + preset["data"] + (preset["learned"] if method == "learned" else []) + preset["set"]
 
 
 def run(args: Sequence[str]) -> None:
@@ -223,8 +224,9 @@ def pipeline(
 ) -> None:
     """One upstream run and everything measured on it: fit, zero-shot test, few-shot cells (and analysis)."""
     folder = fit(method, seed, out, preset, data_dir)
-    zeroshot(method, folder, preset, data_dir)
-    fewshot(method, folder, kshot_seed, preset, data_dir, tasks)
+    if not preset["seen_only"]:
+        zeroshot(method, folder, preset, data_dir)
+        fewshot(method, folder, kshot_seed, preset, data_dir, tasks)
     if method == "learned":
         run(["analyze", str(folder)])
 
@@ -234,6 +236,7 @@ def pipeline_args(options: argparse.Namespace, method: str, seed: int, kshot_see
     args = ["--out", str(options.out.absolute()), "--preset", options.preset, "--pipeline_only"]
     args += ["--methods", method, "--seeds", str(seed), "--kshot_seeds", str(kshot_seed)]
     args += [f"--{key}={getattr(options, key)}" for key in ("steps", "fewshot_steps") if getattr(options, key)]
+    args += [f"--set={override}" for override in options.set] + (["--seen_only"] if options.seen_only else [])
     return args + (["--fewshot_tasks", *options.fewshot_tasks] if options.fewshot_tasks else [])
 
 
@@ -276,6 +279,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument(
         "--jobs", type=int, default=1, help="run this many (method, seed) pipelines at once, each its own process"
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="--OPTION=VALUE",
+        help="a moe-mtl option for every run, after the configs (repeat it; e.g. --set=--two_stage.switch_step=300)",
+    )
+    parser.add_argument("--seen_only", action="store_true", help="train and analyse only: no zero-/few-shot")
     parser.add_argument("--pipeline_only", action="store_true", help=argparse.SUPPRESS)  # a --jobs worker
     options = parser.parse_args(argv)
     if options.jobs < 1:
@@ -284,6 +295,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         parser.error(f"--kshot_seeds gives {len(options.kshot_seeds)} seeds for {len(options.seeds)} upstream seeds")
     preset, out = PRESETS[options.preset], options.out.absolute()
     preset = {**preset, **{key: getattr(options, key) for key in ("steps", "fewshot_steps") if getattr(options, key)}}
+    preset = {**preset, "set": options.set, "seen_only": options.seen_only}
     data_dir = out / "data"  # one tokenizer and data cache for every run
     started = time.monotonic()
     pairs = [(m, s, k) for m in options.methods for s, k in zip(options.seeds, options.kshot_seeds, strict=False)]
@@ -296,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         return {}
     if "learned" in options.methods:
         switch = int(yaml.safe_load(BASE_CONFIG.read_text())["two_stage"]["switch_step"])
-        for arg in preset["learned"]:  # the preset's own switch step, if it sets one
+        for arg in preset["learned"] + preset["set"]:  # the preset's or the user's switch step, if they set one
             switch = int(arg.split("=", 1)[1]) if arg.startswith("--two_stage.switch_step=") else switch
         records = {seed: route_record(out / "learned" / f"seed{seed}", switch) for seed in options.seeds}
         (out / "routes.md").write_text(routes_markdown(records))

@@ -4,6 +4,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import yaml
 
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "family_scores.py"
 
@@ -42,3 +43,19 @@ def test_the_skill_suite_table_runs_every_step_end_to_end_and_resumes(tmp_path):
     stamp = (learned / "checkpoints" / "last.ckpt").stat().st_mtime_ns
     table.main(args)  # everything finished: nothing is trained again (here in this process, one after another)
     assert (learned / "checkpoints" / "last.ckpt").stat().st_mtime_ns == stamp
+
+
+def test_the_skill_suite_table_takes_overrides_for_every_run_and_can_train_seen_tasks_only(tmp_path):
+    spec = importlib.util.spec_from_file_location("skill_suite_table", SCRIPT.with_name("skill_suite_table.py"))
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    out = tmp_path / "runs"
+    args = ["--preset", "tiny", "--out", str(out), "--seeds", "0", "--methods", "learned", "--seen_only"]
+    table.main([*args, "--steps", "6", "--set=--two_stage.switch_step=3"])
+    run = out / "learned" / "seed0"
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["two_stage"]["switch_step"] == 3 and config["trainer"]["max_steps"] == 6
+    assert not (run / "zeroshot").exists() and not (run / "fewshot").exists()
+    assert "| 0 | " in (out / "routes.md").read_text()  # the route record before the overridden switch step
+    with pytest.raises(SystemExit):
+        table.main([*args, "--jobs", "0"])

@@ -70,6 +70,23 @@ def test_rows_average_per_run_then_report_mean_and_std_over_runs_with_arg_agains
     assert format_value(moe.values["seen_dev"], 3) == "0.800 ± 0.100"
 
 
+def test_a_baseline_scoring_0_makes_the_released_arg_undefined_and_the_scored_tasks_column_leaves_it_out():
+    runs = [
+        run("vanilla", 1, 0.6, {"a": 0.0, "b": 0.4}, {"a": 0.5, "b": 0.5}),
+        run("moe", 1, 0.7, {"a": 0.1, "b": 0.6}, {"a": 0.5, "b": 0.6}),
+    ]
+    (vanilla, moe), notes = build_table(runs, "vanilla")
+    assert moe.values["arg_zeroshot"] == [float("inf")]  # as the released compute_arg.py gives
+    assert moe.values["arg_zeroshot_scored"] == pytest.approx([50.0])  # task b only: 0.6 / 0.4 − 1
+    assert vanilla.values["arg_zeroshot_scored"] == pytest.approx([0.0])
+    assert moe.values["arg_fewshot_scored"] == pytest.approx(moe.values["arg_fewshot"])  # no zero: the same
+    assert notes == [
+        "baseline 'vanilla' scores 0 on zeroshot tasks ['a']: their relative gain, and so the zeroshot ARG, is ±inf "
+        "or NaN (as the released ARG code gives); the 'tasks the baseline scores' column averages the other 1 of 2 "
+        "tasks"
+    ]
+
+
 def test_missing_pieces_are_dashes_and_each_is_counted_in_a_note():
     runs = [
         run("vanilla", 1, 0.6, {"a": 0.2, "b": 0.4}, None),
@@ -81,8 +98,9 @@ def test_missing_pieces_are_dashes_and_each_is_counted_in_a_note():
     assert moe.values["seen_dev"] == [0.9] and moe.values["zeroshot"] == pytest.approx([0.45])
     assert vanilla.values["fewshot"] == [] and moe.values["arg_fewshot"] == []
     text = render_markdown([vanilla, moe], notes, "vanilla")
-    assert "| vanilla | 1 | 0.600 | 0.300 | — | 0.0 | — |" in text
-    assert "| moe | 2 | 0.900 | 0.450 | 0.550 ± 0.000 | 50.0 | — |" in text  # ARG (0.3/0.2 − 1 + 0.6/0.4 − 1) / 2
+    assert "| vanilla | 1 | 0.600 | 0.300 | — | 0.0 | — | 0.0 | — |" in text
+    # ARG (0.3/0.2 − 1 + 0.6/0.4 − 1) / 2
+    assert "| moe | 2 | 0.900 | 0.450 | 0.550 ± 0.000 | 50.0 | — | 50.0 | — |" in text
     assert "moe (moe/seed1): zeroshot lacks tasks ['b']" in notes
     assert "baseline 'vanilla' has no complete fewshot results: no fewshot ARG" in notes
     assert "moe: Seen dev avg from 1 of 2 runs" in notes

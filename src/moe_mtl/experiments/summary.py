@@ -201,13 +201,24 @@ def find_runs(paths: Sequence[str | Path], names: Sequence[str] | None = None) -
 
 # --- the table (pure) ---------------------------------------------------------------------------------
 
-COLUMNS = ("seen_dev", "zeroshot", "fewshot", "arg_zeroshot", "arg_fewshot")
+COLUMNS = (
+    "seen_dev",
+    "zeroshot",
+    "fewshot",
+    "arg_zeroshot",
+    "arg_fewshot",
+    "arg_zeroshot_scored",
+    "arg_fewshot_scored",
+)
 HEADERS = {
     "seen_dev": "Seen dev avg",
     "zeroshot": "Unseen zero-shot avg",
     "fewshot": "Unseen few-shot avg",
     "arg_zeroshot": "Zero-shot ARG (%)",
     "arg_fewshot": "Few-shot ARG (%)",
+    # the released ARG is ±inf or NaN once the baseline scores 0 on one task: these leave such tasks out (and say so)
+    "arg_zeroshot_scored": "Zero-shot ARG, tasks the baseline scores (%)",
+    "arg_fewshot_scored": "Few-shot ARG, tasks the baseline scores (%)",
 }
 
 
@@ -259,7 +270,8 @@ def build_table(runs: Sequence[RunResults], baseline: str | None) -> tuple[list[
             if zero:
                 notes.append(
                     f"baseline {baseline!r} scores 0 on {kind} tasks {zero}: their relative gain, and so the {kind} "
-                    "ARG, is ±inf or NaN (as the released ARG code gives)"
+                    "ARG, is ±inf or NaN (as the released ARG code gives); the 'tasks the baseline scores' column "
+                    f"averages the other {len(reference[kind]) - len(zero)} of {len(reference[kind])} tasks"
                 )
     rows = []
     for method in methods:
@@ -274,7 +286,12 @@ def build_table(runs: Sequence[RunResults], baseline: str | None) -> tuple[list[
                     continue
                 values[kind].append(sum(scores.values()) / len(scores))
                 if kind in reference:
-                    values[f"arg_{kind}"].append(100 * average_relative_gain(scores, reference[kind]))
+                    base = reference[kind]
+                    values[f"arg_{kind}"].append(100 * average_relative_gain(scores, base))
+                    scored = [task for task in base if base[task] != 0]
+                    if scored:
+                        gain = average_relative_gain({t: scores[t] for t in scored}, {t: base[t] for t in scored})
+                        values[f"arg_{kind}_scored"].append(100 * gain)
         rows.append(SummaryRow(method, len(indices), values))
         for column, found in values.items():
             if len(found) < len(indices):
