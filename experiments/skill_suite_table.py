@@ -8,7 +8,7 @@ the learned runs (route–skill correlation and agreement against the suite's gr
 `moe-mtl summarize` of every run into one table (seen-task dev average, unseen zero-/few-shot averages and ARG
 against vanilla, mean ± std over seeds).
 
-    python experiments/skill_suite_table.py --out runs/skill_table --docs docs/skill_suite
+    python experiments/skill_suite_table.py --out runs/skill_table --jobs 2 --docs docs/skill_suite
 
 Every step is skipped when its result exists, so an interrupted run resumes. `--preset tiny` shrinks everything
 to seconds (the test suite runs it).
@@ -41,9 +41,14 @@ UNSEEN_ROUTES = {"vanilla": "average", "random": "random", "average": "average",
 # nearest seen task's route: learning the new task's row (`unseen_routes learned`, router frozen) scored lowest of all
 # four methods (0.198 vs 0.275-0.291 at 1,000 steps; docs/skill_suite/README.md)
 FEWSHOT_ROUTES = UNSEEN_ROUTES
+# learned routing's downstream runs keep the upstream run's stage-two routes (argmax, router and table frozen);
+# the quick start's own MoE options (gumbel_st, trainable router) would learn every route again
+DOWNSTREAM = {
+    "learned": ["--model.moe.selection=argmax", "--model.moe.freeze_router=true", "--model.moe.freeze_task_table=true"]
+}
 
 PRESETS = {
-    # ~30 min on 2 idle CPU cores (see docs/skill_suite/README.md for the measured time)
+    # ~50 min with --jobs 2 on 2 CPU cores (docs/skill_suite/README.md); at 1,000 steps learned routing does not win
     "full": {
         "steps": 2000,
         "fewshot_steps": 40,
@@ -128,6 +133,7 @@ def zeroshot(method: str, folder: Path, preset: dict, data_dir: Path) -> None:
         [
             "test",
             *configs(method, preset),
+            *DOWNSTREAM.get(method, []),
             f"--model.init_from={folder}",
             f"--model.unseen_routes={UNSEEN_ROUTES[method]}",
             f"--model.results_dir={folder / 'zeroshot'}",
@@ -150,6 +156,7 @@ def fewshot(
         [
             "fewshot",
             *(arg for arg in configs(method, preset) if not arg.startswith("--data.batch_size=")),
+            *DOWNSTREAM.get(method, []),
             *(["--batch_sizes", *sizes] if sizes else []),
             *(["--tasks", *tasks] if tasks else []),
             "--init_from",

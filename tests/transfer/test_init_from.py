@@ -1,6 +1,7 @@
 """`MoEMultiTaskModule(init_from=...)`: the upstream checkpoint, its weights mapped by task name, the options that
 apply, and the errors of a run that cannot start from it."""
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -172,6 +173,26 @@ def test_computed_text_representations_route_the_unseen_tasks_when_the_data_is_s
     assert module._unseen is None  # assigned once: a second setup keeps them
     Trainer(**tiny_trainer(tmp_path)).validate(module, datamodule=data, verbose=False)
     assert torch.equal(module.model.task_table.embedding.weight, table)
+
+
+def test_a_fit_that_would_learn_an_upstream_runs_fixed_routes_again_is_warned(upstream, tmp_path):
+    checkpoint = torch.load(upstream, map_location="cpu", weights_only=True)
+    checkpoint["moe_mtl"] = {**checkpoint.get("moe_mtl", {}), "stage": 2, "stage_info": {"routes": "argmax"}}
+    fixed = tmp_path / "stage_two.ckpt"
+    torch.save(checkpoint, fixed)
+    assert read_upstream(fixed).stage_routes == "argmax" and read_upstream(upstream).stage_routes is None
+    data = tiny_data(tmp_path / "data", tokenizer=read_upstream(upstream).hparams["tokenizer_path"])
+    names = list(data.task_names)
+    trainer = dict(tiny_trainer(tmp_path, max_steps=1), limit_train_batches=1)
+    relearning = downstream(fixed, names, moe={"selection": "gumbel_st"}, unseen_routes="average")
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        Trainer(**trainer).validate(relearning, datamodule=data, verbose=False)
+    assert not [w for w in said if "ended in stage two" in str(w.message)]  # evaluation does not change routes
+    with pytest.warns(UserWarning, match=r"ended in stage two.* set moe.selection 'argmax', moe.freeze_router true"):
+        Trainer(**trainer).fit(relearning, datamodule=data)
+    kept = {"selection": "argmax", "freeze_router": True, "freeze_task_table": True}
+    assert downstream(fixed, names, moe=kept, unseen_routes="average")._relearned_routes is None
 
 
 def test_runs_that_cannot_start_from_the_upstream_one_are_errors(upstream):

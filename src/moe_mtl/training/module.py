@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.optim.lr_scheduler import LambdaLR
 
 from ..data import METRICS, MODEL_INPUTS, PARTITIONS, load_tokenizer
@@ -166,9 +166,10 @@ class MoEMultiTaskModule(LightningModule):
         self.save_hyperparameters()
         self._tokenizer = None  # loaded on first use (`tokenizer`), here already for a new model's special ids
         self._unseen: UnseenTasks | None = None  # init_from: unseen tasks whose routes wait for the data (`setup`)
+        self._relearned_routes: str | None = None  # init_from: a fit would learn the upstream's fixed routes again
         if init_from is not None:
             names = task_names or [f"task{i}" for i in range(options.num_tasks)]
-            self.model, architecture, self._unseen = build_from_upstream(
+            start = build_from_upstream(
                 init_from,
                 options,
                 names,
@@ -178,7 +179,8 @@ class MoEMultiTaskModule(LightningModule):
                 unseen_routes=unseen_routes,
                 representation=representation,
             )
-            self.hparams.update(architecture)  # the architecture in effect, as with `--ckpt_path`
+            self.model, self._unseen, self._relearned_routes = start.model, start.unseen, start.relearned_routes
+            self.hparams.update(start.architecture)  # the architecture in effect, as with `--ckpt_path`
         else:
             special = {}
             if pretrained is None:
@@ -461,6 +463,8 @@ class MoEMultiTaskModule(LightningModule):
                 )
         # on every rank, here: `Trainer.log_dir` broadcasts, so reading it first in rank-0-only code hangs DDP
         self._run_dir = Path(self.hparams.results_dir or self.trainer.log_dir or self.trainer.default_root_dir)
+        if stage == "fit" and self._relearned_routes:  # said at fit only: evaluation does not change routes
+            rank_zero_warn(self._relearned_routes)
         # init_from: unseen routes that need the data's tasks (a checkpoint about to be loaded brings its own)
         if self._unseen is not None and not self.trainer.ckpt_path:
             self.assign_unseen_routes(datamodule=getattr(self.trainer, "datamodule", None))

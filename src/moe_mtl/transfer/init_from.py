@@ -77,6 +77,7 @@ class UpstreamRun:
     hparams: dict[str, Any]  # the module's hyper-parameters
     data_hparams: dict[str, Any]  # the data module's
     state_dict: dict[str, torch.Tensor]  # the MoE-BART's weights (no "model." prefix)
+    stage_routes: str | None = None  # "argmax" or "softmax" if it ended in stage two (its routes fixed), else None
 
     @property
     def options(self) -> MoEOptions:
@@ -123,7 +124,10 @@ def read_upstream(init_from: str | Path) -> UpstreamRun:
         for key, value in checkpoint["state_dict"].items()
         if key.startswith(MODEL_PREFIX)
     }
-    return UpstreamRun(path, dict(hparams), dict(checkpoint.get("datamodule_hyper_parameters") or {}), state)
+    training = checkpoint.get("moe_mtl") or {}  # MoEMultiTaskModule.on_save_checkpoint's
+    stage_routes = (training.get("stage_info") or {}).get("routes") if training.get("stage") == 2 else None
+    data = dict(checkpoint.get("datamodule_hyper_parameters") or {})
+    return UpstreamRun(path, dict(hparams), data, state, stage_routes)
 
 
 def upstream_config(upstream: UpstreamRun, options: MoEOptions, sizes: dict[str, Any], special: dict[str, int]):
@@ -229,6 +233,16 @@ def check_vocabulary(upstream: UpstreamRun, tokenizer_size: int | None) -> None:
         )
 
 
+@dataclass
+class UpstreamStart:
+    """A new run's start from an upstream run (`build_from_upstream`)."""
+
+    model: MoEBartForConditionalGeneration  # in train mode
+    architecture: dict[str, Any]  # {"pretrained", "bart"} of the upstream run: the new run's hyper-parameters
+    unseen: UnseenTasks | None  # unseen tasks whose routes need the data's tasks (computed representations)
+    relearned_routes: str | None  # the warning for a fit that would learn the upstream's fixed routes again
+
+
 def build_from_upstream(
     init_from: str,
     configured: MoEOptions,
@@ -239,14 +253,11 @@ def build_from_upstream(
     tokenizer_size: int | None,
     unseen_routes: str,
     representation: str,
-) -> tuple[MoEBartForConditionalGeneration, dict[str, Any], UnseenTasks | None]:
+) -> UpstreamStart:
     """The upstream run's MoE-BART over the tasks `task_names`: its architecture and weights, rows mapped by task
     name, the `configured` non-shape options; unseen tasks get `unseen_routes` (see `transfer.unseen_routes`).
 
-    `pretrained` and `bart` are the new run's model options: unset, or the upstream run's own. Returns the model
-    (in train mode), the architecture in effect ({"pretrained", "bart"} of the upstream run, for the new run's
-    hyper-parameters), and the unseen tasks whose routes still need the data's tasks (computed representations),
-    None if every route is set."""
+    `pretrained` and `bart` are the new run's model options: unset, or the upstream run's own."""
     upstream = read_upstream(init_from)
     architecture = {}
     for option, given in (("pretrained", pretrained), ("bart", bart)):
@@ -274,6 +285,15 @@ def build_from_upstream(
     rows = task_row_map(upstream.task_names, task_names, upstream.trained_tasks)
     load_upstream_weights(model, upstream, rows)
     model.set_temperature(options.temperature)
+    relearned = None
+    if upstream.stage_routes is not None and options.routes == "learned" and not options.freeze_router:
+        relearned = (
+            f"{upstream.describe()} ended in stage two, its routes fixed ({upstream.stage_routes} of the router, "
+            f"router and task table frozen), but this run's MoE options learn routes again (selection "
+            f"{options.selection!r}, router not frozen): training can change every task's route. To train on the "
+            f"routes as they were, set moe.selection {upstream.stage_routes!r}, moe.freeze_router true and "
+            "moe.freeze_task_table true"
+        )
     trained = [upstream.task_names.index(name) for name in upstream.trained_tasks]
     unseen = UnseenTasks(
         unseen=[i for i, row in enumerate(rows) if row is None],
@@ -303,12 +323,13 @@ def build_from_upstream(
     if unseen_routes not in NEEDS_REPRESENTATIONS or Path(representation).is_file():
         unseen.assign(model, unseen_routes, representation, task_names)  # needs no data: routes set from the start
         unseen = None
-    return model.train(), architecture, unseen
+    return UpstreamStart(model.train(), architecture, unseen, relearned)
 
 
 __all__ = [
     "TASK_TABLE_KEY",
     "UpstreamRun",
+    "UpstreamStart",
     "build_from_upstream",
     "check_vocabulary",
     "load_upstream_weights",
