@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -92,6 +93,13 @@ def configs(method: str, preset: dict) -> list[str]:
     user's `--set` overrides."""
     files = ["--config", str(BASE_CONFIG), "--config", str(ROOT / "configs" / "baselines" / f"{method}.yaml")]
     return files + preset["data"] + (preset["learned"] if method == "learned" else []) + preset["set"]
+
+
+def cpu_minutes() -> float:
+    """CPU minutes (user + system) of this process and its finished workers so far. Over N idle cores, a run's wall
+    time is at least its CPU time / N: the measure of its cost that other jobs on the machine do not inflate."""
+    used = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return sum(usage.ru_utime + usage.ru_stime for usage in used) / 60
 
 
 def run(args: Sequence[str]) -> None:
@@ -305,6 +313,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     preset = {**preset, "set": options.set, "seen_only": options.seen_only}
     data_dir = out / "data"  # one tokenizer and data cache for every run
     started = time.monotonic()
+    cpu_before = cpu_minutes()
     pairs = [(m, s, k) for m in options.methods for s, k in zip(options.seeds, options.kshot_seeds, strict=False)]
     if options.jobs > 1:
         run_parallel(pairs, options)
@@ -324,6 +333,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     run(["summarize", *(str(out / m) for m in options.methods), *baseline, "--out", str(table)])
     minutes = (time.monotonic() - started) / 60
     record = {"preset": options.preset, "seeds": options.seeds, "methods": options.methods, "minutes": minutes}
+    record |= {"cpu_minutes": cpu_minutes() - cpu_before, "steps": preset["steps"], "set": options.set}
     (out / "run.json").write_text(json.dumps(record, indent=1) + "\n")
     if options.docs:
         options.docs.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """The scripts in experiments/ compute what they say."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,7 @@ def test_the_skill_suite_table_runs_every_step_end_to_end_and_resumes(tmp_path):
     args += ["--kshot_seeds", "100", "--methods", "vanilla", "learned", "--fewshot_tasks", "odds-sum"]
     table.main([*args, "--jobs", "2"])  # each (method, seed) pipeline in a worker process, two at a time
     assert sorted(p.name for p in (tmp_path / "runs" / "logs").iterdir()) == ["learned-seed0.log", "vanilla-seed0.log"]
+    assert json.loads((tmp_path / "runs" / "run.json").read_text())["cpu_minutes"] > 0  # the workers' CPU time counts
     rows = (tmp_path / "docs" / "table.md").read_text()
     assert "| vanilla | 1 |" in rows and "| learned | 1 |" in rows
     learned = tmp_path / "runs" / "learned" / "seed0"

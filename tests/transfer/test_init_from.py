@@ -193,6 +193,8 @@ def test_a_fit_that_would_learn_an_upstream_runs_fixed_routes_again_is_warned(up
         Trainer(**trainer).fit(relearning, datamodule=data)
     kept = {"selection": "argmax", "freeze_router": True, "freeze_task_table": True}
     assert downstream(fixed, names, moe=kept, unseen_routes="average")._relearned_routes is None
+    learned = downstream(fixed, names, moe={"selection": "gumbel_st"}, unseen_routes="learned")  # the router stays
+    assert learned._relearned_routes is None
 
 
 def test_runs_that_cannot_start_from_the_upstream_one_are_errors(upstream):

@@ -286,7 +286,8 @@ def build_from_upstream(
     load_upstream_weights(model, upstream, rows)
     model.set_temperature(options.temperature)
     relearned = None
-    if upstream.stage_routes is not None and options.routes == "learned" and not options.freeze_router:
+    relearning = options.routes == "learned" and not options.freeze_router and unseen_routes != "learned"
+    if upstream.stage_routes is not None and relearning:  # ("learned" unseen routes: the router stays frozen)
         relearned = (
             f"{upstream.describe()} ended in stage two, its routes fixed ({upstream.stage_routes} of the router, "
             f"router and task table frozen), but this run's MoE options learn routes again (selection "
