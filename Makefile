@@ -2,7 +2,7 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
-# torch is installed before the package so pip keeps it; GPU users may set e.g. TORCH_SPEC="torch>=2.5,<2.14".
+# torch is installed before the package so pip keeps it; GPU users may set e.g. TORCH_SPEC="torch>=2.6,<2.14".
 TORCH_SPEC ?= torch==2.13.0
 # The exact versions the suite was tested with (`make lock` writes it); torch is TORCH_SPEC's.
 LOCK := requirements.lock

@@ -276,6 +276,8 @@ def test_fit_help_lists_options_but_not_the_linked_ones(capsys):
     ):
         assert linked not in text
     assert "data.task_names --> model.task_names" in text  # listed as links instead
+    # MoEOptions' help comes from its attribute docstrings, read only when help is printed
+    assert "Experts per routed layer (E). 1 gives vanilla" in " ".join(text.split())
 
 
 def test_python_dash_m_runs_the_command():

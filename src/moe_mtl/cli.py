@@ -33,8 +33,6 @@ from .training import MoEMultiTaskModule, TemperatureAnnealing, TwoStageTraining
 from .transfer.init_from import read_upstream, resume_mismatch, run_tokenizer_path
 from .transfer.representations import run_represent
 
-set_parsing_settings(docstring_parse_attribute_docstrings=True)  # option help from MoEOptions' docstrings
-
 # datamodule fact → model option, set when the datamodule is instantiated
 DATA_LINKS = {
     "num_tasks": "moe.num_tasks",
@@ -162,8 +160,15 @@ def callback_group(class_path: str | None) -> str | None:
     return next((g for g, c in CALLBACK_GROUPS.items() if isinstance(callback, type) and issubclass(callback, c)), None)
 
 
+def read_option_docs(argv: Sequence[str]) -> None:
+    """Read option help from attribute docstrings (MoEOptions' fields) only when the command prints help: reading
+    them for every class the parser holds (Trainer, callbacks, …) takes ~4 s of every command's start-up."""
+    set_parsing_settings(docstring_parse_attribute_docstrings=any(arg in ("-h", "--help") for arg in argv))
+
+
 def run_lightning(args: Sequence[str] | None = None) -> MoEMTLCLI:
     """fit / validate / test / predict through LightningCLI (`args` None: the command line)."""
+    read_option_docs(sys.argv[1:] if args is None else args)
     return MoEMTLCLI(
         MoEMultiTaskModule,
         MultiTaskDataModule,
@@ -218,6 +223,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], Any]] = {
 
 def main(args: Sequence[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else list(args)
+    read_option_docs(argv)
     if argv[:1] and argv[0] in COMMANDS:
         COMMANDS[argv[0]](argv[1:])
     else:

@@ -13,6 +13,7 @@ from moe_mtl.training.optim import (
     decays,
     drop_unrouted_expert_grads,
     expert_usage,
+    group_grad_norms,
     group_parameters,
     parameter_group,
 )
@@ -143,6 +144,34 @@ def test_clip_grad_norms_clips_each_group_to_its_own_limit():
     for group in ("router", "task_table"):  # under its limit, or not clipped: bitwise unchanged
         for param, grad in zip(params[group], grads[group], strict=True):
             assert torch.equal(param.grad, grad)
+
+
+def test_group_grad_norms_are_the_norms_clipping_uses_and_flag_non_finite_grads():
+    model = tiny_moe(num_experts=2, num_tasks=3, task_dim=8, selection="softmax").train()
+    optimizer = torch.optim.AdamW(build_param_groups(model, LRS, 0.01))
+    _loss(model, [0, 1, 2])[0].backward()
+    params = group_parameters(optimizer)
+    norms = group_grad_norms(optimizer)
+    for group in PARAMETER_GROUPS:
+        torch.testing.assert_close(norms[group], _grad_norm(params[group]))
+    limits = {"backbone": norms["backbone"].item() / 2, "router": None, "task_table": norms["task_table"].item() / 4}
+    twin = copy.deepcopy(model)  # its own parameters, with copies of these grads
+    for param, twin_param in zip(model.parameters(), twin.parameters(), strict=True):
+        twin_param.grad = None if param.grad is None else param.grad.clone()
+    twin_optimizer = torch.optim.AdamW(build_param_groups(twin, LRS, 0.01))
+    # given the norms of these very grads, clipping does exactly what it does when it computes them itself
+    assert clip_grad_norms(optimizer, limits, norms).keys() == clip_grad_norms(twin_optimizer, limits).keys()
+    for param, twin_param in zip(model.parameters(), twin.parameters(), strict=True):
+        assert (param.grad is None and twin_param.grad is None) or torch.equal(param.grad, twin_param.grad)
+
+    for bad in (float("inf"), float("nan")):
+        params["router"][0].grad[0] = bad
+        flagged = group_grad_norms(optimizer)
+        assert not flagged["router"].isfinite() and flagged["backbone"].isfinite()
+    params["backbone"][0].grad = None
+    for param in params["task_table"]:
+        param.grad = None
+    assert "task_table" not in group_grad_norms(optimizer)  # a group without grads has no norm
 
 
 def test_clip_grad_norms_names_unknown_groups():

@@ -28,6 +28,7 @@ from .optim import (
     clip_grad_norms,
     drop_unrouted_expert_grads,
     expert_usage,
+    group_grad_norms,
 )
 from .schedules import WarmupLinearDecay, warmup_steps_for
 
@@ -222,6 +223,7 @@ class MoEMultiTaskModule(LightningModule):
         self.skipped_batches = 0
         self._used: torch.Tensor | None = None  # (L, E) experts used since the last optimizer step
         self._skip_step = False  # nan_policy "skip": a batch since the last optimizer step had a non-finite loss
+        self._grad_norms: dict[str, torch.Tensor] | None = None  # this step's, from the finite check to clipping
         self._seed_base = 0  # set at fit start
         self._resumed_seed: int | None = None
         self._token_routes: dict[str, torch.Tensor] = {}  # token routing: per-task gate sums for `route_table`
@@ -396,15 +398,18 @@ class MoEMultiTaskModule(LightningModule):
         self.log("train/skipped_batches", float(self.skipped_batches), batch_size=len(batch["task_ids"]))
         return False
 
-    def _grads_are_finite(self) -> bool:
+    def _grads_are_finite(self, norms: dict[str, torch.Tensor]) -> bool:
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:  # 16-mixed: GradScaler skips such steps
             return True
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        return not grads or bool(torch.stack([g.isfinite().all() for g in grads]).all())  # one device sync
+        return not norms or bool(torch.stack(list(norms.values())).isfinite().all())  # one device sync
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        # grads are complete here (accumulated, all-reduced), so every rank takes the same decision
-        if not self._skip_step and not self._grads_are_finite():
+        # grads are complete here (accumulated, all-reduced), so every rank takes the same decision. The group
+        # norms tell whether a grad is non-finite and are kept for clipping (`configure_gradient_clipping`, next):
+        # one read of the grads instead of two (the check was ~7% of a quick-start step on the CPU). Dropping
+        # unrouted experts' grads below leaves them as they are: those grads are zero or absent.
+        self._grad_norms = group_grad_norms(optimizer)
+        if not self._skip_step and not self._grads_are_finite(self._grad_norms):
             message = f"non-finite gradients at step {self.global_step} (epoch {self.current_epoch}), finite loss"
             if self.hparams.nan_policy == "stop":
                 raise FloatingPointError(f"{message}; set `nan_policy: skip` to skip such steps")
@@ -428,7 +433,8 @@ class MoEMultiTaskModule(LightningModule):
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Per-group clipping (grads are unscaled and all-reduced here); then the Trainer's global clipping
         if `gradient_clip_val` is set."""
-        norms = clip_grad_norms(optimizer, self.max_norms)
+        norms = clip_grad_norms(optimizer, self.max_norms, self._grad_norms)
+        self._grad_norms = None
         for group, norm in norms.items():
             self.log(f"grad_norm/{group}", norm, batch_size=1)
         if gradient_clip_val:
@@ -497,7 +503,13 @@ class MoEMultiTaskModule(LightningModule):
         if not hp.two_speed_lr:  # the ablation: routing learns at the experts' speed
             lrs = dict.fromkeys(lrs, hp.lr)
         groups = build_param_groups(self.model, lrs, hp.weight_decay)
-        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
+        # fused on the CPU: one vectorised kernel for every tensor, ~4x faster than torch's CPU default (a Python
+        # loop per tensor); about a tenth of a quick-start step. Elsewhere torch's default (foreach on CUDA): a fused
+        # optimizer unscales 16-mixed grads itself, after our per-group clipping would have read them scaled
+        on_cpu = all(param.device.type == "cpu" for group in groups for param in group["params"])
+        scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
+        fused = True if on_cpu and not scaled else None
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), fused=fused)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         self.lr_schedule = WarmupLinearDecay(warmup_steps_for(hp.warmup, total), total)
         scheduler = LambdaLR(optimizer, self.lr_schedule)

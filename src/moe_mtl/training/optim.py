@@ -66,22 +66,40 @@ def group_parameters(optimizer: torch.optim.Optimizer) -> dict[str, list[torch.T
     return params
 
 
-def clip_grad_norms(optimizer: torch.optim.Optimizer, max_norms: Mapping[str, float | None]) -> dict[str, torch.Tensor]:
+def group_grad_norms(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """Each parameter group's gradient L2 norm over the grads present, as `clip_grad_norm_` computes it (groups
+    without a grad are left out). A norm is non-finite when a grad holds inf or nan (or overflows the norm)."""
+    norms = {}
+    for group, params in group_parameters(optimizer).items():
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads:
+            norms[group] = torch.nn.utils.get_total_norm(grads)
+    return norms
+
+
+def clip_grad_norms(
+    optimizer: torch.optim.Optimizer,
+    max_norms: Mapping[str, float | None],
+    norms: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
     """Clip each parameter group's gradients to its own max L2 norm (None: not clipped).
 
-    Returns each clipped group's norm before clipping. Grads must be unscaled and complete (all-reduced
+    `norms`: the groups' norms of these very grads (`group_grad_norms`), so they are not read twice; None computes
+    them. Returns each clipped group's norm before clipping. Grads must be unscaled and complete (all-reduced
     across ranks), as they are when Lightning calls `configure_gradient_clipping`.
     """
     unknown = set(max_norms) - set(PARAMETER_GROUPS)
     if unknown:
         raise ValueError(f"gradient clipping for unknown groups {sorted(unknown)}; groups: {list(PARAMETER_GROUPS)}")
-    norms = {}
+    norms = group_grad_norms(optimizer) if norms is None else norms
+    clipped = {}
     for group, params in group_parameters(optimizer).items():
         max_norm = max_norms.get(group)
         with_grad = [p for p in params if p.grad is not None]
         if max_norm is not None and with_grad:
-            norms[group] = torch.nn.utils.clip_grad_norm_(with_grad, max_norm)
-    return norms
+            torch.nn.utils.clip_grads_with_norm_(with_grad, max_norm, norms[group])
+            clipped[group] = norms[group]
+    return clipped
 
 
 def routed_experts(model: MoEBartForConditionalGeneration) -> Iterable[tuple[str, int]]:

@@ -11,6 +11,7 @@ from moe_mtl.data.sources.skills import (
     WORDS,
     SkillSuiteOptions,
     SkillTask,
+    _suite_examples,
     skill_tasks,
     solve,
 )
@@ -59,6 +60,17 @@ def test_deterministic_for_a_seed(small_skills):
     assert skill_tasks(small_skills) == skill_tasks(small_skills)
     other = skill_tasks({**small_skills, "seed": 1})
     assert [t.splits["test"] for t in other] != [t.splits["test"] for t in skill_tasks(small_skills)]
+
+
+def test_each_call_gives_tasks_of_its_own_with_the_examples_of_a_fresh_generation(small_skills):
+    changed = skill_tasks(small_skills)  # generated once per process and options: its lists are the caller's
+    changed[0].splits["train"].clear()
+    held_out = next(t for t in changed if t.partition != "train")
+    held_out.fewshot[13]["train"].pop()
+    _suite_examples.cache_clear()
+    fresh = skill_tasks(small_skills)
+    assert skill_tasks(small_skills) == fresh != changed
+    assert len(fresh[0].splits["train"]) == small_skills["train_size"]
 
 
 def test_sizes_and_fewshot_splits(small_skills):

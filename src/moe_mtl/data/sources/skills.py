@@ -11,9 +11,11 @@ split, as in CrossFit. docs/data.md lists the tasks.
 
 from __future__ import annotations
 
+import functools
+import json
 import random
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..tasks import DataError, Example, Task, options_from_dict
@@ -213,38 +215,53 @@ def _examples(task: SkillTask, size: int, rng: random.Random, options: SkillSuit
 def skill_tasks(options: SkillSuiteOptions | Mapping[str, Any] | None = None) -> list[Task]:
     """Generate the suite: seen tasks with train/dev/test, held-out tasks with k-shot splits per seed and test.
 
-    The splits of one task never share an input. Deterministic for `options.seed`.
+    The splits of one task never share an input. Deterministic for `options.seed`. Each call returns new Task
+    objects (their lists are the caller's to change); the examples, immutable, are generated once per process
+    and options: a few-shot grid builds the data module once per cell, and generating took ~1.5 s of each.
     """
     if not isinstance(options, SkillSuiteOptions):
         options = SkillSuiteOptions.from_dict(options)
     tasks = []
+    for spec, (splits, fewshot) in zip(SUITE, _suite_examples(json.dumps(asdict(options))), strict=True):
+        tasks.append(
+            Task(
+                spec.name,
+                {split: list(examples) for split, examples in splits.items()},
+                metric=METRIC_OF_OUTPUT[spec.output_type],
+                features=spec.features,
+                partition=spec.partition,
+                fewshot={seed: {split: list(shot) for split, shot in shots.items()} for seed, shots in fewshot.items()},
+                origin=f"skill suite task {spec.name!r}",
+            )
+        )
+    return tasks
+
+
+Splits = dict[str, tuple[Example, ...]]
+
+
+@functools.lru_cache(maxsize=4)
+def _suite_examples(options_json: str) -> tuple[tuple[Splits, dict[int, Splits]], ...]:
+    """Per task of SUITE, its splits and k-shot splits per seed, for the options (as JSON, a cache key)."""
+    options = SkillSuiteOptions(**json.loads(options_json))
+    generated = []
     for spec in SUITE:
 
         def rng(*parts, name=spec.name) -> random.Random:
             return random.Random("/".join(map(str, (options.seed, name, *parts))))
 
         taken: set[str] = set()
-        test = _examples(spec, options.test_size, rng("test"), options, taken)
-        splits, fewshot = {"test": test}, {}
+        splits = {"test": tuple(_examples(spec, options.test_size, rng("test"), options, taken))}
+        fewshot = {}
         if spec.partition == "train":
-            splits["dev"] = _examples(spec, options.dev_size, rng("dev"), options, taken)
-            splits["train"] = _examples(spec, options.train_size, rng("train"), options, taken)
+            splits["dev"] = tuple(_examples(spec, options.dev_size, rng("dev"), options, taken))
+            splits["train"] = tuple(_examples(spec, options.train_size, rng("train"), options, taken))
         else:
             for seed in options.fewshot_seeds:
                 shot_taken = set(taken)
                 fewshot[seed] = {
-                    split: _examples(spec, options.shots, rng(split, seed), options, shot_taken)
+                    split: tuple(_examples(spec, options.shots, rng(split, seed), options, shot_taken))
                     for split in ("train", "dev")
                 }
-        tasks.append(
-            Task(
-                spec.name,
-                splits,
-                metric=METRIC_OF_OUTPUT[spec.output_type],
-                features=spec.features,
-                partition=spec.partition,
-                fewshot=fewshot,
-                origin=f"skill suite task {spec.name!r}",
-            )
-        )
-    return tasks
+        generated.append((splits, fewshot))
+    return tuple(generated)
