@@ -49,8 +49,8 @@ DOWNSTREAM = {
 }
 
 PRESETS = {
-    # ~30 min with --jobs 2 on 2 CPU cores (docs/skill_suite/README.md). 2,000 steps: at 1,000 learned routing does
-    # not win. Batch 32, not the quick start's 64: a third less time, and the same ranking (README: the batch-32 runs)
+    # ~27 min with --jobs 2 on 2 CPU cores (docs/skill_suite/README.md). 2,000 steps: at 1,000 learned routing does
+    # not win. Batch 32, not the quick start's 64: a third less time, the same ranking (README: "Time")
     "full": {
         "steps": 2000,
         "fewshot_steps": 40,
