@@ -10,6 +10,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.optim.lr_scheduler import LambdaLR
@@ -504,11 +505,12 @@ class MoEMultiTaskModule(LightningModule):
             lrs = dict.fromkeys(lrs, hp.lr)
         groups = build_param_groups(self.model, lrs, hp.weight_decay)
         # fused on the CPU: one vectorised kernel for every tensor, ~4x faster than torch's CPU default (a Python
-        # loop per tensor); about a tenth of a quick-start step. Elsewhere torch's default (foreach on CUDA): a fused
-        # optimizer unscales 16-mixed grads itself, after our per-group clipping would have read them scaled
+        # loop per tensor); about a tenth of a quick-start step. Not under mixed precision: a fused optimizer
+        # unscales 16-mixed grads itself, after our per-group clipping would have read them scaled, and Lightning's
+        # mixed-precision plugin (bf16 too) refuses `gradient_clip_val` with it. Elsewhere torch's default (foreach)
         on_cpu = all(param.device.type == "cpu" for group in groups for param in group["params"])
-        scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
-        fused = True if on_cpu and not scaled else None
+        mixed = isinstance(self.trainer.precision_plugin, MixedPrecision)
+        fused = True if on_cpu and not mixed else None
         optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), fused=fused)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         self.lr_schedule = WarmupLinearDecay(warmup_steps_for(hp.warmup, total), total)
