@@ -223,8 +223,8 @@ COMMANDS: dict[str, Callable[[Sequence[str]], Any]] = {
 
 def main(args: Sequence[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else list(args)
-    read_option_docs(argv)
     if argv[:1] and argv[0] in COMMANDS:
+        read_option_docs(argv)  # run_lightning sets it for the Lightning commands
         COMMANDS[argv[0]](argv[1:])
     else:
         run_lightning(args)
