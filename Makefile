@@ -15,7 +15,7 @@ COMPAT_PINS ?=
 # Packages of the torch build, which TORCH_SPEC chooses and the lock leaves alone.
 TORCH_BUILD := ^(torch|triton|nvidia-[a-z0-9-]+|cuda-[a-z0-9-]+)==
 
-.PHONY: install quickstart test lint format lock compat clean
+.PHONY: install quickstart test bench lint format lock compat clean
 
 install: $(STAMP)
 
@@ -31,6 +31,10 @@ quickstart: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# MoE-BART against dense BART: time, FLOPs and memory ratios (benchmarks/results/results.md; ~5 min on 2 cores).
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks
 
 lint: $(STAMP)
 	$(BIN)/ruff check $(SOURCES)

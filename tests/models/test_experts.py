@@ -43,6 +43,18 @@ def test_run_all_and_no_subset_run_full_batches():
     assert calls == [(0, None), (1, None)]
 
 
+def test_hard_routes_give_the_weighted_sum_and_pass_gradients_to_the_experts():
+    x, run, _ = recording_experts([1.0, 10.0, 100.0])
+    hard = torch.tensor([[0.0, 1.0, 0], [0, 0, 1.0], [0, 1.0, 0], [1.0, 0, 0]])
+    placed = mix_experts(run, hard)  # a partition: each row's expert output put in place
+    weighted = mix_experts(run, hard.clone().requires_grad_())  # the weighted sum, for the weights' gradient
+    assert torch.equal(placed, weighted)
+    # an expert's gradient still flows through the placed output (reinforce: no gradient through the weights)
+    scale = torch.tensor(2.0, requires_grad=True)
+    mix_experts(lambda e, index: scale * x[index] if index is not None else scale * x, hard).sum().backward()
+    assert scale.grad == x.sum()
+
+
 def test_feed_forward_matches_bart_ffn_arithmetic():
     ffn = FeedForward(8, 16, "gelu", activation_dropout=0.0, dropout=0.0)
     x = torch.randn(2, 3, 8)

@@ -179,6 +179,17 @@ def test_learned_routes_in_training_run_every_expert():
     assert train_flops > 2 * eval_flops  # 3 experts in every layer; only the lm head is shared
 
 
+@pytest.mark.parametrize("selection", ["switch", "reinforce"])
+def test_sparse_stage_one_costs_what_dense_training_costs(selection):
+    config = tiny_bart_config(d_model=64, encoder_ffn_dim=128, decoder_ffn_dim=128)
+    dense = BartForConditionalGeneration(config)
+    moe = MoEBartForConditionalGeneration.from_dense(dense, num_experts=3, num_tasks=4, selection=selection).train()
+    ids = torch.randint(3, 64, (8, 16))
+    flops = count_flops(moe, grad=True, input_ids=ids, decoder_input_ids=ids, task_ids=torch.full((8,), 1))
+    dense_flops = count_flops(dense.train(), grad=True, input_ids=ids, decoder_input_ids=ids)
+    assert flops <= 1.01 * dense_flops + router_flops(moe, 1)
+
+
 def greedy_by_hand(model, input_ids, task_ids, steps):
     decoded = torch.full((input_ids.shape[0], 1), model.config.decoder_start_token_id)
     with torch.no_grad():

@@ -6,12 +6,14 @@ from safetensors.torch import save_file
 
 from moe_mtl import MoEOptions
 from moe_mtl.models.routing import (
+    SPARSE_SELECTIONS,
     TaskRouter,
     TaskTable,
     fixed_route_table,
     gumbel_noise,
     hard_top_k,
     select_experts,
+    sparse_select,
 )
 
 from .conftest import tiny_moe
@@ -209,3 +211,43 @@ def test_task_table_and_router_start_apart_for_every_task_not_at_barts_small_ini
     # BART's init gave logits ~1e-4 apart: every task's route uniform, and one argmax for all
     assert logits.std(0).mean() > 0.03
     assert len({tuple(route) for route in logits.argmax(-1).tolist()}) > 1
+
+
+def test_switch_selection_is_one_hot_forward_with_the_log_probability_gradient():
+    logits = torch.randn(6, 4, 3, requires_grad=True)
+    weights, log_prob = sparse_select(logits, "switch", 0.5)
+    assert log_prob is None
+    assert torch.equal(weights.detach().sum(-1), torch.ones(6, 4))
+    assert set(weights.detach().unique().tolist()) == {0.0, 1.0}
+    outputs = torch.randn(6, 4, 3)  # an expert output per example, layer and expert
+    (weights * outputs).sum().backward()
+    chosen = weights.detach().argmax(-1, keepdim=True)
+    pi = (logits.detach() / 0.5).softmax(-1)
+    # d/dx of π_e / sg(π_e) = d log π_e / dx = (onehot_e − π) / τ, scaled by the chosen expert's output
+    expected = outputs.gather(-1, chosen) * (weights.detach() - pi) / 0.5
+    torch.testing.assert_close(logits.grad, expected)
+
+
+def test_reinforce_selection_samples_the_policy_and_gives_its_log_probability():
+    logits = torch.tensor([[[2.0, 0.0, -1.0], [0.0, 0.0, 3.0]]]).expand(20000, 2, 3).clone().requires_grad_()
+    weights, log_prob = sparse_select(logits, "reinforce", 2.0)
+    assert not weights.requires_grad
+    pi = (logits.detach() / 2.0).softmax(-1)
+    torch.testing.assert_close(weights.mean(0), pi[0], atol=0.015, rtol=0)  # samples follow π = softmax(x/τ)
+    torch.testing.assert_close(log_prob, (weights * pi.log()).sum((-1, -2)))
+    log_prob.sum().backward()
+    assert logits.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("selection", SPARSE_SELECTIONS)
+def test_sparse_selections_draw_a_route_per_example_in_training_and_route_hard_in_evaluation(selection):
+    options = MoEOptions(num_experts=3, num_tasks=4, task_dim=8, router_hidden=8, selection=selection)
+    router, table = TaskRouter(options, task_dim=8, num_layers=5), TaskTable(4, 8)
+    task_ids = torch.full((64,), 2)
+    sample = router.train().sample(task_ids, table)
+    assert not sample.run_all  # only each example's sampled expert runs
+    assert len({tuple(row.argmax(-1).tolist()) for row in sample.weights.detach()}) > 1  # examples differ
+    assert (sample.log_prob is not None) == (selection == "reinforce")
+    evaluation = router.eval().sample(task_ids, table)
+    assert evaluation.log_prob is None and not evaluation.weights.requires_grad
+    assert len({tuple(row.argmax(-1).tolist()) for row in evaluation.weights}) == 1  # the task's hard top-1

@@ -6,7 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe_mtl.training.losses import IGNORE_INDEX, label_smoothed_nll, route_balance, sequence_nll
+from moe_mtl.training.losses import (
+    IGNORE_INDEX,
+    label_smoothed_nll,
+    leave_one_out_advantage,
+    reinforce_surrogate,
+    route_balance,
+    sequence_nll,
+)
 
 
 @pytest.fixture
@@ -88,3 +95,25 @@ def test_route_balance_is_zero_when_tasks_spread_evenly_and_ln_e_when_they_share
     assert route_balance(one).item() == pytest.approx(math.log(3), abs=1e-6)
     half = torch.cat([spread, one], dim=1)  # layers are averaged
     assert route_balance(half).item() == pytest.approx(math.log(3) / 2, abs=1e-6)
+
+
+def test_leave_one_out_advantage_compares_each_example_with_the_rest_of_its_task():
+    losses = torch.tensor([1.0, 2.0, 6.0, 5.0, 3.0])
+    groups = torch.tensor([7, 7, 7, 2, 9])  # task 7 three times; tasks 2 and 9 once each
+    advantage = leave_one_out_advantage(losses, groups)
+    torch.testing.assert_close(advantage[:3], torch.tensor([1 - 4.0, 2 - 3.5, 6 - 1.5]))
+    assert advantage[3:].tolist() == [0.0, 0.0]  # alone in its task: no baseline, no signal
+
+
+def test_reinforce_surrogate_lowers_the_probability_of_the_worse_route():
+    log_prob = torch.zeros(2, requires_grad=True)
+    labels = torch.tensor([[1, 2], [1, 2]])
+    logits = torch.zeros(2, 2, 4)
+    logits[0, :, 1:3] = 5.0  # example 0 predicts its labels well, example 1 does not
+    surrogate = reinforce_surrogate(log_prob, logits, labels, torch.tensor([0, 0]))
+    assert surrogate.item() == 0.0  # log π = 0 here; only the gradient carries the estimate
+    surrogate.backward()
+    # descending the gradient raises log π of the better example's route and lowers the worse one's
+    assert log_prob.grad[0] < 0 < log_prob.grad[1]
+    nll = sequence_nll(logits, labels)[0] / 2
+    torch.testing.assert_close(log_prob.grad, torch.stack([nll[0] - nll[1], nll[1] - nll[0]]) / 2)

@@ -775,3 +775,18 @@ def test_route_balance_weight_adds_the_balance_term_while_routes_are_learned(two
     torch.testing.assert_close(module.training_step(batch, 0), base + 2.0 * route_balance(probs))
     module.model.router.freeze(True)  # fixed routes (stage two): nothing to balance
     torch.testing.assert_close(module.training_step(batch, 0), base)
+
+
+@pytest.mark.parametrize("selection", ["switch", "reinforce"])
+def test_sparse_stage_one_trains_the_router_and_tables_its_policy(two_tasks, selection):
+    module = make_module(two_tasks, moe={"selection": selection, "temperature": 2.0})
+    router_before = [p.detach().clone() for p in module.model.router.parameters()]
+    logger = MetricsLogger()
+    make_trainer(logger=logger, log_every_n_steps=1).fit(module, datamodule=two_tasks)
+    assert not same(router_before, list(module.model.router.parameters()))  # the router learns
+    assert ("train/reinforce_surrogate" in logger.metrics) == (selection == "reinforce")
+    assert len(logger.metrics["train/loss"]) == 4
+    # the route table shows the policy the routes are sampled from: softmax(logits / τ)
+    tasks = torch.arange(module.model.task_table.num_tasks)
+    logits = module.model.router.logits(module.model.task_table(tasks))
+    torch.testing.assert_close(module.route_table(), (logits / 2.0).softmax(-1))

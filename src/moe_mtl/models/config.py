@@ -16,7 +16,7 @@ from transformers import BartConfig
 EXPERT_UNITS = ("layer", "ffn")
 ROUTINGS = ("task", "token")
 ROUTERS = ("mlp", "lstm", "gru", "transformer")
-SELECTIONS = ("softmax", "gumbel", "gumbel_st", "argmax")
+SELECTIONS = ("softmax", "gumbel", "gumbel_st", "argmax", "switch", "reinforce")
 ROUTE_SOURCES = ("learned", "average", "random", "given")
 
 
@@ -74,10 +74,11 @@ class MoEOptions:
     """Router network from a task vector to per-layer expert logits ("task" routing)."""
     router_hidden: int = 64
     """Hidden width of the router network."""
-    selection: Literal["softmax", "gumbel", "gumbel_st", "argmax"] = "gumbel_st"
+    selection: Literal["softmax", "gumbel", "gumbel_st", "argmax", "switch", "reinforce"] = "gumbel_st"
     """Training-time selection. While routes are learned, evaluation uses the hard top-k; once they are fixed
     (`freeze_router`), evaluation uses the training routes. "argmax" uses the hard top-k in training too (no
-    router gradient)."""
+    router gradient). "switch" and "reinforce" run only one sampled expert per example in training (dense cost;
+    docs/sparse_stage_one.md); softmax, gumbel and gumbel_st run all E."""
     freeze_router: bool = False
     """The router is fixed (two-stage training's second stage sets this): no gradient, and evaluation, test,
     predict and `generate` route as training does, by selection "argmax" or "softmax" (each task's soft

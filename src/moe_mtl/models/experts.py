@@ -37,12 +37,17 @@ def mix_experts(run: RunExpert, weights: torch.Tensor, run_all: bool = False, su
     cost one expert per row, as a dense layer does. `run_all=True` runs every expert on every
     row, at E times the dense cost: task routes that carry a gradient need it (softmax mixtures
     and the straight-through estimator use d out / d w_e = expert_e(x) for every e).
-    `subset=False` runs a used expert on all rows (a key/value cache slot must hold the whole batch).
+    `subset=False` runs a used expert on all rows (a key/value cache slot that must hold the whole batch).
     """
     num_experts = weights.shape[-1]
     active = weights != 0
-    used = active.any(0).tolist()
-    full = active.all(0).tolist()
+    # one device sync for what decides the schedule: which experts are used, by every row, and whether the routes
+    # are a partition (one expert per row at weight 1, no gradient through the weights)
+    partition = ((weights == 1) | ~active).all() & (active.sum(-1) == 1).all() & (not weights.requires_grad)
+    flags = torch.cat([active.any(0), active.all(0), partition.view(1)]).tolist()
+    used, full, partition = flags[:num_experts], flags[num_experts : 2 * num_experts], flags[-1]
+    if partition and subset and not run_all:
+        return _partition(run, active, used, full)
     out = None
     for e in range(num_experts):
         if not (run_all or used[e]):
@@ -58,3 +63,19 @@ def mix_experts(run: RunExpert, weights: torch.Tensor, run_all: bool = False, su
                 out = y.new_zeros((weights.shape[0], *y.shape[1:]))
             out = out.index_add(0, index, contribution)
     return out  # None only when no expert got any weight (every token over capacity)
+
+
+def _partition(run: RunExpert, active: torch.Tensor, used: list[bool], full: list[bool]) -> torch.Tensor:
+    """Hard routes: each row's output is its one expert's output, put in place (no weighting, no zero fill)."""
+    out = None
+    for e, is_used in enumerate(used):
+        if not is_used:
+            continue
+        if full[e]:
+            return run(e, None)  # every row takes this expert: the dense layer
+        index = active[:, e].nonzero().squeeze(1)
+        y = run(e, index)
+        if out is None:
+            out = y.new_empty((active.shape[0], *y.shape[1:]))
+        out.index_copy_(0, index, y)
+    return out

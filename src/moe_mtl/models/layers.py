@@ -12,7 +12,9 @@ import torch
 from torch import nn
 from transformers.models.bart.modeling_bart import BartDecoderLayer, BartEncoderLayer
 
+from .cache_contract import LAYER_NAME
 from .experts import FeedForward, mix_experts
+from .routed_cache import RoutedCache
 from .token_gate import TaskAwareTokenGate
 
 
@@ -34,7 +36,7 @@ class LayerRoute:
     task_vectors: torch.Tensor | None = None
     token_mask: torch.Tensor | None = None  # (B, T); 0 marks padding, which is not routed
     run_all: bool = False  # run every expert on every example (task routes with a gradient)
-    subset: bool = True  # run an expert only on its own examples (off while a kv cache is filled)
+    subset: bool = True  # run an expert only on its own examples (off while a cache without row slots is filled)
 
 
 def _rows(tensor, index: torch.Tensor | None):
@@ -59,8 +61,11 @@ class LayerExperts(nn.Module):
     def forward(self, hidden_states, attention_mask, *batch_args, route: LayerRoute, **kwargs):
         """batch_args: further batch-first inputs of the layer (decoder: encoder states and mask)."""
         weights = route.weights
+        cache = kwargs.get(LAYER_NAME)
 
         def run(e: int, index):
+            if isinstance(cache, RoutedCache):  # expert e's cache slot holds its own rows only
+                cache.hold_rows(self.experts[e].self_attn.layer_idx, index)
             args = [_rows(a, index) for a in (hidden_states, attention_mask, *batch_args)]
             return self.experts[e](*args, **kwargs)
 

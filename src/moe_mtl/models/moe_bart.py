@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn import CrossEntropyLoss
 from transformers import BartForConditionalGeneration, GenerationMixin, PreTrainedModel
 from transformers import initialization as hf_init
-from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
+from transformers.cache_utils import Cache
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 from transformers.models.bart.modeling_bart import (
@@ -33,7 +33,8 @@ from transformers.models.bart.modeling_bart import (
 from .cache_contract import GENERATION_NAME, layer_cache, output_cache, take_cache
 from .config import MoEBartConfig, MoEOptions
 from .layers import FFNExpertDecoderLayer, FFNExpertEncoderLayer, LayerExperts, LayerRoute, RouteRecord
-from .routing import TORCH_INIT, TaskRouter, TaskTable
+from .routed_cache import RoutedCache
+from .routing import TORCH_INIT, RouteSample, TaskRouter, TaskTable
 from .task_vectors import read_task_embeddings
 from .token_gate import TaskAwareTokenGate
 
@@ -51,6 +52,8 @@ class MoEEncoderOutput(BaseModelOutput):
     """Encoder states plus what the decoder needs to route the same way (batch-first, so beams expand them)."""
 
     decoder_routes: torch.Tensor | None = None  # (B, L_dec, E) task routes of the decoder's routed layers
+    run_all: bool | None = None  # every expert runs on every example (the routes' gradient needs each one's output)
+    route_log_prob: torch.Tensor | None = None  # (B,) selection "reinforce" in training: see `MoESeq2SeqLMOutput`
     task_vectors: torch.Tensor | None = None  # (B, t) task representations (token routing)
     routes: dict[str, RouteRecord] | None = None
 
@@ -62,11 +65,14 @@ class MoESeq2SeqLMOutput(Seq2SeqLMOutput):
     routes: per routed layer ("encoder.3", "decoder.0"), a `RouteRecord` (weights used, experts used).
     aux_loss: mean load-balancing loss over token-routed layers (None for task routing); not in `loss`.
     overflow_tokens: (token, expert) pairs dropped for capacity, summed over layers.
+    route_log_prob: (B,) selection "reinforce" in training: log π of each example's sampled routes (summed over
+        routed layers), for the caller's score-function term (`training.losses.reinforce_surrogate`).
     """
 
     routes: dict[str, RouteRecord] | None = None
     aux_loss: torch.Tensor | None = None
     overflow_tokens: torch.Tensor | None = None
+    route_log_prob: torch.Tensor | None = None
 
     @property
     def expert_mask(self) -> dict[str, torch.Tensor]:
@@ -125,13 +131,13 @@ class MoEBartStack(nn.Module):
         return nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
 
     @staticmethod
-    def layer_route(routes, k: int, task_vectors, token_mask, subset: bool = True) -> LayerRoute:
+    def layer_route(routes, k: int, task_vectors, token_mask, run_all: bool, subset: bool = True) -> LayerRoute:
         """The route of the k-th routed layer of this stack; `routes` (B, L, E) are this stack's own."""
         return LayerRoute(
             weights=None if routes is None else routes[:, k],
             task_vectors=task_vectors,
             token_mask=token_mask,
-            run_all=routes is not None and routes.requires_grad,
+            run_all=run_all,
             subset=subset,
         )
 
@@ -158,8 +164,13 @@ class MoEBartEncoder(MoEBartStack):
 
     def route(self, task_ids: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Task routes (B, L_enc + L_dec, E) for task routing, else task vectors (B, t) for the token gates."""
+        sample, task_vectors = self.sample_routes(task_ids)
+        return (None if sample is None else sample.weights), task_vectors
+
+    def sample_routes(self, task_ids: torch.Tensor) -> tuple[RouteSample | None, torch.Tensor | None]:
+        """`route`, with the task router's whole `RouteSample`."""
         if self.router is not None:
-            return self.router(task_ids, self.task_table), None
+            return self.router.sample(task_ids, self.task_table), None
         return None, self.task_table(task_ids)
 
     def check_given_routes(self, routes: torch.Tensor | None, task_vectors: torch.Tensor | None, batch: int) -> None:
@@ -201,11 +212,16 @@ class MoEBartEncoder(MoEBartStack):
             raise ValueError(
                 f"`attention_mask` has shape {tuple(attention_mask.shape)}; expected {tuple(inputs_embeds.shape[:2])}"
             )
+        sample = None
         if routes is None and task_vectors is None:
             task_ids = check_task_ids(task_ids, batch_size, self.num_tasks, inputs_embeds.device)
-            routes, task_vectors = self.route(task_ids)
+            sample, task_vectors = self.sample_routes(task_ids)
         else:
             self.check_given_routes(routes, task_vectors, batch_size)
+        if sample is None:
+            sample = None if routes is None else RouteSample(routes, run_all=routes.requires_grad)
+        routes = None if sample is None else sample.weights
+        run_all = sample is not None and sample.run_all
 
         hidden_states = self.embed(inputs_embeds, self.embed_positions(inputs_embeds[:, :, -1]))
         mask = create_bidirectional_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask)
@@ -216,12 +232,14 @@ class MoEBartEncoder(MoEBartStack):
             if i not in self.routed:
                 hidden_states = layer(hidden_states, mask)
                 continue
-            route = self.layer_route(encoder_routes, self.routed.index(i), task_vectors, attention_mask)
+            route = self.layer_route(encoder_routes, self.routed.index(i), task_vectors, attention_mask, run_all)
             hidden_states, records[f"encoder.{i}"] = layer(hidden_states, mask, route=route)
 
         return MoEEncoderOutput(
             last_hidden_state=hidden_states,
             decoder_routes=None if routes is None else routes[:, len(self.routed) :],
+            run_all=run_all,
+            route_log_prob=None if sample is None else sample.log_prob,
             task_vectors=task_vectors,
             routes=records,
         )
@@ -252,6 +270,7 @@ class MoEBartDecoder(MoEBartStack):
         routes: torch.Tensor | None,
         task_vectors: torch.Tensor | None,
         attention_mask: torch.Tensor | None = None,
+        run_all: bool = False,
         encoder_attention_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
@@ -262,7 +281,7 @@ class MoEBartDecoder(MoEBartStack):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if use_cache and cache is None:
-            cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+            cache = RoutedCache()
         batch_size, seq_length = inputs_embeds.shape[:2]
         self_attn_cache = cache.self_attention_cache if cache is not None else None
         slot = _longest_cache_slot(self_attn_cache)
@@ -291,7 +310,9 @@ class MoEBartDecoder(MoEBartStack):
             if i not in self.routed:
                 hidden_states = layer(hidden_states, mask, encoder_hidden_states, encoder_mask, **cache_kwargs)
                 continue
-            route = self.layer_route(routes, self.routed.index(i), task_vectors, token_mask, subset=cache is None)
+            # an expert runs on its own rows only, unless its cache slot must hold the whole batch (a plain cache)
+            subset = cache is None or isinstance(cache, RoutedCache)
+            route = self.layer_route(routes, self.routed.index(i), task_vectors, token_mask, run_all, subset)
             hidden_states, records[f"decoder.{i}"] = layer(
                 hidden_states, mask, encoder_hidden_states, encoder_mask, route=route, **cache_kwargs
             )
@@ -324,13 +345,12 @@ class MoEBartForConditionalGeneration(PreTrainedModel, GenerationMixin):
     2022) experts. Forward and `generate` take `task_ids` (B,) besides BART's arguments.
 
     Cost: with hard routes (evaluation top-k=1, fixed one-hot routes) each example runs one
-    expert per routed layer: the FLOPs of dense BART of the same shape. Learned task routes in
-    training (softmax, gumbel, gumbel_st) and "average" routes run all E experts on the batch: E
-    times the routed layers' cost, with one batched call per expert (no loop over examples).
-    Token routing runs top_k experts per token. One exception: while a key/value cache is filled
-    (generation), a decoder whole-layer expert that any example of the batch uses runs on the
-    whole batch, because its cache slot must hold every row for beam reordering; one-task
-    (homogeneous) batches still cost dense.
+    expert per routed layer: the FLOPs of dense BART of the same shape, in mixed-task batches and
+    generation too (each whole-layer decoder expert's cache slot holds only its own rows: `RoutedCache`).
+    Learned task routes in training by softmax, gumbel or gumbel_st, and "average" routes, run all E
+    experts on the batch: E times the routed layers' cost, with one batched call per expert (no loop
+    over examples); the sparse selections switch and reinforce run one sampled expert per example.
+    Token routing runs top_k experts per token.
     """
 
     config_class = MoEBartConfig
@@ -550,11 +570,15 @@ class MoEBartForConditionalGeneration(PreTrainedModel, GenerationMixin):
             # plain encoder states: route from task_ids
             states = encoder_outputs[0]
             ids = check_task_ids(task_ids, states.shape[0], self.model.encoder.num_tasks, states.device)
-            routes, task_vectors = self.model.encoder.route(ids)
-            if routes is not None:
-                routes = routes[:, len(self.model.encoder.routed) :]
+            sample, task_vectors = self.model.encoder.sample_routes(ids)
+            routes = None if sample is None else sample.weights[:, len(self.model.encoder.routed) :]
             encoder_outputs = MoEEncoderOutput(
-                last_hidden_state=states, decoder_routes=routes, task_vectors=task_vectors, routes={}
+                last_hidden_state=states,
+                decoder_routes=routes,
+                run_all=sample is not None and sample.run_all,
+                route_log_prob=None if sample is None else sample.log_prob,
+                task_vectors=task_vectors,
+                routes={},
             )
 
         hidden_states, cache, decoder_records = self.model.decoder(
@@ -563,6 +587,7 @@ class MoEBartForConditionalGeneration(PreTrainedModel, GenerationMixin):
             encoder_outputs.decoder_routes,
             encoder_outputs.task_vectors,
             attention_mask=decoder_attention_mask,
+            run_all=bool(encoder_outputs.run_all),
             encoder_attention_mask=attention_mask,
             cache=cache,
             inputs_embeds=decoder_inputs_embeds,
@@ -586,6 +611,7 @@ class MoEBartForConditionalGeneration(PreTrainedModel, GenerationMixin):
             routes=routes,
             aux_loss=torch.stack(aux).mean() if aux else None,
             overflow_tokens=torch.stack(overflow).sum() if overflow else None,
+            route_log_prob=encoder_outputs.route_log_prob,
         )
 
     def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor):
@@ -594,7 +620,9 @@ class MoEBartForConditionalGeneration(PreTrainedModel, GenerationMixin):
     @torch.no_grad()
     def generate(self, inputs: torch.Tensor | None = None, task_ids: torch.Tensor | None = None, **kwargs):
         """`GenerationMixin.generate` with `task_ids` (B,): every decoding step uses the routes the
-        encoder pass computed, beams included. The default cache has one slot per whole-layer expert."""
+        encoder pass computed, beams included. The default cache (`RoutedCache`) has one slot per whole-layer
+        expert, holding only the rows that route to it; a plain `EncoderDecoderCache` passed in makes each used
+        decoder expert run on the whole batch (its slots hold every row)."""
         generation_config = kwargs.get("generation_config") or self.generation_config
         implementation = kwargs.get("cache_implementation", generation_config.cache_implementation)
         slots = self.model.decoder.num_cache_slots
@@ -609,6 +637,6 @@ class MoEBartForConditionalGeneration(PreTrainedModel, GenerationMixin):
             and kwargs.get("use_cache", True)
             and implementation in (None, "dynamic")
         ):
-            kwargs[GENERATION_NAME] = EncoderDecoderCache(DynamicCache(), DynamicCache())
+            kwargs[GENERATION_NAME] = RoutedCache()
             kwargs.pop("cache_implementation", None)
         return super().generate(inputs, task_ids=task_ids, **kwargs)

@@ -5,6 +5,8 @@ Shapes: U unique tasks in a batch, L routed layers (encoder then decoder), E exp
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,6 +31,44 @@ def hard_top_k(logits: torch.Tensor, k: int = 1) -> torch.Tensor:
     top = logits.topk(k, dim=-1)
     weights = torch.zeros_like(logits)
     return weights.scatter(-1, top.indices, top.values.softmax(-1))
+
+
+SPARSE_SELECTIONS = ("switch", "reinforce")
+"""Selections that run only the sampled expert in training: one route sample per example, from softmax(x/τ)."""
+
+
+@dataclass
+class RouteSample:
+    """The routes of one forward pass, and what training needs to know about them."""
+
+    weights: torch.Tensor  # (B, L, E)
+    log_prob: torch.Tensor | None = None  # (B,) reinforce: log π of each example's sampled routes, summed over layers
+    run_all: bool = False  # every expert runs on every row: the weights' gradient reaches their zero entries
+
+
+def sample_one_hot(logits: torch.Tensor) -> torch.Tensor:
+    """A one-hot sample from softmax(logits) by the Gumbel-max trick (fp32 noise)."""
+    choice = (logits.float() + gumbel_noise(logits.shape, logits.device)).argmax(-1)
+    return F.one_hot(choice, logits.shape[-1]).to(logits.dtype)
+
+
+def sparse_select(logits: torch.Tensor, selection: str, temperature) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Training routes that run one expert per example and layer: a sample e ~ π = softmax(x/τ), as weights
+    (..., E) whose forward value is one-hot, and for "reinforce" log π(e) (...,) summed over the last-but-one
+    (layer) dimension.
+
+    switch (after Fedus et al.'s Switch Transformer, which scales the chosen expert by its probability): the weight
+    π_e / sg(π_e), 1 in the forward pass, so the router's gradient is ⟨∂L/∂y, y_e⟩ · ∂ log π_e. Summed over
+    examples that drew different experts, it estimates the gradient of the π-weighted mixture without running it.
+    reinforce: no gradient through the weights; the caller scores each sample by its loss (score-function
+    estimator, Williams 1992) with `log_prob`.
+    """
+    log_pi = (logits / temperature).log_softmax(-1)
+    hard = sample_one_hot(log_pi)
+    if selection == "switch":
+        pi = log_pi.exp()
+        return hard * (pi / pi.detach()), None
+    return hard.detach(), (hard.detach() * log_pi).sum((-1, -2))
 
 
 def select_experts(logits: torch.Tensor, selection: str, temperature: float | torch.Tensor) -> torch.Tensor:
@@ -250,20 +290,38 @@ class TaskRouter(nn.Module):
         with torch.autocast(device_type=task_vectors.device.type, enabled=False):
             return self.network(task_vectors.to(dtype)).float()
 
+    @property
+    def sparse(self) -> bool:
+        """Training runs only each example's sampled expert (selections "switch" and "reinforce")."""
+        return self.selection in SPARSE_SELECTIONS
+
     def forward(self, task_ids: torch.Tensor, task_table: TaskTable) -> torch.Tensor:
-        """Route weights (B, L, E), fp32.
+        """Route weights (B, L, E), fp32 (`sample`'s weights)."""
+        return self.sample(task_ids, task_table).weights
+
+    def sample(self, task_ids: torch.Tensor, task_table: TaskTable) -> RouteSample:
+        """Routes (B, L, E), fp32, with what training needs of them.
 
         Training uses `selection`. Evaluation scores routes still being learned by their hard top-k (the
         paper's inference); fixed routes (frozen router, fixed sources) route evaluation as training does,
         so what is scored and selected is the network that was trained. Tasks with a route override
         (`set_route_overrides`) route by it, in training and evaluation.
+        Sparse selections (switch, reinforce) draw one route per example, not per task, so that a batch of one
+        task compares its experts within the step (and runs each on its own rows).
         """
         if not self.learned:
-            return self.apply_overrides(task_ids, self.fixed_routes[task_ids].float())
+            weights = self.apply_overrides(task_ids, self.fixed_routes[task_ids].float())
+            return RouteSample(weights, run_all=weights.requires_grad)
         tasks, inverse = torch.unique(task_ids, return_inverse=True)
         logits = self.logits(task_table(tasks))
+        if self.sparse and self.training and not self.frozen:
+            weights, log_prob = sparse_select(logits[inverse], self.selection, self.temperature.float())
+            if log_prob is not None:  # an overridden task's route was not sampled: it takes no part in the estimate
+                log_prob = log_prob.masked_fill(self.override_mask[task_ids], 0.0)
+            return RouteSample(self.apply_overrides(task_ids, weights), log_prob=log_prob)
         if self.selection != "argmax" and (self.training or self.frozen):
             weights = select_experts(logits, self.selection, self.temperature.float())
         else:  # argmax routes are fixed: no gradient, even through top-k's renormalised weights
             weights = hard_top_k(logits.detach() if self.selection == "argmax" else logits, self.top_k)
-        return self.apply_overrides(task_ids, weights[inverse])
+        weights = self.apply_overrides(task_ids, weights[inverse])
+        return RouteSample(weights, run_all=weights.requires_grad)

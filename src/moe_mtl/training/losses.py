@@ -39,3 +39,25 @@ def route_balance(probs: torch.Tensor) -> torch.Tensor:
     stage one should) settle on one expert, as long as different tasks settle on different ones."""
     mean = probs.float().mean(0)  # (L, E)
     return (mean * (mean.clamp_min(1e-9).log() + math.log(probs.shape[-1]))).sum(-1).mean()
+
+
+def leave_one_out_advantage(losses: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """Per example: its loss minus the mean loss of the other examples of its group (its task), the baseline of
+    REINFORCE leave-one-out (Kool et al. 2019); 0 for an example alone in its group. losses, groups (B,) → (B,)."""
+    _, index = torch.unique(groups, return_inverse=True)
+    losses = losses.float()
+    sums = losses.new_zeros(int(index.max()) + 1 if index.numel() else 0).index_add(0, index, losses)
+    counts = torch.bincount(index, minlength=sums.shape[0]).to(losses.dtype)
+    others = (counts[index] - 1).clamp_min(1)
+    return torch.where(counts[index] > 1, losses - (sums[index] - losses) / others, torch.zeros_like(losses))
+
+
+def reinforce_surrogate(
+    log_prob: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor
+) -> torch.Tensor:
+    """The score-function term whose gradient is the REINFORCE estimate of ∇ E[loss] over sampled routes: mean over
+    examples of sg(advantage) · log π(route), each example scored by its mean token NLL against the others of its
+    group (`leave_one_out_advantage`). Its value is near 0; only its gradient matters.
+    log_prob (B,), logits (B, T, V), labels (B, T), groups (B,) task ids → scalar."""
+    nll, count = sequence_nll(logits.detach(), labels)
+    return (leave_one_out_advantage(nll / count.clamp_min(1), groups) * log_prob).mean()

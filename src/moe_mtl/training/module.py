@@ -20,10 +20,10 @@ from ..evaluation.results import evaluation_stem, write_evaluation, write_predic
 from ..evaluation.task_evaluation import EvaluationResult, TaskEvaluation, gather_predictions
 from ..models import MoEOptions
 from ..models.build import build_model, special_token_ids
-from ..models.routing import hard_top_k
+from ..models.routing import SPARSE_SELECTIONS, hard_top_k
 from ..transfer.init_from import TASK_TABLE_KEY, build_from_upstream
 from ..transfer.unseen_routes import UnseenTasks
-from .losses import label_smoothed_nll, route_balance, sequence_nll
+from .losses import label_smoothed_nll, reinforce_surrogate, route_balance, sequence_nll
 from .optim import (
     build_param_groups,
     clip_grad_norms,
@@ -243,7 +243,7 @@ class MoEMultiTaskModule(LightningModule):
     def route_table(self) -> torch.Tensor:
         """Current routes (T, L, E) as distributions, one per task and routed layer.
 
-        Learned task routes: the selection probabilities: softmax(logits / τ) for softmax selection,
+        Learned task routes: the selection probabilities: softmax(logits / τ) for softmax, switch and reinforce,
         softmax(logits) for gumbel selection (the Gumbel-max probability of each expert), one-hot argmax
         for argmax selection (stage two). Fixed routes: their table. Overridden tasks
         (`TaskRouter.set_route_overrides`): their override, normalised. Token routing: the mean gate weight
@@ -260,7 +260,8 @@ class MoEMultiTaskModule(LightningModule):
             if router.selection == "argmax":
                 table = hard_top_k(logits, router.top_k)
             else:
-                temperature = router.temperature.float() if router.selection == "softmax" else 1.0
+                sampled_at_tau = router.selection in ("softmax", *SPARSE_SELECTIONS)  # π = softmax(logits / τ)
+                temperature = router.temperature.float() if sampled_at_tau else 1.0
                 table = (logits / temperature).softmax(-1)
         overrides = router.override_routes.float()  # tasks routed by `set_route_overrides`
         overrides = overrides / overrides.sum(-1, keepdim=True).clamp_min(torch.finfo(overrides.dtype).tiny)
@@ -352,6 +353,10 @@ class MoEMultiTaskModule(LightningModule):
             loss = loss + self.hparams.route_balance_weight * balance
             self.log("train/route_balance", balance, batch_size=size)
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        if out.route_log_prob is not None:  # selection "reinforce": each example's routes scored by its own loss
+            surrogate = reinforce_surrogate(out.route_log_prob, out.logits, batch["labels"], batch["task_ids"])
+            loss = loss + surrogate
+            self.log("train/reinforce_surrogate", surrogate, batch_size=size)
         if self.model.router is not None and self.model.router.learned:
             # only learned task routes have a τ and two stages: fixed routes are neither learned nor "stage one"
             self.log("train/temperature", self.model.router.temperature.float(), batch_size=size)

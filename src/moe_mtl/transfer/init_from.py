@@ -316,7 +316,7 @@ def build_from_upstream(
         if options.selection == "argmax":
             raise ValueError(
                 "model option `unseen_routes` is 'learned', but moe.selection 'argmax' passes no gradient to the "
-                "new rows; allowed: softmax, gumbel, gumbel_st"
+                "new rows; allowed: softmax, gumbel, gumbel_st, switch, reinforce"
             )
         if model.router is not None and model.router.learned:
             for param in model.router.parameters():  # the router stays as trained, the new rows learn
