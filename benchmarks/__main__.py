@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .cases import SPARSE_STAGE_ONE, STAGE_TWO, TRAIN_VARIANTS, Bench, Shape
+from .cases import SPARSE_STAGE_ONE, STAGE_TWO, TRAIN_VARIANTS, Bench, Shape, one_task_batches
 from .measure import count_flops, interleaved_medians, peak_memory
 
 # (family, case) → the largest time ratio to dense the project holds itself to (issue 10)
@@ -42,16 +42,21 @@ def families(bench: Bench) -> dict[str, dict[str, object]]:
     for name, options in TRAIN_VARIANTS.items():
         train[name] = bench.train_step(bench.moe(**options), bench.one_task)
     out = {"training step": train}
+    mixed = bench.mixed_tasks
+    forward = bench.forward_step(stage_two, mixed)
     out["evaluation forward"] = {
         "dense": bench.forward_step(bench.dense),
         "one-task": bench.forward_step(stage_two, bench.one_task),
-        "mixed-task": bench.forward_step(stage_two, bench.mixed_tasks),
+        "mixed-task": forward,
+        "mixed-task rows as one-task batches, one after another": one_task_batches(forward, mixed),
     }
     for beams, family in ((1, "greedy generation"), (4, "beam-4 generation")):
+        generate = bench.generate_step(stage_two, beams, mixed)
         out[family] = {
             "dense": bench.generate_step(bench.dense, beams),
             "one-task": bench.generate_step(stage_two, beams, bench.one_task),
-            "mixed-task": bench.generate_step(stage_two, beams, bench.mixed_tasks),
+            "mixed-task": generate,
+            "mixed-task rows as one-task batches, one after another": one_task_batches(generate, mixed),
         }
     return out
 

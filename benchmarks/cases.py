@@ -106,29 +106,46 @@ class Bench:
     def forward_step(self, model, task_ids: torch.Tensor | None = None) -> Step:
         """An evaluation forward (teacher forcing, no cache, no grad): what validation loss and scoring run."""
         model.eval()
-        extra = {} if task_ids is None else {"task_ids": task_ids}
 
-        def step():
+        def step(rows=None):
             with torch.no_grad(), self.autocast():
-                model(input_ids=self.input_ids, labels=self.labels, **extra)
+                model(input_ids=pick(self.input_ids, rows), labels=pick(self.labels, rows), **tasks(task_ids, rows))
 
         return step
 
     def generate_step(self, model, num_beams: int, task_ids: torch.Tensor | None = None) -> Step:
         """`generate` of exactly target_length new tokens (EOS held off), greedy or beam search."""
         model.eval()
-        extra = {} if task_ids is None else {"task_ids": task_ids}
         length = self.shape.target_length
 
-        def step():
+        def step(rows=None):
             with self.autocast():
                 model.generate(
-                    self.input_ids,
+                    pick(self.input_ids, rows),
                     max_new_tokens=length,
                     min_new_tokens=length,
                     num_beams=num_beams,
                     do_sample=False,
-                    **extra,
+                    **tasks(task_ids, rows),
                 )
 
         return step
+
+
+def one_task_batches(step, task_ids: torch.Tensor) -> Step:
+    """`step`'s rows as one-task batches, one after another: what a mixed-task batch should cost at most."""
+    groups = [(task_ids == task).nonzero().squeeze(1) for task in task_ids.unique()]
+
+    def run():
+        for rows in groups:
+            step(rows)
+
+    return run
+
+
+def pick(tensor: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    return tensor if rows is None else tensor[rows]
+
+
+def tasks(task_ids: torch.Tensor | None, rows: torch.Tensor | None) -> dict:
+    return {} if task_ids is None else {"task_ids": pick(task_ids, rows)}

@@ -24,7 +24,11 @@ def test_the_benchmark_runs_every_case_and_writes_json_and_markdown(tmp_path):
         "token top-2 (FFN experts)",
     }
     for family in ("evaluation forward", "greedy generation", "beam-4 generation"):
-        assert set(families[family]) == {"dense", "one-task", "mixed-task"}
+        sequential = "mixed-task rows as one-task batches, one after another"
+        assert set(families[family]) == {"dense", "one-task", "mixed-task", sequential}
+        # the same rows: the same FLOPs as the mixed batch, whichever way they are batched
+        flops = families[family]["mixed-task"]["flops"]
+        assert abs(families[family][sequential]["flops"] - flops) <= 0.05 * flops, family
     for rows in families.values():
         assert rows["dense"]["time_ratio"] == rows["dense"]["flop_ratio"] == rows["dense"]["memory_ratio"] == 1.0
         for row in rows.values():

@@ -404,6 +404,8 @@ def test_setup_rejects_per_group_clipping_where_grads_are_sharded(two_tasks):
         ({"routes": "given", "given_routes": [[0] * 4, [1] * 4]}, r"routes are hard \(given routes\)"),
         ({"routes": "random"}, r"routes are hard \(random routes\)"),
         ({"selection": "argmax"}, r"routes are hard \(argmax selection\)"),
+        ({"selection": "switch"}, r"routes are hard \(switch selection\)"),  # an expert may get no example
+        ({"selection": "reinforce"}, r"routes are hard \(reinforce selection\)"),
         ({"routes": "average"}, "average routes leave the task table unused"),
         ({"routing": "token", "expert_unit": "ffn"}, "token routing"),
         ({"routes": "average", "freeze_task_table": True}, None),  # every trainable parameter gets a gradient
@@ -790,3 +792,35 @@ def test_sparse_stage_one_trains_the_router_and_tables_its_policy(two_tasks, sel
     tasks = torch.arange(module.model.task_table.num_tasks)
     logits = module.model.router.logits(module.model.task_table(tasks))
     torch.testing.assert_close(module.route_table(), (logits / 2.0).softmax(-1))
+
+
+class ParameterRecorder(Callback):
+    """Writes its rank's router parameters before and after training."""
+
+    def __init__(self, out: str):
+        self.out = out
+
+    def on_train_start(self, trainer, pl_module):
+        self.initial = [p.detach().clone() for p in pl_module.model.router.parameters()]
+
+    def on_train_end(self, trainer, pl_module):
+        final = [p.detach().clone() for p in pl_module.model.router.parameters()]
+        state = {"initial": self.initial, "final": final, "experts": expert_state(pl_module)}
+        torch.save(state, f"{self.out}/rank{trainer.global_rank}.pt")
+
+
+def test_reinforce_stage_one_under_ddp_keeps_the_ranks_equal_and_trains_the_router(tmp_path):
+    """Two gloo processes, each drawing its own routes per example: the all-reduced router and experts stay
+    equal on both ranks, and the router learns from the score-function term."""
+    data = make_data(tmp_path / "data", skills={**SIZES, "train_size": 4}, sync_tasks=False)
+    data.prepare_data()
+    module = make_module(data, moe={"num_experts": 3, "selection": "reinforce"}, max_target_length=2)
+    recorder = ParameterRecorder(str(tmp_path))
+    trainer = make_trainer(
+        devices=2, strategy="ddp_spawn_find_unused_parameters_true", max_steps=3, callbacks=[recorder]
+    )
+    trainer.fit(module, datamodule=data)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    assert same(ranks[0]["final"], ranks[1]["final"])
+    assert not same(ranks[0]["initial"], ranks[0]["final"])
+    assert all(same(ranks[0]["experts"][key], ranks[1]["experts"][key]) for key in ranks[0]["experts"])

@@ -78,7 +78,7 @@ class MoEOptions:
     """Training-time selection. While routes are learned, evaluation uses the hard top-k; once they are fixed
     (`freeze_router`), evaluation uses the training routes. "argmax" uses the hard top-k in training too (no
     router gradient). "switch" and "reinforce" run only one sampled expert per example in training (dense cost;
-    docs/sparse_stage_one.md); softmax, gumbel and gumbel_st run all E."""
+    docs/performance.md); softmax, gumbel and gumbel_st run all E."""
     freeze_router: bool = False
     """The router is fixed (two-stage training's second stage sets this): no gradient, and evaluation, test,
     predict and `generate` route as training does, by selection "argmax" or "softmax" (each task's soft

@@ -43,7 +43,9 @@ def _rows(tensor, index: torch.Tensor | None):
     """The rows of a batch-first tensor picked by `index`; masks broadcast over the batch pass as they are."""
     if tensor is None or index is None or tensor.shape[0] == 1:
         return tensor
-    return tensor[index]
+    if tensor.stride(0) == 0:  # one row expanded over the batch (a mask): a view of as many rows, no copy
+        return tensor[: index.numel()]
+    return tensor.index_select(0, index)
 
 
 def can_subset(*masks) -> bool:

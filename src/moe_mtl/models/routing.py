@@ -34,7 +34,7 @@ def hard_top_k(logits: torch.Tensor, k: int = 1) -> torch.Tensor:
 
 
 SPARSE_SELECTIONS = ("switch", "reinforce")
-"""Selections that run only the sampled expert in training: one route sample per example, from softmax(x/τ)."""
+"""Selections that run only the sampled expert in training: routes drawn from softmax(x/τ)."""
 
 
 @dataclass
@@ -58,10 +58,10 @@ def sparse_select(logits: torch.Tensor, selection: str, temperature) -> tuple[to
     (layer) dimension.
 
     switch (after Fedus et al.'s Switch Transformer, which scales the chosen expert by its probability): the weight
-    π_e / sg(π_e), 1 in the forward pass, so the router's gradient is ⟨∂L/∂y, y_e⟩ · ∂ log π_e. Summed over
-    examples that drew different experts, it estimates the gradient of the π-weighted mixture without running it.
-    reinforce: no gradient through the weights; the caller scores each sample by its loss (score-function
-    estimator, Williams 1992) with `log_prob`.
+    π_e / sg(π_e), 1 in the forward pass, so the router's gradient is ⟨∂L/∂y, y_e⟩ · ∂ log π_e: over draws, an
+    estimate of the gradient of the π-weighted mixture without running it, but with no comparison of experts
+    within a step. reinforce: no gradient through the weights; the caller scores each sample by its loss
+    (score-function estimator, Williams 1992) with `log_prob`.
     """
     log_pi = (logits / temperature).log_softmax(-1)
     hard = sample_one_hot(log_pi)
@@ -306,8 +306,8 @@ class TaskRouter(nn.Module):
         paper's inference); fixed routes (frozen router, fixed sources) route evaluation as training does,
         so what is scored and selected is the network that was trained. Tasks with a route override
         (`set_route_overrides`) route by it, in training and evaluation.
-        Sparse selections (switch, reinforce) draw one route per example, not per task, so that a batch of one
-        task compares its experts within the step (and runs each on its own rows).
+        Sparse selections run only the drawn expert: switch draws a route per task (like gumbel_st), reinforce
+        one per example, so that the examples of a one-task batch compare routes within the step.
         """
         if not self.learned:
             weights = self.apply_overrides(task_ids, self.fixed_routes[task_ids].float())
@@ -315,7 +315,15 @@ class TaskRouter(nn.Module):
         tasks, inverse = torch.unique(task_ids, return_inverse=True)
         logits = self.logits(task_table(tasks))
         if self.sparse and self.training and not self.frozen:
-            weights, log_prob = sparse_select(logits[inverse], self.selection, self.temperature.float())
+            # switch draws one route per task, as gumbel_st does (a one-task batch runs one expert per layer);
+            # reinforce one per example, so that its leave-one-out baseline compares routes within the batch
+            # (docs/performance.md: per-example switch scored 0.20, per-task 0.25)
+            per_example = self.selection == "reinforce"
+            weights, log_prob = sparse_select(
+                logits[inverse] if per_example else logits, self.selection, self.temperature.float()
+            )
+            if not per_example:
+                weights = weights[inverse]
             if log_prob is not None:  # an overridden task's route was not sampled: it takes no part in the estimate
                 log_prob = log_prob.masked_fill(self.override_mask[task_ids], 0.0)
             return RouteSample(self.apply_overrides(task_ids, weights), log_prob=log_prob)

@@ -497,8 +497,8 @@ class MoEMultiTaskModule(LightningModule):
         options, router = self.model.moe_options, self.model.router
         if options.routing == "token":
             require_unused_parameter_detection(self.trainer, "token routing sends a rank's tokens to some experts")
-        elif options.routes in ("random", "given") or router.selection == "argmax":
-            hard = "argmax selection" if options.routes == "learned" else f"{options.routes} routes"
+        elif options.routes in ("random", "given") or router.selection in ("argmax", *SPARSE_SELECTIONS):
+            hard = f"{router.selection} selection" if options.routes == "learned" else f"{options.routes} routes"
             require_unused_parameter_detection(self.trainer, f"routes are hard ({hard}), unchosen experts idle")
         elif options.routes == "average" and not options.freeze_task_table:
             require_unused_parameter_detection(self.trainer, "average routes leave the task table unused")
