@@ -32,7 +32,7 @@ quickstart: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-# MoE-BART against dense BART: time, FLOPs and memory ratios (benchmarks/results/results.md; ~5 min on 2 cores).
+# MoE-BART against dense BART: time, FLOPs and memory ratios (benchmarks/results/results.md; ~8 min on 2 cores).
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks
 

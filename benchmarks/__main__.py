@@ -1,6 +1,6 @@
 """MoE-BART against dense BART of the same shape: time, FLOPs and peak memory of each case, as ratios to dense.
 
-    python -m benchmarks                       (or `make bench`; ~5 min on 2 CPU cores)
+    python -m benchmarks                       (or `make bench`; ~8 min on 2 CPU cores)
     python -m benchmarks --device cuda --bf16  (a GPU: the same cases under bf16 autocast)
     python -m benchmarks --quick               (a tiny shape, one repetition: checks that every case runs)
 
