@@ -42,6 +42,16 @@ def tiny_moe(bart_config: BartConfig | None = None, **options) -> MoEBartForCond
     return MoEBartForConditionalGeneration(config)
 
 
+def generating_model(**options) -> MoEBartForConditionalGeneration:
+    """A tiny MoE-BART for generation tests: a large init so that experts differ clearly, EOS suppressed so that
+    every step decodes."""
+    config = tiny_bart_config(init_std=0.5, forced_eos_token_id=None)
+    model = tiny_moe(config, num_experts=3, num_tasks=4, **options).eval()
+    with torch.no_grad():
+        model.final_logits_bias[0, config.eos_token_id] = -1e4
+    return model
+
+
 @pytest.fixture
 def dense() -> BartForConditionalGeneration:
     return BartForConditionalGeneration(tiny_bart_config()).eval()

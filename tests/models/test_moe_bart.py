@@ -11,7 +11,7 @@ from moe_mtl import MoEBartForConditionalGeneration
 from moe_mtl.models.cache_contract import GENERATION_NAME, LAYER_NAME
 from moe_mtl.models.moe_bart import dense_name
 
-from .conftest import tiny_bart_config, tiny_moe
+from .conftest import generating_model, tiny_bart_config, tiny_moe
 
 TASKS = torch.tensor([0, 1, 3])  # three examples of three different tasks
 GIVEN = [[2, 2, 2, 2], [1, 0, 2, 1], [0, 0, 0, 0], [2, 1, 0, 1]]  # (num_tasks=4, routed layers=4)
@@ -199,15 +199,6 @@ def greedy_by_hand(model, input_ids, task_ids, steps):
             ).logits
             decoded = torch.cat([decoded, next_logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     return decoded
-
-
-def generating_model(**options):
-    # large init so that random experts differ clearly; eos suppressed so every step decodes
-    config = tiny_bart_config(init_std=0.5, forced_eos_token_id=None)
-    model = tiny_moe(config, num_experts=3, num_tasks=4, **options).eval()
-    with torch.no_grad():
-        model.final_logits_bias[0, config.eos_token_id] = -1e4
-    return model
 
 
 GENERATE_MODES = [

@@ -10,19 +10,10 @@ from moe_mtl import MoEBartForConditionalGeneration
 from moe_mtl.models.cache_contract import GENERATION_NAME
 from moe_mtl.models.routed_cache import RoutedCache
 
-from .conftest import tiny_bart_config, tiny_moe
+from .conftest import generating_model, tiny_bart_config
 
 GIVEN = [[2, 2, 2, 2], [1, 0, 2, 1], [0, 0, 0, 0], [2, 1, 0, 1]]  # (num_tasks=4, routed layers=4)
 MODES = [dict(routes="given", given_routes=GIVEN), dict(), dict(routes="random", route_seed=1), dict(top_k=2)]
-
-
-def generating_model(**options):
-    # large init so that experts differ clearly; eos suppressed so every step decodes
-    config = tiny_bart_config(init_std=0.5, forced_eos_token_id=None)
-    model = tiny_moe(config, num_experts=3, num_tasks=4, **options).eval()
-    with torch.no_grad():
-        model.final_logits_bias[0, config.eos_token_id] = -1e4
-    return model
 
 
 def whole_batch_cache():
