@@ -77,8 +77,8 @@ class MoEOptions:
     selection: Literal["softmax", "gumbel", "gumbel_st", "argmax", "switch", "reinforce"] = "gumbel_st"
     """Training-time selection. While routes are learned, evaluation uses the hard top-k; once they are fixed
     (`freeze_router`), evaluation uses the training routes. "argmax" uses the hard top-k in training too (no
-    router gradient). "switch" and "reinforce" run only one sampled expert per example in training (dense cost;
-    docs/performance.md); softmax, gumbel and gumbel_st run all E."""
+    router gradient). "switch" (a route per task) and "reinforce" (a route per example) run only the drawn expert
+    in training, at dense cost (docs/performance.md); softmax, gumbel and gumbel_st run all E."""
     freeze_router: bool = False
     """The router is fixed (two-stage training's second stage sets this): no gradient, and evaluation, test,
     predict and `generate` route as training does, by selection "argmax" or "softmax" (each task's soft

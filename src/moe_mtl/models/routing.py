@@ -292,7 +292,7 @@ class TaskRouter(nn.Module):
 
     @property
     def sparse(self) -> bool:
-        """Training runs only each example's sampled expert (selections "switch" and "reinforce")."""
+        """Training runs only the drawn expert of each route (selections "switch" and "reinforce")."""
         return self.selection in SPARSE_SELECTIONS
 
     def forward(self, task_ids: torch.Tensor, task_table: TaskTable) -> torch.Tensor:
