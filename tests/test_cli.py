@@ -322,3 +322,16 @@ def test_upcycle_reports_an_invalid_option_without_a_traceback(tmp_path, capsys)
     with pytest.raises(SystemExit):
         main(["upcycle", "--dense=x", f"--output={tmp_path}", "--moe.num_experts=0"])
     assert "MoE option `num_experts` is 0; it must be a positive integer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("selection", ["switch", "reinforce"])
+def test_fit_runs_a_sparse_stage_one_through_the_two_stage_schedule(tmp_path, monkeypatch, selection):
+    monkeypatch.chdir(tmp_path)
+    config = write_config(tmp_path / "tiny.yaml", val_check_interval=4)
+    main(["fit", "--config", config, f"--model.moe.selection={selection}"])
+    scalars, _ = event_values(tmp_path / "runs/tiny/version_0")
+    assert [value for _, value in scalars["train/stage"]] == [1.0, 1.0, 2.0, 2.0]
+    assert ("train/reinforce_surrogate" in scalars) == (selection == "reinforce")
+    checkpoint = torch.load(tmp_path / "runs/tiny/version_0/checkpoints/last.ckpt", weights_only=False)
+    assert checkpoint["hyper_parameters"]["moe"]["selection"] == selection  # as configured
+    assert checkpoint["state_dict"]["model.model.encoder.router.temperature"] < 2.0  # annealed in stage one
