@@ -6,8 +6,9 @@
 
 Writes OUT/results.json and OUT/results.md (default OUT: benchmarks/results). Times are medians of interleaved
 repetitions in one process; every case of a family is compared with the dense step of that family (training step,
-evaluation forward, greedy or beam-4 generation) at the same shapes. Then the scaling of the sparse stage one and of
-the mixed-task evaluation forward in the number of experts E and of tasks.
+evaluation forward, greedy or beam-4 generation) at the same shapes. Then the matmul floor of the mixed-task cases
+(benchmarks/floor.py), and the scaling of the sparse stage one and of the mixed-task evaluation forward in the number
+of experts E and of tasks.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 
 from .cases import SPARSE_STAGE_ONE, STAGE_TWO, TRAIN_VARIANTS, Bench, Shape, one_task_batches
+from .floor import floor_steps, implied_floor
 from .measure import count_flops, interleaved_medians, peak_memory
 
 # (family, case) → the largest time ratio to dense the project holds itself to (issue 10)
@@ -76,6 +78,25 @@ def measure_family(steps: dict, repeats: int, device: torch.device, profile_cost
             if key in row and dense.get(key):
                 row[ratio] = row[key] / dense[key]
     return rows
+
+
+def matmul_floor(bench: Bench, families_: dict, repeats: int) -> dict[str, dict]:
+    """The projections of each mixed-task target family alone (benchmarks/floor.py), and the lowest time × dense
+    they leave for the family's mixed-task case."""
+    model = bench.moe(**STAGE_TWO)
+    out = {}
+    for family, beams in (("evaluation forward", None), ("greedy generation", 1), ("beam-4 generation", 4)):
+        # a few milliseconds a step: more repetitions for the same steadiness
+        seconds = interleaved_medians(floor_steps(bench, model, beams), 5 * repeats, bench.device)
+        calls = 1 if beams is None else bench.shape.target_length
+        out[family] = {
+            "seconds": seconds,
+            "calls": calls,
+            "implied_time_ratio": implied_floor(seconds, calls, families_[family]["dense"]["seconds"]),
+            "measured_time_ratio": families_[family]["mixed-task"]["time_ratio"],
+            "target": TARGETS[(family, "mixed-task")],
+        }
+    return out
 
 
 def scaling(shape: Shape, device, bf16: bool, repeats: int, selection: str, axis: str, values) -> list[dict]:
@@ -134,6 +155,22 @@ def markdown(report: dict) -> str:
                 f"{ratio(row.get('flop_ratio'))} | {ratio(row.get('memory_ratio'))} | "
                 f"{'' if target is None else f'≤ {target:.2f}×'} | {holds} |"
             )
+    lines += [
+        "",
+        "The matmul floor of the mixed-task targets: the projections alone (a forward, or one decoding step), each "
+        "expert on its own rows, against dense's on the whole batch (benchmarks/floor.py):",
+        "",
+        "| family | dense matmuls | a matmul per expert | grouped matmul | calls | floor time × dense | measured | "
+        "target |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for family, row in report["floor"].items():
+        ms = {name: f"{seconds * 1e3:.2f} ms" for name, seconds in row["seconds"].items()}
+        lines.append(
+            f"| {family} | {ms['dense']} | {ms['a matmul per expert']} | {ms.get('grouped matmul', '–')} | "
+            f"{row['calls']} | {ratio(row['implied_time_ratio'])} | {ratio(row['measured_time_ratio'])} | "
+            f"≤ {row['target']:.2f}× |"
+        )
     for axis, rows in report["scaling"].items():
         lines += [
             "",
@@ -181,6 +218,7 @@ def main(argv=None) -> None:
         },
         "scaling_selection": args.scaling_selection,
     }
+    report["floor"] = matmul_floor(bench, report["families"], repeats)
     del bench
     report["scaling"] = {
         "experts": scaling(shape, device, args.bf16, scaling_repeats, args.scaling_selection, "experts", experts),

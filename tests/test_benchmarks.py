@@ -43,6 +43,38 @@ def test_the_benchmark_runs_every_case_and_writes_json_and_markdown(tmp_path):
     assert [row["tasks"] for row in report["scaling"]["tasks"]] == [3, 30]
     assert [row["experts"] for row in report["scaling"]["experts"]] == [1, 2]
     assert {(t["family"], t["case"]) for t in report["targets"]} >= {("evaluation forward", "mixed-task")}
+    # the matmul floor of each mixed-task target: dense's projections against the experts' split of the same rows
+    assert set(report["floor"]) == {"evaluation forward", "greedy generation", "beam-4 generation"}
+    for family, floor in report["floor"].items():
+        assert {"dense", "a matmul per expert"} <= set(floor["seconds"]), family
+        assert all(seconds > 0 for seconds in floor["seconds"].values())
+        assert floor["implied_time_ratio"] >= 1.0
+        assert floor["measured_time_ratio"] == families[family]["mixed-task"]["time_ratio"]
+    assert report["floor"]["greedy generation"]["calls"] == 6  # the quick shape's target length
     table = (tmp_path / "results.md").read_text()
     assert "| training step | stage one, switch |" in table and "| beam-4 generation | mixed-task |" in table
     assert "--quick" in table and report["machine"] in table
+    assert "| greedy generation | " in table.split("matmul floor")[1]
+
+
+def test_the_matmul_floor_splits_the_same_rows_as_dense_and_runs_only_what_a_step_runs():
+    import torch
+
+    from benchmarks.__main__ import QUICK
+    from benchmarks.cases import STAGE_TWO, Bench
+    from benchmarks.floor import floor_steps, implied_floor, routed_projections
+    from benchmarks.measure import count_flops
+
+    bench = Bench(QUICK, torch.device("cpu"), bf16=False)
+    model = bench.moe(**STAGE_TWO)
+    for beams in (None, 1, 4):
+        steps = floor_steps(bench, model, beams)
+        # the experts' parts are the dense rows, split: the same multiply-adds
+        assert count_flops(steps["a matmul per expert"]) == count_flops(steps["dense"]) > 0, beams
+    per_layer = {"encoder": 6, "decoder": 10}  # q k v out fc1 fc2, and the cross-attention's four
+    everything = routed_projections(model, decode=False)
+    assert len(everything) == QUICK.layers * (per_layer["encoder"] + per_layer["decoder"])
+    # a decoding step runs neither the encoder nor the cached cross-attention keys and values
+    assert len(routed_projections(model, decode=True)) == QUICK.layers * (per_layer["decoder"] - 2)
+    assert implied_floor({"dense": 1.0, "split": 1.5}, calls=4, dense_step=10.0) == 1.2
+    assert implied_floor({"dense": 1.0, "split": 0.9}, calls=4, dense_step=10.0) == 1.0
