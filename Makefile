@@ -39,6 +39,7 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check $(SOURCES)
 	$(BIN)/ruff format --check $(SOURCES)
+	$(BIN)/hadolint docker/Dockerfile
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix $(SOURCES)

@@ -5,6 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+from benchmarks.__main__ import QUICK
+from benchmarks.cases import STAGE_TWO, Bench
+from benchmarks.floor import floor_steps, implied_floor, routed_projections
+from benchmarks.measure import count_flops
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -58,13 +64,6 @@ def test_the_benchmark_runs_every_case_and_writes_json_and_markdown(tmp_path):
 
 
 def test_the_matmul_floor_splits_the_same_rows_as_dense_and_runs_only_what_a_step_runs():
-    import torch
-
-    from benchmarks.__main__ import QUICK
-    from benchmarks.cases import STAGE_TWO, Bench
-    from benchmarks.floor import floor_steps, implied_floor, routed_projections
-    from benchmarks.measure import count_flops
-
     bench = Bench(QUICK, torch.device("cpu"), bf16=False)
     model = bench.moe(**STAGE_TWO)
     for beams in (None, 1, 4):

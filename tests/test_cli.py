@@ -101,7 +101,7 @@ def checkpoint_state(path: Path) -> dict:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     """`moe-mtl fit`, then `test` from its best checkpoint (stage one) and `predict` from its last (stage two);
-    the folder they ran in (runs/tiny/version_0, _1, _2)."""
+    the folder they ran in (runs/tiny/version_0; test and predict write into version_0/<checkpoint name>)."""
     root = tmp_path_factory.mktemp("cli")
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)
@@ -111,6 +111,7 @@ def run(tmp_path_factory) -> Path:
         (best,) = checkpoints.glob("best-step*.ckpt")
         main(["test", "--config", config, "--ckpt_path", str(best)])
         main(["predict", "--config", config, "--ckpt_path", str(checkpoints / "last.ckpt")])
+        main(["validate", "--config", config, "--ckpt_path", str(best)])
     return root
 
 
@@ -120,6 +121,11 @@ def test_fit_logs_training_routing_and_validation_to_tensorboard(run):
     temperature = [value for _, value in scalars["train/temperature"]]
     assert temperature[0] == pytest.approx(2.0) and temperature[1] == pytest.approx(2.0 * math.exp(-0.1))
     assert [value for _, value in scalars["train/stage"]] == [1.0, 1.0, 2.0, 2.0]  # TwoStageTraining at step 2
+    # the learning rates applied: the router and task table are frozen in stage two, so theirs is 0
+    for group in ("router", "task_table"):
+        rates = [value for _, value in scalars[f"lr/{group}"]]
+        assert rates[0] > 0 and rates[2:] == [0.0, 0.0], group
+    assert all(value > 0 for _, value in scalars["lr/backbone"][1:])
     for kind in ("entropy_per_task", "entropy_task_avg"):
         for layer in (*ROUTED_LAYERS, "mean"):
             assert [step for step, _ in scalars[f"routing/{kind}/{layer}"]] == [1, 2, 3, 4]
@@ -162,15 +168,6 @@ def test_last_ckpt_is_the_newest_state_whether_or_not_the_score_improved(run):
     assert len(names) == 2 and names[0].startswith("best-step") and names[1] == "last.ckpt"
 
 
-def test_checkpoint_save_last_is_a_usage_error(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as stopped:
-        main(["fit", "--config", write_config(tmp_path / "tiny.yaml"), "--checkpoint.save_last=true"])
-    assert stopped.value.code == 2
-    assert "checkpoint.save_last is True; leave it false" in capsys.readouterr().err
-    assert not (tmp_path / "runs").exists()
-
-
 def test_the_saved_config_leaves_out_linked_values_and_runs_again(run, capsys):
     saved = yaml.safe_load((run / "runs/tiny/version_0/config.yaml").read_text())
     # LightningCLI saves the parsed config without link targets: what the data decides is not frozen in it
@@ -190,11 +187,21 @@ def test_the_saved_config_leaves_out_linked_values_and_runs_again(run, capsys):
     assert yaml.safe_load(capsys.readouterr().out)["model"] == saved["model"]
 
 
+def best_checkpoint(run: Path) -> Path:
+    (best,) = (run / "runs/tiny/version_0/checkpoints").glob("best-step*.ckpt")
+    return best
+
+
 @pytest.mark.compat
 def test_test_from_the_best_checkpoint_logs_test_scores(run):
-    scalars, _ = event_values(run / "runs/tiny/version_1")
-    (evaluation,) = (run / "runs/tiny/version_1/evaluation").glob("test-*.json")
+    best = best_checkpoint(run)
+    folder = run / "runs/tiny/version_0" / best.stem  # the checkpoint's run, a folder named for it
+    assert not (run / "runs/tiny/version_1").exists()
+    scalars, _ = event_values(folder)
+    (evaluation,) = (folder / "evaluation").glob("test-*.json")
     result = json.loads(evaluation.read_text())
+    assert evaluation.name == f"test-{best.stem}.json"
+    assert result["step"] == torch.load(best, weights_only=False)["global_step"] > 0  # the checkpoint's, not 0
     assert [value for _, value in scalars["test/score"]] == [pytest.approx(result["average"]["score"])]
     test_tasks = tasks_of(run / "runs/tiny/version_0", "test")
     assert [row["task"] for row in result["tasks"]] == test_tasks
@@ -202,10 +209,48 @@ def test_test_from_the_best_checkpoint_logs_test_scores(run):
     assert evaluation.with_suffix(".csv").is_file()
 
 
+def test_validate_of_a_checkpoint_writes_beside_it_under_its_step(run):
+    best = best_checkpoint(run)
+    step = torch.load(best, weights_only=False)["global_step"]
+    folder = run / "runs/tiny/version_0" / best.stem
+    assert json.loads((folder / f"evaluation/val-{best.stem}.json").read_text())["step"] == step
+    assert [path.name for path in (folder / "routes").iterdir()] == [f"step{step}.json"]  # not step0.json
+    assert json.loads((folder / f"routes/step{step}.json").read_text())["step"] == step
+    assert (folder / "config.yaml").is_file()
+
+
+@pytest.mark.parametrize("command", ["test", "predict"])
+def test_evaluating_untrained_weights_is_refused_unless_asked_for(tmp_path, monkeypatch, capsys, command):
+    monkeypatch.chdir(tmp_path)
+    config = write_config(tmp_path / "tiny.yaml")
+    with pytest.raises(SystemExit) as refused:
+        main([command, "--config", config])
+    assert refused.value.code == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith(f"moe-mtl {command}: error: {command} has no weights to evaluate: give --ckpt_path")
+    assert "--allow_untrained true" in message
+    assert not (tmp_path / "runs").exists()  # refused before the data were prepared
+    if command == "predict":  # the opt-in runs (predict is the cheaper of the two)
+        main([command, "--config", config, "--allow_untrained=true"])
+        assert list((tmp_path / "runs/tiny/version_0/predictions").glob("*.jsonl"))
+
+
+def test_step_checkpoints_follow_their_schedule_before_any_validation(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = write_config(tmp_path / "tiny.yaml", max_steps=3, val_check_interval=3, limit_val_batches=1)
+    main(["fit", "--config", config, "--checkpoint.every_n_train_steps=2"])
+    checkpoints = tmp_path / "runs/tiny/version_0/checkpoints"
+    # step 2 comes before the first validation (step 3), which a val/score monitor would have waited for
+    assert torch.load(checkpoints / "step2.ckpt", weights_only=False)["global_step"] == 2
+    assert {path.name for path in checkpoints.glob("*.ckpt")} == {"step2.ckpt", "best-step3.ckpt", "last.ckpt"}
+    saved = yaml.safe_load((tmp_path / "runs/tiny/version_0/config.yaml").read_text())
+    assert saved["step_checkpoint"]["every_n_train_steps"] == 2 and saved["checkpoint"]["every_n_train_steps"] is None
+
+
 @pytest.mark.compat
 def test_predict_writes_predictions_per_task(run):
     test_tasks = tasks_of(run / "runs/tiny/version_0", "test")
-    folder = run / "runs/tiny/version_2/predictions"
+    folder = run / "runs/tiny/version_0/last/predictions"
     assert sorted(path.stem for path in folder.glob("*.jsonl")) == sorted(test_tasks)
     for task in test_tasks:
         rows = [json.loads(line) for line in (folder / f"{task}.jsonl").read_text().splitlines()]
@@ -240,7 +285,7 @@ def test_checkpoint_mode_against_the_monitored_metric_is_a_usage_error(tmp_path,
     assert error.value.code == 2
     message = capsys.readouterr().err.splitlines()[-1]
     assert message == (
-        "error: checkpoint.monitor is 'val/loss' with checkpoint.mode 'max'; "
+        "moe-mtl fit: error: checkpoint.monitor is 'val/loss' with checkpoint.mode 'max'; "
         "use checkpoint.mode 'min' (higher score, lower loss is better)"
     )
     assert not (tmp_path / "runs").exists()  # stopped before anything was built
@@ -282,8 +327,11 @@ def test_fit_help_lists_options_but_not_the_linked_ones(capsys):
 
 def test_python_dash_m_runs_the_command():
     result = subprocess.run([sys.executable, "-m", "moe_mtl", "--help"], capture_output=True, text=True, check=True)
-    assert "upcycle" in result.stdout
-    assert "{fit,validate,test,predict}" in result.stdout
+    assert result.stdout.startswith(
+        "usage: moe-mtl {fit,validate,test,predict,upcycle,represent,analyze,fewshot,summarize,export} [--debug]"
+    )
+    for command in ("upcycle", "represent", "analyze", "fewshot", "summarize", "export"):
+        assert f"\n    {command} " in result.stdout, command  # described in the subcommand list
 
 
 # --- upcycle -------------------------------------------------------------------------------------

@@ -74,7 +74,9 @@ def test_fit_from_an_upstream_run_trains_a_new_run_on_its_unseen_tasks(upstream,
     scalars, _ = event_values(upstream / "runs/fewshot/version_0")
     assert [step for step, _ in scalars["train/loss"]] == [0, 1]
     lrs = {tag: dict(values) for tag, values in scalars.items() if tag.startswith("lr")}
-    assert lrs and all(values[1] > 0 for values in lrs.values())  # a new lr schedule, not the decayed one
+    # a new lr schedule, not the decayed one; the router keeps the upstream's fixed routes (frozen): it applies 0
+    assert set(lrs) == {"lr/backbone", "lr/router", "lr/task_table"}
+    assert lrs["lr/backbone"][1] > 0 and lrs["lr/task_table"][1] > 0 and set(lrs["lr/router"].values()) == {0.0}
     hparams = after["hyper_parameters"]
     assert hparams["bart"] == before["hyper_parameters"]["bart"]
     assert after["datamodule_hyper_parameters"]["tokenizer"] == before["hyper_parameters"]["tokenizer_path"]

@@ -21,6 +21,7 @@ from transformers import BartForConditionalGeneration
 from moe_mtl import MoEBartForConditionalGeneration, MoEOptions
 from moe_mtl.cli import main, run_lightning
 from moe_mtl.training import TemperatureAnnealing, TwoStageTraining
+from moe_mtl.training.clipping import GroupGradientClipping
 from moe_mtl.training.schedules import temperature_at
 
 from .conftest import BASELINES, CROSSFIT_TASKS, FIT_CONFIGS, UPCYCLE_CONFIGS, shrink, two_stage
@@ -165,6 +166,7 @@ ABLATIONS = {
         "--two_stage.switch_step=2",
         "--temperature.start=3.0",
         "--temperature.rate=0.5",
+        '--clipping.max_norms={"router": 0.5}',
     ],
     "softmax and one stage": ["--model.moe.selection=softmax", "--two_stage.switch_step=null"],
 }
@@ -189,6 +191,9 @@ def test_ablation_overrides_take_effect(overrides, crossfit, tmp_path, monkeypat
         only(trainer.callbacks, TemperatureAnnealing),
         only(trainer.callbacks, TwoStageTraining),
     )
+    if "--clipping.max_norms" in flags:  # replaces the config's limits (backbone and router at 1.0)
+        assert only(trainer.callbacks, GroupGradientClipping).max_norms == {"router": 0.5}
+        assert "grad_norm/router" in trainer.logged_metrics and "grad_norm/backbone" not in trainer.logged_metrics
     if flags["--two_stage.switch_step"] == "null":  # one stage: nothing fixed, nothing frozen, and the log says so
         assert module.stage == 1 and two_stage_training.switched_at is None
         assert all(param.requires_grad for param in module.parameters())

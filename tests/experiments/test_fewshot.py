@@ -178,12 +178,14 @@ def test_a_failed_cell_is_recorded_the_next_still_runs_and_the_row_is_incomplete
     fewshot_config, upstream, tmp_path, capsys
 ):
     out = tmp_path / "out"
-    # no training step, so no validation: no checkpoint is selected, and every cell fails
+    # no training step: each cell's fit is refused before it starts, and every cell fails
     with pytest.raises(SystemExit) as stopped:
         main(fewshot_command(fewshot_config, upstream, out, "--seeds", "100", "--lrs", *map(str, LRS), "--max_steps=0"))
     assert stopped.value.code == 1
     for lr in LRS:
-        assert "saved no best checkpoint" in (cell_folder(out, 100, lr) / "error.txt").read_text()
+        assert (
+            "trainer.max_steps is 0: nothing would be trained" in (cell_folder(out, 100, lr) / "error.txt").read_text()
+        )
         assert not (cell_folder(out, 100, lr) / "result.json").exists()
     (row,) = read_csv(out / "fewshot.csv")
     assert (row["lr"], row["test_score"], row["missing_cells"]) == ("", "", "lr0.001 lr0.003")

@@ -291,111 +291,27 @@ def test_expert_sparse_updates_under_ddp_keep_experts_used_on_any_rank(tmp_path,
     assert {t["task"]: t["examples"] for t in report["tasks"]} == dict.fromkeys(TASKS, SIZES["dev_size"])
 
 
-# --- 3. per-group gradient clipping ------------------------------------------------------------------
+# --- 3. strategies (per-group gradient clipping, a callback: test_clipping.py) -------------------------
 
 
-def group_grad_norms(optimizer) -> dict[str, float]:
-    grads = defaultdict(list)
-    for group in optimizer.param_groups:
-        grads[group["group"]] += [p.grad for p in group["params"] if p.grad is not None]
-    return {name: torch.linalg.vector_norm(torch.cat([g.flatten() for g in gs])).item() for name, gs in grads.items()}
-
-
-class GradNormProbe(Callback):
-    """Group grad norms before clipping (callbacks' hook runs before it) and as the optimizer used them
-    (grads stay in place after the step until the next step zeroes them)."""
-
-    def __init__(self):
-        self.before: list[dict[str, float]] = []
-        self.after: list[dict[str, float]] = []
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        self.before.append(group_grad_norms(optimizer))
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.after.append(group_grad_norms(trainer.optimizers[0]))
-
-
-@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
-def test_per_group_clipping_clips_only_its_group_and_logs_the_norm_before_clipping(two_tasks, precision):
-    module = make_module(two_tasks, clip_backbone=1e-6, clip_router=None, clip_task_table=None)
-    logger, probe = MetricsLogger(), GradNormProbe()
-    trainer = make_trainer(max_steps=3, precision=precision, logger=logger, log_every_n_steps=1, callbacks=[probe])
-    trainer.fit(module, datamodule=two_tasks)
-
-    # AdamW is fused on the CPU, but not under mixed precision (Lightning refuses `gradient_clip_val` with it there)
-    assert trainer.optimizers[0].defaults["fused"] is (True if precision == "32-true" else None)
-    assert all(math.isfinite(v) for v in logger.metrics["train/loss"])
-    assert logger.metrics["grad_norm/backbone"] == pytest.approx([b["backbone"] for b in probe.before], rel=1e-5)
-    assert "grad_norm/router" not in logger.metrics and "grad_norm/task_table" not in logger.metrics
-    for before, after in zip(probe.before, probe.after, strict=True):
-        assert before["backbone"] > 1e-3
-        assert after["backbone"] == pytest.approx(1e-6, rel=1e-4)
-        assert after["router"] == before["router"] > 0  # not clipped: untouched
-        assert after["task_table"] == before["task_table"] > 0
-
-
-class DDPGradNormRecorder(GradNormProbe):
-    """`GradNormProbe` on one rank, with each step's local loss and the final weights, written to `rank<r>.pt`."""
-
-    def __init__(self, out: str):
-        super().__init__()
-        self.out = out
-        self.losses: list[float] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        self.losses.append(outputs["loss"].item())
-
-    def on_train_end(self, trainer, pl_module):
-        final = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
-        state = {"before": self.before, "after": self.after, "losses": self.losses, "final": final}
-        torch.save(state, f"{self.out}/rank{trainer.global_rank}.pt")
-
-
-def test_per_group_clipping_under_ddp_clips_the_all_reduced_gradient(tmp_path):
-    """Two gloo processes, each with its own task's batch at every step: different local losses and gradients.
-    Both ranks clip the same all-reduced backbone gradient to its limit, so the weights never diverge."""
-    data = make_data(tmp_path / "data", skills={**SIZES, "train_size": 4}, sync_tasks=False)
-    data.prepare_data()
-    module = make_module(data, clip_backbone=1e-6, max_target_length=2)
-    recorder = DDPGradNormRecorder(str(tmp_path))
-    make_trainer(devices=2, strategy="ddp_spawn", max_steps=3, callbacks=[recorder]).fit(module, datamodule=data)
-
-    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
-    assert all(a != b for a, b in zip(ranks[0]["losses"], ranks[1]["losses"], strict=True))  # local grads differ
-    assert ranks[0]["before"] == ranks[1]["before"] and len(ranks[0]["before"]) == 3  # the all-reduced grads
-    for rank in ranks:
-        for before, after in zip(rank["before"], rank["after"], strict=True):
-            assert before["backbone"] > 1e-3
-            assert after["backbone"] == pytest.approx(1e-6, rel=1e-4)
-            assert after["router"] == before["router"] > 0  # not clipped: untouched
-            assert after["task_table"] == before["task_table"] > 0
-    assert all(torch.equal(ranks[0]["final"][n], ranks[1]["final"][n]) for n in ranks[0]["final"])
-
-
-def test_setup_rejects_per_group_clipping_where_grads_are_sharded(two_tasks):
-    module = make_module(two_tasks, clip_router=1.0)
+def test_setup_rejects_expert_sparse_updates_where_grads_are_sharded(two_tasks):
+    module = make_module(two_tasks)
     for trainer in (make_trainer(), make_trainer(strategy=DDPStrategy())):
         module.trainer = trainer
-        module.setup("fit")  # one device and DDP clip complete local grads
+        module.setup("fit")  # one device and DDP hold complete local grads
 
     # a CPU Trainer refuses FSDP, so the module is attached to a stand-in holding the strategy and run folder
     def fsdp_trainer():
         return SimpleNamespace(strategy=FSDPStrategy(), log_dir=None, default_root_dir=".")
 
+    # expert-sparse updates drop grads that FSDP keeps in its own buffers: refused, until turned off
     module.trainer = fsdp_trainer()
-    with pytest.raises(ValueError, match=r"per-group gradient clipping .* under FSDPStrategy"):
-        module.setup("fit")
-    module.setup("validate")  # no training, nothing clipped
-    unclipped = make_module(two_tasks)
-    unclipped.trainer = fsdp_trainer()
-    # expert-sparse updates drop grads that FSDP keeps in its own buffers: refused too, until turned off
     with pytest.raises(ValueError, match=r"expert_sparse_updates cannot .* under FSDPStrategy"):
-        unclipped.setup("fit")
-    unclipped = make_module(two_tasks, expert_sparse_updates=False)
-    unclipped.trainer = fsdp_trainer()
-    unclipped.setup("fit")
+        module.setup("fit")
+    module.setup("validate")  # no training, nothing dropped
+    kept = make_module(two_tasks, expert_sparse_updates=False)
+    kept.trainer = fsdp_trainer()
+    kept.setup("fit")
 
 
 @pytest.mark.parametrize(
@@ -708,7 +624,7 @@ def test_construction_errors_name_the_option(two_tasks, tmp_path):
 
     dense = BartForConditionalGeneration(BartConfig(vocab_size=64, **{**TINY_BART, "max_position_embeddings": 32}))
     dense.save_pretrained(tmp_path / "dense")
-    options = dict(pretrained=str(tmp_path / "dense"), bart=None, pad_token_id=1)
+    options = dict(pretrained=str(tmp_path / "dense"), bart=None, pad_token_id=1, max_target_length=32)
     with pytest.raises(ValueError, match=f"the tokenizer has {two_tasks.vocab_size} tokens but the model .* only 64"):
         make_module(two_tasks, **options)
     upcycled = make_module(two_tasks, tokenizer_size=64, **options)  # a tokenizer that fits

@@ -23,6 +23,11 @@ ROUTE_TABLE = re.compile(r"step(\d+)\.json")
 FEATURE_SIZES = {"train_size": 1, "dev_size": 1, "test_size": 1, "shots": 2}  # skill-suite features ignore sizes
 
 
+def checkpoint_run_folder(checkpoint: Path) -> Path:
+    """The run folder a checkpoint belongs to: `runs/x/version_0` for `runs/x/version_0/checkpoints/last.ckpt`."""
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+
+
 @dataclass
 class RunFolder:
     """A run folder and the checkpoint analysed (None when it has none and none was named); `named`: the
@@ -40,8 +45,7 @@ class RunFolder:
         if target.is_file():
             if target.suffix != ".ckpt":
                 raise ValueError(f"run: {target} is a file but not a checkpoint (.ckpt); give a run folder or a .ckpt")
-            folder = target.parent.parent if target.parent.name == "checkpoints" else target.parent
-            return cls(folder, Path(ckpt_path) if ckpt_path else target, named=True)
+            return cls(checkpoint_run_folder(target), Path(ckpt_path) if ckpt_path else target, named=True)
         if not target.is_dir():
             raise ValueError(f"run: {target} does not exist; give a run folder (runs/<name>/version_N) or a .ckpt file")
         if ckpt_path is not None:

@@ -8,14 +8,14 @@ and the learning-dynamics plots; nothing needs matplotlib.
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from ..atomic_files import atomic_path
 
 # viridis sampled at 0, 1/7, …, 1 (R's `viridis(8)`); linear interpolation between them is visually viridis
 VIRIDIS_ANCHORS = np.array(
@@ -147,17 +147,5 @@ def route_table_record(
 
 def write_route_table(path: str | Path, record: dict[str, Any]) -> None:
     """Write `record` as JSON to `path`, creating its folder; atomic, so a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # the temporary file lives in the target folder: os.replace is atomic only within one file system;
-    # a unique name opened with "x" (not mkstemp, whose 0600 mode would stick) keeps the usual permissions
-    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with temp.open("x", encoding="utf-8") as handle:
-            json.dump(record, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as temp:
+        temp.write_text(json.dumps(record), encoding="utf-8")

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..atomic_files import atomic_path
 from .task_evaluation import ROW_FIELDS, EvaluationResult
 
 
@@ -26,21 +27,20 @@ def evaluation_stem(folder: Path, stage: str, epoch: int, step: int, checkpoint:
 
 def write_evaluation(stem: Path, result: EvaluationResult, epoch: int, step: int) -> None:
     """`stem`.csv (a row per task, then "average") and `stem`.json (the same, with stage, epoch and step)."""
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    with open(stem.with_suffix(".csv"), "w", newline="") as file:
+    with atomic_path(stem.with_suffix(".csv")) as temp, open(temp, "w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=list(ROW_FIELDS))
         writer.writeheader()
         writer.writerows(result.rows)
         writer.writerow({"task": "average", "score": result.score, "loss": result.loss})
     average = {"loss": result.loss, "score": result.score}
     summary = {"stage": result.stage, "epoch": epoch, "step": step, "average": average, "tasks": result.rows}
-    stem.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
+    with atomic_path(stem.with_suffix(".json")) as temp:
+        temp.write_text(json.dumps(summary, indent=1) + "\n")
 
 
 def write_predictions(folder: Path, by_task: Mapping[str, list[dict[str, Any]]]) -> None:
     """`folder`/<task>.jsonl, one JSON row per example, in the given order."""
-    folder.mkdir(parents=True, exist_ok=True)
     for task, rows in by_task.items():
-        with open(folder / f"{task}.jsonl", "w") as file:
+        with atomic_path(folder / f"{task}.jsonl") as temp, open(temp, "w") as file:
             for row in rows:
                 file.write(json.dumps(row) + "\n")

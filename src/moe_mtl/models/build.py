@@ -76,6 +76,23 @@ def build_model(
     return MoEBartForConditionalGeneration(MoEBartConfig.from_bart_config(config, moe), task_vectors)
 
 
+def model_positions(pretrained: str | None, bart: dict[str, Any] | None) -> int:
+    """The positions (max_position_embeddings) of the model `build_model` builds, read without building it."""
+    if pretrained is not None:
+        return AutoConfig.from_pretrained(pretrained).max_position_embeddings
+    return {**SMALL_BART, **(bart or {})}["max_position_embeddings"]
+
+
+def check_lengths(positions: int, **lengths: int | None) -> None:
+    """Data lengths (`max_input_length`, `max_target_length`) within the model's `positions`."""
+    for option, length in lengths.items():
+        if length is not None and length > positions:
+            raise ValueError(
+                f"data option `{option}` is {length}, but the model has {positions} positions "
+                f"(max_position_embeddings); use at most {positions}"
+            )
+
+
 def special_token_ids(tokenizer, pad_token_id: int | None) -> dict[str, int]:
     """`BartConfig` ids of the tokenizer's special tokens (BART's convention: decoding starts at eos), so a
     new model trains and generates with the tokenizer's own pad, bos and eos (`tokenizer` None: pad only)."""

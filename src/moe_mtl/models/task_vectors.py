@@ -47,6 +47,16 @@ def save_task_vectors(path: str | Path, task_names: Sequence[str], vectors: torc
     staging.replace(path)
 
 
+def check_vectors_file(path: str | Path) -> Path:
+    """`path`, if it is a file of a readable kind (suffix); a ValueError naming it otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"representation file {path} does not exist")
+    if path.suffix not in FILE_SUFFIXES:
+        raise ValueError(f"representation file {path} has suffix {path.suffix!r}; allowed: {', '.join(FILE_SUFFIXES)}")
+    return path
+
+
 def load_task_vectors(path: str | Path, tasks: Sequence[str] | int, dim: int | None = None) -> torch.Tensor:
     """The vectors (T, d) float32 of `tasks` (names, or a count of task ids), rows in task order, from a file.
 
@@ -55,12 +65,8 @@ def load_task_vectors(path: str | Path, tasks: Sequence[str] | int, dim: int | N
     With a count (a model built without task names), only a plain matrix can be read. With `dim`, the
     width must be `dim`.
     """
-    path = Path(path)
+    path = check_vectors_file(path)
     names = [f"task {i}" for i in range(tasks)] if isinstance(tasks, int) else list(tasks)
-    if not path.is_file():
-        raise ValueError(f"representation file {path} does not exist")
-    if path.suffix not in FILE_SUFFIXES:
-        raise ValueError(f"representation file {path} has suffix {path.suffix!r}; allowed: {', '.join(FILE_SUFFIXES)}")
     named, matrix = _read_vectors(path)
     if named is not None and isinstance(tasks, int):
         raise ValueError(
@@ -136,9 +142,13 @@ def _is_vector(row: Any) -> bool:
     return isinstance(row, list) and all(isinstance(x, int | float) and not isinstance(x, bool) for x in row)
 
 
-def read_task_embeddings(path: str | Path, tasks: Sequence[str] | int) -> torch.Tensor:
-    """`load_task_vectors` of the MoE option `task_embeddings`, whose errors name the option."""
+def read_task_embeddings(path: str | Path, tasks: Sequence[str] | int | None) -> torch.Tensor | None:
+    """`load_task_vectors` of the MoE option `task_embeddings`, whose errors name the option; `tasks` None checks
+    only the file (before the data, which name the tasks, are read) and returns None."""
     try:
+        if tasks is None:
+            check_vectors_file(path)
+            return None
         return load_task_vectors(path, tasks)
     except ValueError as err:
         raise ValueError(f"MoE option `task_embeddings`: {err}") from None

@@ -372,14 +372,13 @@ class RoutingMonitor(Callback):
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.save_route_tables or trainer.sanity_checking or not trainer.is_global_zero:
             return
-        if self._logged_routes is not None and self._logged_routes[0] == trainer.global_step:
+        step = pl_module.model_step  # in `validate` of a checkpoint, its step (the trainer counts 0)
+        if self._logged_routes is not None and self._logged_routes[0] == step:
             routes = self._logged_routes[1]
         else:
             routes = pl_module.route_table().float().cpu()
-        record = route_table_record(
-            routes, pl_module.task_names, pl_module.model.routed_layer_names, trainer.global_step
-        )
-        write_route_table(pl_module.run_dir / "routes" / f"step{trainer.global_step}.json", record)
+        record = route_table_record(routes, pl_module.task_names, pl_module.model.routed_layer_names, step)
+        write_route_table(pl_module.run_dir / "routes" / f"step{step}.json", record)
 
     def state_dict(self) -> dict[str, Any]:
         return {"last_logged_step": self.last_logged_step}

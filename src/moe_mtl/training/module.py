@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
@@ -19,18 +21,12 @@ from ..data import METRICS, MODEL_INPUTS, PARTITIONS, load_tokenizer
 from ..evaluation.results import evaluation_stem, write_evaluation, write_predictions
 from ..evaluation.task_evaluation import EvaluationResult, TaskEvaluation, gather_predictions
 from ..models import MoEOptions
-from ..models.build import build_model, special_token_ids
+from ..models.build import build_model, check_lengths, special_token_ids
 from ..models.routing import SPARSE_SELECTIONS, hard_top_k
 from ..transfer.init_from import TASK_TABLE_KEY, build_from_upstream
 from ..transfer.unseen_routes import UnseenTasks
 from .losses import label_smoothed_nll, reinforce_surrogate, route_balance, sequence_nll
-from .optim import (
-    build_param_groups,
-    clip_grad_norms,
-    drop_unrouted_expert_grads,
-    expert_usage,
-    group_grad_norms,
-)
+from .optim import build_param_groups, drop_unrouted_expert_grads, expert_usage, group_grad_norms
 from .schedules import WarmupLinearDecay, warmup_steps_for
 
 log = logging.getLogger(__name__)
@@ -44,6 +40,44 @@ def step_seed(seed: int, step: int, micro_batch: int, rank: int) -> int:
     in the accumulation window and the rank, so the draws are fresh everywhere and a resume repeats them."""
     state = np.random.SeedSequence([seed % 2**64, step, micro_batch, rank]).generate_state(2, np.uint64)
     return int(state[0]) % 2**63
+
+
+NUMERIC_OPTIONS = {
+    # 0 holds a group where it is (e.g. routes pinned while the experts train)
+    "lr": (lambda v: v >= 0, "a learning rate >= 0"),
+    "router_lr": (lambda v: v >= 0, "a learning rate >= 0"),
+    "task_lr": (lambda v: v >= 0, "a learning rate >= 0"),
+    "label_smoothing": (lambda v: 0 <= v < 1, "a value in [0, 1) (0: none; the paper's 0.1)"),
+    "weight_decay": (lambda v: v >= 0, "a value >= 0"),
+    "aux_loss_weight": (lambda v: v >= 0, "a weight >= 0"),
+    "route_balance_weight": (lambda v: v >= 0, "a weight >= 0"),
+    "warmup": (lambda v: v >= 0, "a fraction of the steps in [0, 1) or a step count >= 1"),
+}
+
+
+def check_module_options(options: Mapping[str, Any]) -> None:
+    """The module's options that need no data or model, against what they allow: the CLI checks them before the data
+    are prepared, the module when it is built (torch would say only "Invalid learning rate", at the first step)."""
+    for name, (valid, allowed) in NUMERIC_OPTIONS.items():
+        value = options.get(name)
+        if value is not None and (not math.isfinite(value) or not valid(value)):
+            raise ValueError(f"model option `{name}` is {value}; give {allowed}")
+    betas = options.get("betas")
+    if betas is not None and (len(betas) != 2 or not all(0 <= beta < 1 for beta in betas)):
+        raise ValueError(f"model option `betas` is {list(betas)}; give two values in [0, 1), e.g. [0.9, 0.999]")
+    if options.get("num_beams") is not None and options["num_beams"] < 1:
+        raise ValueError(f"model option `num_beams` is {options['num_beams']}; it must be >= 1 (1: greedy decoding)")
+    if options.get("nan_policy", "stop") not in ("stop", "skip"):
+        raise ValueError(f"model option `nan_policy` is {options['nan_policy']!r}; allowed: 'stop', 'skip'")
+    finetune = options.get("finetune", "all")
+    if finetune not in FINETUNE:
+        raise ValueError(f"model option `finetune` is {finetune!r}; allowed: {', '.join(map(repr, FINETUNE))}")
+    moe = options.get("moe") or {}
+    frozen_table = moe.freeze_task_table if isinstance(moe, MoEOptions) else moe.get("freeze_task_table", False)
+    if finetune == "task_table" and frozen_table:
+        raise ValueError(
+            "model option `finetune` is 'task_table', but moe.freeze_task_table is true: nothing would train"
+        )
 
 
 def require_unused_parameter_detection(trainer, why: str) -> None:
@@ -62,10 +96,10 @@ class MoEMultiTaskModule(LightningModule):
     """Multi-task training of a sparse MoE-BART with task-aware routing (Ye et al. 2022; Gupta et al. 2022).
 
     Training: label-smoothed NLL plus the weighted auxiliary (load-balancing) loss of token routing;
-    AdamW with separate learning rates for backbone, router and task table, warmup then linear decay;
-    per-group gradient clipping; expert-sparse updates; a NaN policy. Validation and test: loss,
-    generation and each task's CrossFit metric, their average, per task in the logger and in a CSV and
-    JSON file per evaluation. Predict: generated outputs per task as JSONL.
+    AdamW with separate learning rates for backbone, router and task table, warmup then linear decay (each group
+    clipped to its own norm by the `GroupGradientClipping` callback); expert-sparse updates; a NaN policy.
+    Validation and test: loss, generation and each task's CrossFit metric, their average, per task in the logger
+    and in a CSV and JSON file per evaluation. Predict: generated outputs per task as JSONL.
 
     What the model needs from the data (tasks, vocabulary, pad id, tokenizer) is linked from
     `MultiTaskDataModule` by the CLI; set it by hand only when using the module alone.
@@ -83,6 +117,8 @@ class MoEMultiTaskModule(LightningModule):
         pad_token_id: Padding id of the tokenizer (linked).
         tokenizer_path: Tokenizer name or folder (linked), loaded to decode generated outputs.
         max_target_length: Most tokens to generate (linked from the data's maximum target length).
+        max_input_length: Longest input in tokens (linked from the data); with `max_target_length`, checked against
+            the model's positions when the module is built, before any data is prepared.
         label_smoothing: ε of the label-smoothed training loss.
         aux_loss_weight: Weight of the token-routing load-balancing loss in the training loss.
         lr: Learning rate of the backbone (experts and every other BART weight).
@@ -98,9 +134,6 @@ class MoEMultiTaskModule(LightningModule):
         weight_decay: AdamW weight decay of matrices (none on biases and LayerNorm weights).
         betas: AdamW betas.
         warmup: Warmup before the linear decay: a fraction of the training steps if below 1, else a step count.
-        clip_backbone: Max gradient L2 norm of the backbone group (None: not clipped).
-        clip_router: Max gradient L2 norm of the router group (None: not clipped).
-        clip_task_table: Max gradient L2 norm of the task-table group (None: not clipped).
         expert_sparse_updates: An expert that got zero routing weight from every example of the global
             batch (all ranks, all accumulated micro-batches) is left exactly as it is by the optimizer step.
         nan_policy: On a non-finite training loss, "stop" with an error naming the step and task, or "skip"
@@ -136,6 +169,7 @@ class MoEMultiTaskModule(LightningModule):
         pad_token_id: int | None = None,
         tokenizer_path: str | None = None,
         max_target_length: int = 64,
+        max_input_length: int | None = None,
         label_smoothing: float = 0.1,
         aux_loss_weight: float = 0.01,
         lr: float = 1e-5,
@@ -146,9 +180,6 @@ class MoEMultiTaskModule(LightningModule):
         weight_decay: float = 0.01,
         betas: tuple[float, float] = (0.9, 0.999),
         warmup: float = 0.06,
-        clip_backbone: float | None = None,
-        clip_router: float | None = None,
-        clip_task_table: float | None = None,
         expert_sparse_updates: bool = True,
         nan_policy: Literal["stop", "skip"] = "stop",
         num_beams: int = 4,
@@ -159,13 +190,14 @@ class MoEMultiTaskModule(LightningModule):
         finetune: Literal["all", "task_table"] = "all",
     ):
         super().__init__()
-        if nan_policy not in ("stop", "skip"):
-            raise ValueError(f"`nan_policy` is {nan_policy!r}; allowed: 'stop', 'skip'")
+        check_module_options(locals())
         options = moe if isinstance(moe, MoEOptions) else MoEOptions.from_dict(moe)
         # hyper-parameters of plain types only: torch.load(weights_only=True), the default since torch 2.6,
         # refuses a pickled MoEOptions, so neither resuming nor `load_from_checkpoint` could read the checkpoint
         moe = asdict(options)
-        self.save_hyperparameters()
+        # max_input_length is only checked here (the data module keeps it): as a hyper-parameter it would clash
+        # with the data module's when the logger merges both and they differ (a module built without it)
+        self.save_hyperparameters(ignore=["max_input_length"])
         self._tokenizer = None  # loaded on first use (`tokenizer`), here already for a new model's special ids
         self._unseen: UnseenTasks | None = None  # init_from: unseen tasks whose routes wait for the data (`setup`)
         self._relearned_routes: str | None = None  # init_from: a fit would learn the upstream's fixed routes again
@@ -189,13 +221,7 @@ class MoEMultiTaskModule(LightningModule):
                 special = special_token_ids(self.tokenizer if tokenizer_path else None, pad_token_id)
             self.model = build_model(pretrained, bart, options, tokenizer_size, special, task_names)
         self.hparams["moe"] = asdict(self.model.moe_options)  # the options in effect (a saved MoE-BART's own)
-        if finetune not in FINETUNE:
-            raise ValueError(f"model option `finetune` is {finetune!r}; allowed: {', '.join(map(repr, FINETUNE))}")
         if finetune == "task_table":
-            if self.model.moe_options.freeze_task_table:
-                raise ValueError(
-                    "model option `finetune` is 'task_table', but moe.freeze_task_table is true: nothing would train"
-                )
             for name, param in self.model.named_parameters():
                 param.requires_grad_(name == TASK_TABLE_KEY)
         num_tasks = self.model.task_table.num_tasks
@@ -212,25 +238,24 @@ class MoEMultiTaskModule(LightningModule):
             unknown = sorted(set(values) - set(allowed)) if allowed else []
             if unknown:  # found now rather than at the end of the first validation
                 raise ValueError(f"`{option}` has {unknown}; allowed: {', '.join(map(repr, allowed))}")
-        self.max_norms = {"backbone": clip_backbone, "router": clip_router, "task_table": clip_task_table}
-        for group, max_norm in self.max_norms.items():
-            if max_norm is not None and not max_norm > 0:  # 0 would zero the grads, a negative one flip them
-                raise ValueError(f"`clip_{group}` is {max_norm}; give a max gradient norm > 0, or null for none")
-        if num_beams < 1:
-            raise ValueError(f"`num_beams` is {num_beams}; it must be >= 1 (1: greedy decoding)")
+        positions = self.model.config.max_position_embeddings
+        check_lengths(positions, max_input_length=max_input_length, max_target_length=max_target_length)
         self.lr_schedule: WarmupLinearDecay | None = None
         self.stage = 1  # two-stage training: 2 once routes are fixed (see `enter_stage_two`)
         self.stage_info: dict[str, Any] = {}
         self.skipped_batches = 0
         self._used: torch.Tensor | None = None  # (L, E) experts used since the last optimizer step
         self._skip_step = False  # nan_policy "skip": a batch since the last optimizer step had a non-finite loss
-        self._grad_norms: dict[str, torch.Tensor] | None = None  # this step's, from the finite check to clipping
         self._seed_base = 0  # set at fit start
         self._resumed_seed: int | None = None
         self._token_routes: dict[str, torch.Tensor] = {}  # token routing: per-task gate sums for `route_table`
         self._evaluation: TaskEvaluation | None = None  # of the running validation or test epoch
         self._predictions: list[dict[str, Any]] = []  # rows of the running predict epoch
         self._run_dir: Path | None = None  # set in `setup`
+        # this step's gradient norms per group before clipping, left by `GroupGradientClipping` (its callback hook
+        # runs just before ours) for the finite check; empty without it
+        self.pre_clip_grad_norms: dict[str, torch.Tensor] = {}
+        self._checkpoint_step: int | None = None  # the global step of the checkpoint loaded, if any
 
     # --- routing state, read and changed by the callbacks -----------------------------------------
 
@@ -363,7 +388,9 @@ class MoEMultiTaskModule(LightningModule):
             self.log("train/stage", float(self.stage), batch_size=size)
         for group in self.trainer.optimizers[0].param_groups if self._trainer else []:
             if not group["name"].endswith("no_decay"):
-                self.log(f"lr/{group['name']}", group["lr"], batch_size=size)
+                # what the step applies: a frozen group (router, task table in stage two) moves nothing
+                applied = group["lr"] if any(p.requires_grad for p in group["params"]) else 0.0
+                self.log(f"lr/{group['name']}", applied, batch_size=size)
         if not self._loss_is_finite(loss, batch):
             # not None: Lightning refuses a skipped training_step under DDP. A zero loss through every trainable
             # parameter keeps each rank's backward and all-reduce; `on_before_optimizer_step` then drops all
@@ -404,18 +431,18 @@ class MoEMultiTaskModule(LightningModule):
         self.log("train/skipped_batches", float(self.skipped_batches), batch_size=len(batch["task_ids"]))
         return False
 
-    def _grads_are_finite(self, norms: dict[str, torch.Tensor]) -> bool:
+    def _grads_are_finite(self, optimizer) -> bool:
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:  # 16-mixed: GradScaler skips such steps
             return True
+        # the clipped groups' norms come from the clipping callback: one read of the grads instead of two (the
+        # check was ~7% of a quick-start step on the CPU as a pair of kernels per tensor)
+        norms = group_grad_norms(optimizer, known=self.pre_clip_grad_norms)
         return not norms or bool(torch.stack(list(norms.values())).isfinite().all())  # one device sync
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        # grads are complete here (accumulated, all-reduced), so every rank takes the same decision. The group
-        # norms tell whether a grad is non-finite and are kept for clipping (`configure_gradient_clipping`, next):
-        # one read of the grads instead of two (the check was ~7% of a quick-start step on the CPU). Dropping
+        # grads are complete here (accumulated, all-reduced), so every rank takes the same decision. Dropping
         # unrouted experts' grads below leaves them as they are: those grads are zero or absent.
-        self._grad_norms = group_grad_norms(optimizer)
-        if not self._skip_step and not self._grads_are_finite(self._grad_norms):
+        if not self._skip_step and not self._grads_are_finite(optimizer):
             message = f"non-finite gradients at step {self.global_step} (epoch {self.current_epoch}), finite loss"
             if self.hparams.nan_policy == "stop":
                 raise FloatingPointError(f"{message}; set `nan_policy: skip` to skip such steps")
@@ -436,43 +463,17 @@ class MoEMultiTaskModule(LightningModule):
         if self.hparams.expert_sparse_updates:
             drop_unrouted_expert_grads(self.model, used > 0)
 
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        """Per-group clipping (grads are unscaled and all-reduced here); then the Trainer's global clipping
-        if `gradient_clip_val` is set."""
-        norms = clip_grad_norms(optimizer, self.max_norms, self._grad_norms)
-        self._grad_norms = None
-        for group, norm in norms.items():
-            self.log(f"grad_norm/{group}", norm, batch_size=1)
-        if gradient_clip_val:
-            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
-
     def setup(self, stage: str) -> None:
         strategy = self.trainer.strategy
-        clipping = any(v is not None for v in self.max_norms.values())
         local_grads = isinstance(strategy, SingleDeviceStrategy | DDPStrategy) and not isinstance(
             strategy, DeepSpeedStrategy
         )
-        if stage == "fit" and clipping and not local_grads:
-            raise ValueError(
-                f"per-group gradient clipping (clip_backbone, clip_router, clip_task_table) cannot be applied "
-                f"correctly under {type(strategy).__name__}: its gradients are sharded or clipped by the engine. "
-                "Set all three to null and use the strategy's own clipping, or train with strategy 'ddp' or one device"
-            )
         if stage == "fit" and self.hparams.expert_sparse_updates and not local_grads:
             raise ValueError(
                 f"expert_sparse_updates cannot keep unrouted experts unchanged under {type(strategy).__name__}: "
                 "it holds the gradients in its own buffers. Set `expert_sparse_updates: false`, or train with "
                 "strategy 'ddp' or one device"
             )
-        data_options = getattr(getattr(self.trainer, "datamodule", None), "hparams", {})
-        positions = self.model.config.max_position_embeddings
-        for option in ("max_input_length", "max_target_length"):
-            length = data_options.get(option)
-            if length is not None and length > positions:
-                raise ValueError(
-                    f"data option `{option}` is {length}, but the model has {positions} positions "
-                    f"(max_position_embeddings); use at most {positions}"
-                )
         # on every rank, here: `Trainer.log_dir` broadcasts, so reading it first in rank-0-only code hangs DDP
         self._run_dir = Path(self.hparams.results_dir or self.trainer.log_dir or self.trainer.default_root_dir)
         if stage == "fit" and self._relearned_routes:  # said at fit only: evaluation does not change routes
@@ -491,6 +492,9 @@ class MoEMultiTaskModule(LightningModule):
             rank_zero_info(f"resumed: random draws continue the checkpoint's seed {seed}, not {torch.initial_seed()}")
         self._seed_base = int(seed)
         self._resumed_seed = None
+
+    def on_train_end(self) -> None:
+        self._checkpoint_step = None  # the weights are now the fit's own, at the trainer's step
 
     def on_fit_start(self) -> None:
         # here, not in `setup`: the routes of a run resumed in stage two are restored only after `setup`
@@ -511,7 +515,7 @@ class MoEMultiTaskModule(LightningModule):
         groups = build_param_groups(self.model, lrs, hp.weight_decay)
         # fused on the CPU: one vectorised kernel for every tensor, ~4x faster than torch's CPU default (a Python
         # loop per tensor); about a tenth of a quick-start step. Not under mixed precision: a fused optimizer
-        # unscales 16-mixed grads itself, after our per-group clipping would have read them scaled, and Lightning's
+        # unscales 16-mixed grads itself, after `GroupGradientClipping` would have read them scaled, and Lightning's
         # mixed-precision plugin (bf16 too) refuses `gradient_clip_val` with it. Elsewhere torch's default (foreach)
         on_cpu = all(param.device.type == "cpu" for group in groups for param in group["params"])
         mixed = isinstance(self.trainer.precision_plugin, MixedPrecision)
@@ -563,6 +567,16 @@ class MoEMultiTaskModule(LightningModule):
             self.stage_info = state["stage_info"]
         self.skipped_batches = state.get("skipped", 0)
         self._resumed_seed = state.get("seed")  # the resumed run keeps drawing the original run's numbers
+        self._checkpoint_step = int(checkpoint.get("global_step", 0))
+
+    @property
+    def model_step(self) -> int:
+        """The training step of the weights in use: the trainer's while fitting, else the loaded checkpoint's (the
+        trainer counts 0 in `validate`, `test` and `predict`, which do not restore the training state)."""
+        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
+        if fitting or self._checkpoint_step is None:
+            return self.trainer.global_step if self._trainer is not None else 0
+        return self._checkpoint_step
 
     # --- evaluation -------------------------------------------------------------------------------
 
@@ -602,13 +616,15 @@ class MoEMultiTaskModule(LightningModule):
             self.task_partitions,
         )
         self._evaluation = None
-        # every rank holds the same gathered values, so no sync_dist is needed. (No "step" metric to move the point
-        # in TensorBoard: ModelCheckpoint would take it for the step in its file names.)
-        self.log_dict(result.metrics, batch_size=1)
+        # every rank holds the same gathered values: synced by max, which leaves them exact and tells Lightning they
+        # are (it warns once per key otherwise, ~70 warnings under DDP). (No "step" metric to move the point in
+        # TensorBoard: ModelCheckpoint would take it for the step in its file names.)
+        self.log_dict(result.metrics, batch_size=1, sync_dist=True, reduce_fx="max")
         if not self.trainer.sanity_checking and self.trainer.is_global_zero:
             ckpt_path = self.trainer.ckpt_path if self.trainer.state.fn != "fit" else None
-            stem = evaluation_stem(self.run_dir / "evaluation", stage, self.current_epoch, self.global_step, ckpt_path)
-            write_evaluation(stem, result, self.current_epoch, self.global_step)
+            step = self.model_step
+            stem = evaluation_stem(self.run_dir / "evaluation", stage, self.current_epoch, step, ckpt_path)
+            write_evaluation(stem, result, self.current_epoch, step)
         return result
 
     @property

@@ -1,4 +1,4 @@
-"""Parameter groups (backbone / router / task table), per-group gradient clipping, and expert-sparse updates."""
+"""Parameter groups (backbone / router / task table), their gradient norms, and expert-sparse updates."""
 
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ def build_param_groups(model: nn.Module, lrs: Mapping[str, float], weight_decay:
 
     Frozen parameters are kept (their grads stay None, so the optimizer skips them): the group layout
     is the same before and after a stage switch freezes the router, and a resumed run loads it.
-    Each group carries "group" (its `PARAMETER_GROUPS` name) and "name" (e.g. "router.no_decay").
+    Each group carries "group" (its `PARAMETER_GROUPS` name) and "name" (e.g. "router.no_decay"), so that the
+    `GroupGradientClipping` key "router" clips "router" and "router.no_decay": the parameters of group "router".
     """
     missing = set(PARAMETER_GROUPS) - set(lrs)
     if missing:
@@ -66,40 +67,22 @@ def group_parameters(optimizer: torch.optim.Optimizer) -> dict[str, list[torch.T
     return params
 
 
-def group_grad_norms(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+def group_grad_norms(
+    optimizer: torch.optim.Optimizer, known: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """Each parameter group's gradient L2 norm over the grads present, as `clip_grad_norm_` computes it (groups
-    without a grad are left out). A norm is non-finite when a grad holds inf or nan (or overflows the norm)."""
-    norms = {}
+    without a grad are left out). A norm is non-finite when a grad holds inf or nan (or overflows the norm).
+
+    `known`: norms of some groups already computed from these grads, by `PARAMETER_GROUPS` name (those that
+    `GroupGradientClipping` leaves in `pre_clip_grad_norms`), taken as they are instead of read again; other keys
+    (e.g. a clipping key "backbone.no_decay", part of a group) are ignored.
+    """
+    norms = {group: norm for group, norm in (known or {}).items() if group in PARAMETER_GROUPS}
     for group, params in group_parameters(optimizer).items():
         grads = [p.grad for p in params if p.grad is not None]
-        if grads:
+        if group not in norms and grads:
             norms[group] = torch.nn.utils.get_total_norm(grads)
     return norms
-
-
-def clip_grad_norms(
-    optimizer: torch.optim.Optimizer,
-    max_norms: Mapping[str, float | None],
-    norms: Mapping[str, torch.Tensor] | None = None,
-) -> dict[str, torch.Tensor]:
-    """Clip each parameter group's gradients to its own max L2 norm (None: not clipped).
-
-    `norms`: the groups' norms of these very grads (`group_grad_norms`), so they are not read twice; None computes
-    them. Returns each clipped group's norm before clipping. Grads must be unscaled and complete (all-reduced
-    across ranks), as they are when Lightning calls `configure_gradient_clipping`.
-    """
-    unknown = set(max_norms) - set(PARAMETER_GROUPS)
-    if unknown:
-        raise ValueError(f"gradient clipping for unknown groups {sorted(unknown)}; groups: {list(PARAMETER_GROUPS)}")
-    norms = group_grad_norms(optimizer) if norms is None else norms
-    clipped = {}
-    for group, params in group_parameters(optimizer).items():
-        max_norm = max_norms.get(group)
-        with_grad = [p for p in params if p.grad is not None]
-        if max_norm is not None and with_grad:
-            torch.nn.utils.clip_grads_with_norm_(with_grad, max_norm, norms[group])
-            clipped[group] = norms[group]
-    return clipped
 
 
 def routed_experts(model: MoEBartForConditionalGeneration) -> Iterable[tuple[str, int]]:

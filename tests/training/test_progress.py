@@ -1,0 +1,42 @@
+"""StepProgressBar: the epoch count of a run that `max_steps` ends, and the CLI putting it in place."""
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+
+from moe_mtl.cli import run_lightning
+from moe_mtl.training.progress import StepProgressBar
+
+from ..test_cli import write_config
+
+
+class Line(LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch).pow(2).mean()
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.randn(8, 2), batch_size=2)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def descriptions(**limits) -> str:
+    bar = StepProgressBar()
+    Trainer(accelerator="cpu", logger=False, callbacks=[bar], enable_checkpointing=False, **limits).fit(Line())
+    return bar._get_train_description(0).strip()
+
+
+def test_a_run_that_max_steps_ends_shows_its_epoch_without_a_negative_count():
+    assert descriptions(max_steps=2) == "Epoch 0"  # Lightning's own bar: "Epoch 0/-2"
+    assert descriptions(max_epochs=3) == "Epoch 0/2"  # an epoch limit keeps its count
+
+
+def test_the_cli_uses_it_when_the_progress_bar_is_on(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = write_config(tmp_path / "tiny.yaml", max_steps=1, limit_val_batches=0)
+    cli = run_lightning(["fit", "--config", config, "--trainer.enable_progress_bar=true"])
+    assert isinstance(cli.trainer.progress_bar_callback, StepProgressBar)
