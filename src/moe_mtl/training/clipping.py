@@ -125,7 +125,8 @@ class GroupGradientClipping(Callback):
     `key` or `key.<anything>` as one: "backbone" holds "backbone" and "backbone.no_decay" (the decayed and not decayed
     halves of one group). Its norm is the L2 norm of all their grads together, as `torch.nn.utils.clip_grad_norm_`
     computes it, and its grads are scaled by min(1, max_norm / (norm + 1e-6)). Groups no key names are not clipped.
-    A key that no parameter group belongs to is an error at fit start, naming the groups the optimizer has.
+    A key that no parameter group belongs to is warned about at fit start, naming the groups the optimizer has
+    (a config's "router" limit over a model without a router group); groups without any name are an error.
 
     When: in `on_before_optimizer_step`, where Lightning hands over complete, unscaled gradients: after the last
     accumulated backward, whose DDP all-reduce or FSDP reduce-scatter is done, and after a 16-mixed GradScaler has
