@@ -135,9 +135,10 @@ class MoEMTLCLI(LightningCLI):
         `--model.results_dir`) with the checkpoint's values, silently."""
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        self.ckpt_contents = None  # read once here: `_check_transfer` looks at it again
         if not ckpt_path or (subcommand == "fit" and ckpt_path in RESUME_NAMES):
             return
-        checkpoint = read_checkpoint(ckpt_path)  # hparams only
+        checkpoint = self.ckpt_contents = read_checkpoint(ckpt_path)  # tensors memory-mapped, not loaded
         hparams = checkpoint.get("hyper_parameters", {})
         kept = {key: hparams[key] for key in CHECKPOINT_OPTIONS if key in hparams}
         if "moe" in kept:
@@ -160,8 +161,7 @@ class MoEMTLCLI(LightningCLI):
                 f"checkpoint.monitor is {monitor!r} with checkpoint.mode {mode!r}; "
                 f"use checkpoint.mode {SELECTION_MODES[monitor]!r} (higher score, lower loss is better)"
             )
-        listed = config.trainer.callbacks or []
-        for item in listed if isinstance(listed, list) else [listed]:
+        for item in listed_callbacks(config):
             class_path = getattr(item, "class_path", None)
             group = callback_group(class_path)
             if group is not None:
@@ -190,14 +190,6 @@ class MoEMTLCLI(LightningCLI):
         self._check_output_folders(config)
         self._check_model_options(config)
         self._add_progress_bar(config)
-        if not config.model.get("init_from"):  # (an upstream run brings its own architecture: checked when built)
-            try:
-                positions = model_positions(config.model.get("pretrained"), config.model.get("bart"))
-            except OSError:  # a hub name offline, a folder without config.json: building the model says which
-                positions = None
-            if positions is not None:  # before the data (tokenizer) are prepared
-                lengths = {option: config.data.get(option) for option in ("max_input_length", "max_target_length")}
-                check_lengths(positions, **lengths)
         self._schedule_step_checkpoints(config)
         if self.subcommand in EVALUATION_COMMANDS:
             self._evaluate_beside_checkpoint(config)
@@ -205,8 +197,8 @@ class MoEMTLCLI(LightningCLI):
 
     @staticmethod
     def _check_model_options(config) -> None:
-        """What the module, its MoE options and the callback groups check when built, now: LightningCLI builds them
-        after the data module has prepared the data (the model's vocabulary is the data's)."""
+        """What the module, its MoE options, the callback groups and the model's positions check when built, now:
+        LightningCLI builds them after the data module has prepared the data (the model's vocabulary is the data's)."""
         model = config.model.as_dict()
         check_module_options(model)
         moe = {key: value for key, value in (model.get("moe") or {}).items() if key != "num_tasks"}  # linked
@@ -215,13 +207,20 @@ class MoEMTLCLI(LightningCLI):
             read_task_embeddings(options.task_embeddings, None)
         for group, callback in CALLBACK_GROUPS.items():  # built again later (cheap, no side effects): their checks
             callback(**config[group].as_dict())
+        if not config.model.get("init_from"):  # (an upstream run brings its own architecture: checked when built)
+            try:
+                positions = model_positions(config.model.get("pretrained"), config.model.get("bart"))
+            except OSError:  # a hub name offline, a folder without config.json: building the model says which
+                positions = None
+            if positions is not None:
+                lengths = {option: config.data.get(option) for option in ("max_input_length", "max_target_length")}
+                check_lengths(positions, **lengths)
 
     @staticmethod
     def _add_progress_bar(config) -> None:
         """`StepProgressBar` in place of Lightning's default rich bar (which reads "Epoch 0/-2" under `max_steps`),
         when the bar is on, rich is installed and no progress bar is configured."""
-        callbacks = config.trainer.callbacks or []
-        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        callbacks = listed_callbacks(config)
         named = [getattr(item, "class_path", "") for item in callbacks]
         if config.trainer.enable_progress_bar is False or any("ProgressBar" in name for name in named):
             return
@@ -234,8 +233,8 @@ class MoEMTLCLI(LightningCLI):
     def _check_output_folders(config) -> None:
         """The folders the command writes (results, logs, prepared data) can be written, checked before any work."""
         folders = {"trainer.default_root_dir": config.trainer.get("default_root_dir") or "."}
-        logger = config.trainer.logger
-        if getattr(logger, "class_path", "").rpartition(".")[2] in FOLDER_LOGGERS:
+        logger = folder_logger(config)
+        if logger is not None:
             folders["trainer.logger.init_args.save_dir"] = logger.init_args.save_dir
         for option in ("model.results_dir", "data.output_dir"):
             value = config.get(option)
@@ -272,12 +271,12 @@ class MoEMTLCLI(LightningCLI):
                 )
             return
         folder = checkpoint_run_folder(Path(ckpt_path)) / Path(ckpt_path).stem
-        logger = config.trainer.logger
-        if getattr(logger, "class_path", "").rpartition(".")[2] in FOLDER_LOGGERS:
+        logger = folder_logger(config)
+        if logger is not None:
             # the logger's folder is where `run_dir` (evaluation files, predictions) and config.yaml go
             logger.init_args.save_dir, logger.init_args.name = str(folder.parent), ""
             logger.init_args.version = folder.name
-        elif logger in (None, True):
+        elif config.trainer.logger in (None, True):
             config.trainer.logger = Namespace(
                 class_path="lightning.pytorch.loggers.TensorBoardLogger",
                 init_args=Namespace(save_dir=str(folder.parent), name="", version=folder.name),
@@ -289,9 +288,8 @@ class MoEMTLCLI(LightningCLI):
         """`--model.init_from`: the data use the upstream run's tokenizer. `fit --ckpt_path` that is no resume (other
         tasks, or nothing left to train): a usage error pointing to `--model.init_from`."""
         ckpt_path = config.get("ckpt_path")
-        if self.subcommand == "fit" and ckpt_path and Path(ckpt_path).is_file():
-            checkpoint = read_checkpoint(ckpt_path)
-            why = resume_mismatch(checkpoint, config.data.as_dict(), config.trainer.max_steps)
+        if self.subcommand == "fit" and self.ckpt_contents is not None:
+            why = resume_mismatch(self.ckpt_contents, config.data.as_dict(), config.trainer.max_steps)
             if why is not None:
                 raise ValueError(
                     f"fit --ckpt_path {ckpt_path} resumes that run, but {why}. To train a new run from its weights "
@@ -300,6 +298,18 @@ class MoEMTLCLI(LightningCLI):
         if config.model.get("init_from"):
             upstream = read_upstream(config.model.init_from)
             config.data.tokenizer = run_tokenizer_path(upstream, config.data.tokenizer)
+
+
+def listed_callbacks(config) -> list:
+    """`trainer.callbacks` as a list (a config may give one callback, or none)."""
+    listed = config.trainer.callbacks or []
+    return listed if isinstance(listed, list) else [listed]
+
+
+def folder_logger(config):
+    """`trainer.logger` if it is one of `FOLDER_LOGGERS` (its run folder is save_dir/name/version), else None."""
+    logger = config.trainer.logger
+    return logger if getattr(logger, "class_path", "").rpartition(".")[2] in FOLDER_LOGGERS else None
 
 
 def check_writable(folder: Path, option: str) -> None:

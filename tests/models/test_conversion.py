@@ -9,7 +9,6 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import BartForConditionalGeneration
 
 from moe_mtl.models.conversion import (
-    dense_bart_config,
     dense_model,
     dense_state_dict,
     export_task,
@@ -84,7 +83,7 @@ def test_the_dense_state_dict_keeps_the_chosen_experts_under_dense_names():
 
 def test_the_dense_config_is_bart_without_moe_options():
     model = moe(expert_unit="ffn")
-    config = dense_bart_config(model.config)
+    config = model.config.to_bart_config()
     assert config.model_type == "bart" and "moe" not in config.to_dict()
     for key in ("vocab_size", "d_model", "encoder_layers", "decoder_ffn_dim", "init_std", "forced_eos_token_id"):
         assert getattr(config, key) == getattr(model.config, key), key
@@ -144,7 +143,7 @@ def flops(model, **inputs) -> int:
 def test_the_export_costs_what_a_dense_bart_of_its_config_costs(unit):
     model = moe(expert_unit=unit)
     exported = export_task(model, 1)
-    reference = BartForConditionalGeneration(dense_bart_config(model.config)).eval()
+    reference = BartForConditionalGeneration(model.config.to_bart_config()).eval()
     ids = torch.randint(3, 64, (4, 16))
     assert flops(exported, input_ids=ids, decoder_input_ids=ids) == flops(
         reference, input_ids=ids, decoder_input_ids=ids

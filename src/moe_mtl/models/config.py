@@ -219,7 +219,17 @@ class MoEBartConfig(BartConfig):
     @classmethod
     def from_bart_config(cls, config: BartConfig, options: MoEOptions) -> MoEBartConfig:
         """The MoE config of a dense BART config: same shape, tokens and generation defaults."""
-        values = config.to_dict()
-        for key in ("model_type", "architectures", "transformers_version", "moe"):
-            values.pop(key, None)
-        return cls(**values, moe=options)
+        return cls(**shape_values(config), moe=options)
+
+    def to_bart_config(self) -> BartConfig:
+        """The dense BART config of the same shape, tokens and defaults, without the MoE options (the inverse of
+        `from_bart_config`; model_type "bart")."""
+        return BartConfig(**shape_values(self))
+
+
+def shape_values(config: BartConfig) -> dict[str, Any]:
+    """A BART config's values without what names its class or version, or the MoE options."""
+    values = config.to_dict()
+    for key in ("model_type", "architectures", "transformers_version", "moe"):
+        values.pop(key, None)
+    return values

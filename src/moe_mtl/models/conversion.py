@@ -14,9 +14,9 @@ import re
 from collections.abc import Mapping, Sequence
 
 import torch
-from transformers import BartConfig, BartForConditionalGeneration
+from transformers import BartForConditionalGeneration
 
-from .config import MoEBartConfig, MoEOptions
+from .config import MoEOptions
 from .moe_bart import ROUTING_PARAMETERS, MoEBartForConditionalGeneration, dense_name
 
 # an expert's weight: the routed layer it is in ("encoder.3") and its expert index
@@ -27,14 +27,6 @@ ACCEPTED = (
     "'given' expert indices, or learned task routes with top_k 1 evaluated by their argmax (stage one, or stage "
     "two with routes 'argmax')"
 )
-
-
-def dense_bart_config(config: MoEBartConfig) -> BartConfig:
-    """The `BartConfig` of the same shape, tokens and defaults, without the MoE options (model_type "bart")."""
-    values = config.to_dict()
-    for key in ("model_type", "architectures", "transformers_version", "moe"):
-        values.pop(key, None)
-    return BartConfig(**values)
 
 
 def soft_route_cause(options: MoEOptions, overridden: bool) -> str:
@@ -119,7 +111,7 @@ def task_experts(model: MoEBartForConditionalGeneration, task_id: int, task: str
 def dense_model(model: MoEBartForConditionalGeneration, experts: Mapping[str, int]) -> BartForConditionalGeneration:
     """A `BartForConditionalGeneration` with the MoE's weights and, in each routed layer, expert `experts[layer]`;
     the MoE's generation config, device and dtype; in eval mode."""
-    config = dense_bart_config(model.config)
+    config = model.config.to_bart_config()
     config._attn_implementation = model.config._attn_implementation  # as `from_dense` does, the other way
     dense = BartForConditionalGeneration(config)
     state = dense_state_dict(model.state_dict(), experts)

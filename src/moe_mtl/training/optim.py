@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..models import MoEBartForConditionalGeneration
+from .clipping import group_grad_norms as norms_of_groups
 
 PARAMETER_GROUPS = ("backbone", "router", "task_table")
 
@@ -78,11 +79,8 @@ def group_grad_norms(
     (e.g. a clipping key "backbone.no_decay", part of a group) are ignored.
     """
     norms = {group: norm for group, norm in (known or {}).items() if group in PARAMETER_GROUPS}
-    for group, params in group_parameters(optimizer).items():
-        grads = [p.grad for p in params if p.grad is not None]
-        if group not in norms and grads:
-            norms[group] = torch.nn.utils.get_total_norm(grads)
-    return norms
+    unread = {group: params for group, params in group_parameters(optimizer).items() if group not in norms}
+    return {**norms, **norms_of_groups(unread)}
 
 
 def routed_experts(model: MoEBartForConditionalGeneration) -> Iterable[tuple[str, int]]:
