@@ -37,6 +37,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from .analysis.command import run_analyze
 from .analysis.run import checkpoint_run_folder
 from .data import MultiTaskDataModule
+from .errors import UsageError
 from .models import MoEBartForConditionalGeneration, MoEOptions
 from .models.build import check_lengths, model_positions
 from .models.config import SHAPE_OPTIONS
@@ -157,7 +158,7 @@ class MoEMTLCLI(LightningCLI):
         monitor, mode = config.checkpoint.monitor, config.checkpoint.mode
         # a ValueError raised here is a usage error: `main` prints its one line and exits 2
         if monitor in SELECTION_MODES and mode != SELECTION_MODES[monitor]:
-            raise ValueError(
+            raise UsageError(
                 f"checkpoint.monitor is {monitor!r} with checkpoint.mode {mode!r}; "
                 f"use checkpoint.mode {SELECTION_MODES[monitor]!r} (higher score, lower loss is better)"
             )
@@ -165,18 +166,18 @@ class MoEMTLCLI(LightningCLI):
             class_path = getattr(item, "class_path", None)
             group = callback_group(class_path)
             if group is not None:
-                raise ValueError(
+                raise UsageError(
                     f"trainer.callbacks lists {class_path}, which the `{group}` group already adds (it is always "
                     f"on): it would run twice. Move its init_args to `{group}:` (YAML) or `--{group}.*` flags and "
                     "drop it from trainer.callbacks"
                 )
         if config.checkpoint.save_last:
-            raise ValueError(
+            raise UsageError(
                 f"checkpoint.save_last is {config.checkpoint.save_last!r}; leave it false: last.ckpt is written at "
                 "every validation by `last_checkpoint` (checkpoint.save_last would keep a stale copy beside it)"
             )
         if config.checkpoint.save_on_exception:
-            raise ValueError(
+            raise UsageError(
                 "checkpoint.save_on_exception is true; leave it false: it would name its file like a best "
                 "checkpoint, and save mid-step states. SIGTERM, SIGINT and SIGUSR1 save "
                 "checkpoints/preempted-step<N>.ckpt at a step boundary (`preemption.*`)"
@@ -184,7 +185,7 @@ class MoEMTLCLI(LightningCLI):
         if self.subcommand == "fit":
             for option in ("max_steps", "max_epochs"):
                 if config.trainer.get(option) == 0:
-                    raise ValueError(
+                    raise UsageError(
                         f"trainer.{option} is 0: nothing would be trained; give a number > 0 (or -1: no limit)"
                     )
         self._check_output_folders(config)
@@ -251,7 +252,7 @@ class MoEMTLCLI(LightningCLI):
         if not steps or config.checkpoint.monitor is None:
             return
         if config.step_checkpoint.every_n_train_steps not in (None, steps):
-            raise ValueError(
+            raise UsageError(
                 f"checkpoint.every_n_train_steps is {steps} and step_checkpoint.every_n_train_steps is "
                 f"{config.step_checkpoint.every_n_train_steps}; give one of them"
             )
@@ -264,7 +265,7 @@ class MoEMTLCLI(LightningCLI):
         ckpt_path = config.get("ckpt_path")
         if not ckpt_path:
             if not (config.model.get("pretrained") or config.model.get("init_from") or config.allow_untrained):
-                raise ValueError(
+                raise UsageError(
                     f"{self.subcommand} has no weights to evaluate: give --ckpt_path (a checkpoint of `moe-mtl "
                     "fit`), --model.pretrained (a dense BART, zero-shot) or --model.init_from (an upstream run); "
                     "--allow_untrained true runs on the untrained initial weights"
@@ -291,7 +292,7 @@ class MoEMTLCLI(LightningCLI):
         if self.subcommand == "fit" and self.ckpt_contents is not None:
             why = resume_mismatch(self.ckpt_contents, config.data.as_dict(), config.trainer.max_steps)
             if why is not None:
-                raise ValueError(
+                raise UsageError(
                     f"fit --ckpt_path {ckpt_path} resumes that run, but {why}. To train a new run from its weights "
                     f"(other tasks, few-shot), use --model.init_from {ckpt_path} without --ckpt_path"
                 )
@@ -318,12 +319,12 @@ def check_writable(folder: Path, option: str) -> None:
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        raise ValueError(f"{option} is {folder}, but {existing} is a file, not a folder; give a folder to write into")
+        raise UsageError(f"{option} is {folder}, but {existing} is a file, not a folder; give a folder to write into")
     try:
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as error:
-        raise ValueError(
+        raise UsageError(
             f"{option} is {folder}, which cannot be written ({error.strerror}); give a writable folder"
         ) from None
 
@@ -331,16 +332,16 @@ def check_writable(folder: Path, option: str) -> None:
 def read_checkpoint(path: str) -> dict[str, Any]:
     """The Lightning checkpoint at `path`, tensors memory-mapped; a ValueError naming it if it is missing or not one."""
     if not Path(path).is_file():
-        raise ValueError(f"ckpt_path {path} does not exist; give a checkpoint file (.ckpt) of `moe-mtl fit`")
+        raise UsageError(f"ckpt_path {path} does not exist; give a checkpoint file (.ckpt) of `moe-mtl fit`")
     try:
         checkpoint = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
     except Exception as error:  # torch raises pickle, zip and runtime errors alike; its text is about mmap
-        raise ValueError(
+        raise UsageError(
             f"ckpt_path {path} cannot be read as a checkpoint ({type(error).__name__}): not a complete file written "
             "by torch.save; give a checkpoint file (.ckpt) of `moe-mtl fit`"
         ) from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ValueError(f"ckpt_path {path} is not a Lightning checkpoint (no state_dict); give one of `moe-mtl fit`")
+        raise UsageError(f"ckpt_path {path} is not a Lightning checkpoint (no state_dict); give one of `moe-mtl fit`")
     return checkpoint
 
 
@@ -417,19 +418,6 @@ COMMANDS: dict[str, Callable[[Sequence[str]], Any]] = {
 
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
-PACKAGE_FOLDER = Path(__file__).resolve().parent
-
-
-def raised_here(error: BaseException) -> bool:
-    """Whether moe_mtl's own code raised `error` (its innermost frame is in the package): a check of an option or
-    an input file, whose message says what to change. Errors raised inside torch, Lightning or transformers keep
-    their traceback."""
-    frame = error.__traceback__
-    if frame is None:
-        return False
-    while frame.tb_next is not None:
-        frame = frame.tb_next
-    return Path(frame.tb_frame.f_code.co_filename).resolve().is_relative_to(PACKAGE_FOLDER)
 
 
 def main(args: Sequence[str] | None = None) -> None:
@@ -448,8 +436,8 @@ def main(args: Sequence[str] | None = None) -> None:
             COMMANDS[argv[0]](argv[1:])
         else:
             run_lightning(None if args is None else argv)
-    except (ValueError, OSError) as error:  # FileNotFoundError, PermissionError, NotADirectoryError, …
-        if debug or not raised_here(error):
+    except UsageError as error:  # a mistake in what the command was given; anything else keeps its traceback
+        if debug:
             raise
         message = " ".join(str(error).split())  # one line, whatever the message's own line breaks
         sys.stderr.write(f"moe-mtl {argv[0]}: error: {message}\n")

@@ -16,6 +16,7 @@ from jsonargparse import ArgumentParser
 from transformers import GenerationConfig
 
 from .analysis.run import RunFolder
+from .errors import UsageError
 from .models.conversion import dense_model, task_experts
 
 if TYPE_CHECKING:
@@ -59,14 +60,14 @@ def load_run(ckpt_path: str) -> tuple[MoEMultiTaskModule, dict[str, Any]]:
     """The module of a `moe-mtl fit` checkpoint (eval mode, CPU) and its data module's hyper-parameters."""
     path = Path(ckpt_path)
     if not path.is_file():
-        raise ValueError(f"--ckpt_path {path} is not a file; give a checkpoint of a `moe-mtl fit` run (.ckpt)")
+        raise UsageError(f"--ckpt_path {path} is not a file; give a checkpoint of a `moe-mtl fit` run (.ckpt)")
     run = RunFolder.resolve(path)
     try:
         module = run.load_module()
         data = dict(run.checkpoint_contents.get("datamodule_hyper_parameters") or {})
     except Exception as err:  # unreadable in any way (not a zip, not a Lightning checkpoint, not ours)
         reason = " ".join(f"{type(err).__name__}: {err}".split())
-        raise ValueError(f"--ckpt_path {path} could not be loaded as a `moe-mtl fit` checkpoint ({reason})") from err
+        raise UsageError(f"--ckpt_path {path} could not be loaded as a `moe-mtl fit` checkpoint ({reason})") from err
     return module, data
 
 
@@ -78,14 +79,14 @@ def export_run(
     ids = {name: task_id for task_id, name in enumerate(module.task_names)}
     unknown = [task for task in tasks if task not in ids]
     if unknown:
-        raise ValueError(f"--task {', '.join(unknown)}: not a task of this run; its tasks: {', '.join(ids)}")
+        raise UsageError(f"--task {', '.join(unknown)}: not a task of this run; its tasks: {', '.join(ids)}")
     if whole and MOE_FOLDER in tasks:
-        raise ValueError(f"--task {MOE_FOLDER} would share <out>/{MOE_FOLDER}/ with --all; export it without --all")
+        raise UsageError(f"--task {MOE_FOLDER} would share <out>/{MOE_FOLDER}/ with --all; export it without --all")
     model = module.model
     try:
         experts = {task: task_experts(model, ids[task], task) for task in dict.fromkeys(tasks)}
     except ValueError as err:
-        raise ValueError(f"{err}; --all exports the whole MoE-BART instead") from err
+        raise UsageError(f"{err}; --all exports the whole MoE-BART instead") from err
     generation = prediction_generation_config(model.generation_config, module.hparams)
     tokenizer = module.tokenizer
     if data.get("max_input_length") is not None:  # `tokenizer(text, truncation=True)` cuts inputs as the data did

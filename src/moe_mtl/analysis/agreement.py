@@ -14,13 +14,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import UsageError
 from .extras import require
 
 
 def route_agreement(routes: torch.Tensor) -> np.ndarray:
     """Route agreement of every task pair: routes (T, L, E) → (T, T), symmetric, 1 on the diagonal."""
     if routes.dim() != 3 or routes.shape[0] < 2:
-        raise ValueError(f"routes: expected (tasks >= 2, layers, experts), got shape {tuple(routes.shape)}")
+        raise UsageError(f"routes: expected (tasks >= 2, layers, experts), got shape {tuple(routes.shape)}")
     p = routes.detach().double().cpu()
     distance = 0.5 * (p[:, None] - p[None, :]).abs().sum(-1).mean(-1)  # (T, T) mean total variation over layers
     return (1.0 - distance).numpy()
@@ -45,9 +46,9 @@ def route_skill_agreement(
     are not independent, which the Mann–Whitney test assumes.
     """
     if len(task_skills) != routes.shape[0]:
-        raise ValueError(f"task_skills: got {len(task_skills)} skill sets for a route table of {routes.shape[0]} tasks")
+        raise UsageError(f"task_skills: got {len(task_skills)} skill sets for a route table of {routes.shape[0]} tasks")
     if permutations < 1:
-        raise ValueError(f"permutations: expected a positive count, got {permutations}")
+        raise UsageError(f"permutations: expected a positive count, got {permutations}")
     agreement = route_agreement(routes)
     skills = [set(s) for s in task_skills]
     num_tasks = len(skills)
@@ -55,7 +56,7 @@ def route_skill_agreement(
     pairs = np.triu_indices(num_tasks, k=1)
     sharing = shares[pairs]
     if sharing.all() or not sharing.any():
-        raise ValueError(
+        raise UsageError(
             f"route–skill agreement needs task pairs that share a skill and pairs that share none; of "
             f"{len(sharing)} pairs, {int(sharing.sum())} share one"
         )

@@ -16,13 +16,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..errors import UsageError
 from .extras import require
 
 
 def expert_usage(routes: torch.Tensor, layer_names: Sequence[str]) -> tuple[list[str], np.ndarray]:
     """Route table (T, L, E) → (column names "<layer>/expert<e>", usage (T, L·E)), layer-major."""
     if routes.dim() != 3 or routes.shape[1] != len(layer_names):
-        raise ValueError(
+        raise UsageError(
             f"routes: expected (tasks, layers, experts) with {len(layer_names)} layers {list(layer_names)}, "
             f"got shape {tuple(routes.shape)}"
         )
@@ -39,7 +40,7 @@ def benjamini_hochberg(p_values: Sequence[float] | np.ndarray) -> np.ndarray:
     """
     p = np.asarray(p_values, dtype=np.float64)
     if p.ndim != 1 or np.isnan(p).any() or (p < 0).any() or (p > 1).any():
-        raise ValueError(f"p_values: expected a 1-D array of probabilities in [0, 1], got {p!r}")
+        raise UsageError(f"p_values: expected a 1-D array of probabilities in [0, 1], got {p!r}")
     m = len(p)
     if m == 0:
         return p.copy()
@@ -89,16 +90,16 @@ def feature_usage_correlation(
     features = np.asarray(features, dtype=np.float64)
     usage = np.asarray(usage, dtype=np.float64)
     if features.ndim != 2 or features.shape[1] != len(feature_names):
-        raise ValueError(f"features: expected (tasks, {len(feature_names)}) columns, got {features.shape}")
+        raise UsageError(f"features: expected (tasks, {len(feature_names)}) columns, got {features.shape}")
     if usage.ndim != 2 or usage.shape[1] != len(usage_names):
-        raise ValueError(f"usage: expected (tasks, {len(usage_names)}) columns, got {usage.shape}")
+        raise UsageError(f"usage: expected (tasks, {len(usage_names)}) columns, got {usage.shape}")
     if features.shape[0] != usage.shape[0] or features.shape[0] < 3:
-        raise ValueError(
+        raise UsageError(
             f"feature correlation needs the same tasks (at least 3) in features and usage; got "
             f"{features.shape[0]} and {usage.shape[0]} tasks"
         )
     if not 0 < alpha < 1:
-        raise ValueError(f"alpha: expected a significance level in (0, 1), got {alpha}")
+        raise UsageError(f"alpha: expected a significance level in (0, 1), got {alpha}")
     result = CorrelationResult(alpha=alpha, num_tasks=features.shape[0])
 
     def constant(column: np.ndarray) -> bool:

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 
 from ..data import MultiTaskDataModule
 from ..data.encoding import collate
+from ..errors import UsageError
 from ..models.routing import TaskRouter, hard_top_k
 from ..training import MoEMultiTaskModule
 
@@ -38,7 +39,7 @@ def without_expert(routes: torch.Tensor, expert: int) -> torch.Tensor:
     on `expert` becomes uniform over the other experts."""
     num_experts = routes.shape[-1]
     if not 0 <= expert < num_experts or num_experts < 2:
-        raise ValueError(f"expert: got {expert} for {num_experts} experts; allowed: 0 to {num_experts - 1}, E >= 2")
+        raise UsageError(f"expert: got {expert} for {num_experts} experts; allowed: 0 to {num_experts - 1}, E >= 2")
     kept = routes.clone().float()
     kept[..., expert] = 0.0
     total = kept.sum(-1, keepdim=True)
@@ -50,7 +51,7 @@ def without_expert(routes: torch.Tensor, expert: int) -> torch.Tensor:
 def _task_router(module: MoEMultiTaskModule) -> TaskRouter:
     router = module.model.router
     if router is None:
-        raise ValueError(
+        raise UsageError(
             "expert disabling needs task-level routes (MoE option routing='task'); token routing has no per-task "
             "route to mask"
         )
@@ -77,9 +78,9 @@ def routes_without_expert(module: MoEMultiTaskModule, layer: int, expert: int) -
     router = _task_router(module)
     num_layers, num_experts = router.num_layers, router.num_experts
     if not 0 <= layer < num_layers:
-        raise ValueError(f"layer: got {layer}; allowed: 0 to {num_layers - 1} ({module.model.routed_layer_names})")
+        raise UsageError(f"layer: got {layer}; allowed: 0 to {num_layers - 1} ({module.model.routed_layer_names})")
     if not 0 <= expert < num_experts or num_experts < 2:
-        raise ValueError(f"expert: got {expert} for {num_experts} experts; allowed: 0 to {num_experts - 1}, E >= 2")
+        raise UsageError(f"expert: got {expert} for {num_experts} experts; allowed: 0 to {num_experts - 1}, E >= 2")
     intact = evaluation_routes(module)
     routes = intact.clone()
     routes[:, layer] = without_expert(intact[:, layer], expert)
@@ -121,13 +122,13 @@ def validation_loader(
     if max_examples is None and tasks is None:
         return datamodule.val_dataloader()
     if max_examples is not None and max_examples < 1:
-        raise ValueError(f"max_examples: expected a positive number of dev examples per task, got {max_examples}")
+        raise UsageError(f"max_examples: expected a positive number of dev examples per task, got {max_examples}")
     datamodule.setup("validate")
     dataset = datamodule.datasets["val"]
     validated = [dataset.task_names[task] for task, _, _ in dataset.task_ranges]
     unknown = sorted(set(tasks or []) - set(validated))
     if unknown or tasks == []:
-        raise ValueError(f"tasks: {unknown or 'none'} given; allowed: the validated tasks {validated}")
+        raise UsageError(f"tasks: {unknown or 'none'} given; allowed: the validated tasks {validated}")
     batch_size = datamodule.hparams.eval_batch_size or datamodule.hparams.batch_size
     batches = []
     for task, first, stop in dataset.task_ranges:
@@ -186,7 +187,7 @@ def expert_disabling(
     chosen = list(names) if layers is None else list(layers)
     unknown = [name for name in chosen if name not in names]
     if unknown or not chosen:
-        raise ValueError(f"layers: got {list(layers or [])}; allowed: routed layer names {list(names)}")
+        raise UsageError(f"layers: got {list(layers or [])}; allowed: routed layer names {list(names)}")
     output_dir = Path(output_dir)
     intact_routes = evaluation_routes(module)
     intact = validation_metrics(module, loader, output_dir / "intact", **trainer)
@@ -220,7 +221,7 @@ def group_drops(rows: Sequence[Mapping[str, Any]], task_groups: Mapping[str, Seq
     group names, e.g. its skill families). Rows: layer, expert, group, tasks, mean_drop."""
     missing = sorted({row["task"] for row in rows} - set(task_groups))
     if missing:
-        raise ValueError(f"task_groups: no groups for the evaluated tasks {missing}")
+        raise UsageError(f"task_groups: no groups for the evaluated tasks {missing}")
     drops: dict[tuple[str, int, str], list[float]] = defaultdict(list)
     for row in rows:
         for group in task_groups[row["task"]]:

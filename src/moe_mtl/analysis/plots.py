@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import UsageError
 from .extras import require
 
 MAX_PANELS = 12  # small multiples of a long run: this many steps, evenly spaced, first and last included
@@ -55,12 +56,12 @@ def route_heatmap_figure(
     figure_module = require("matplotlib.figure")
     num_tasks, num_layers, num_experts = routes.shape
     if len(task_names) != num_tasks or len(layer_names) != num_layers:
-        raise ValueError(
+        raise UsageError(
             f"route heatmap: {len(task_names)} task names and {len(layer_names)} layer names for routes of shape "
             f"{tuple(routes.shape)}"
         )
     if groups is not None and len(groups) != num_tasks:
-        raise ValueError(f"route heatmap: {len(groups)} groups for {num_tasks} tasks")
+        raise UsageError(f"route heatmap: {len(groups)} groups for {num_tasks} tasks")
     order = group_order(groups) if groups is not None else list(range(num_tasks))
     table = routes.detach().float().cpu().reshape(num_tasks, -1).numpy()[order]
     columns = num_layers * num_experts
@@ -102,9 +103,9 @@ def route_dynamics_figure(records: Sequence[dict[str, Any]], max_panels: int = M
     included) are drawn, and the title says how many of how many."""
     figure_module = require("matplotlib.figure")
     if not records:
-        raise ValueError("route dynamics: no route tables (expected <run>/routes/step<N>.json files)")
+        raise UsageError("route dynamics: no route tables (expected <run>/routes/step<N>.json files)")
     if max_panels < 2:
-        raise ValueError(f"max_panels: expected at least 2, got {max_panels}")
+        raise UsageError(f"max_panels: expected at least 2, got {max_panels}")
     records = sorted(records, key=lambda record: record["step"])
     shown = records
     if len(records) > max_panels:
@@ -121,7 +122,7 @@ def route_dynamics_figure(records: Sequence[dict[str, Any]], max_panels: int = M
     for axes, record in zip(grid.flat, shown, strict=False):
         table = np.asarray(record["routes"], dtype=np.float64)
         if table.shape != first.shape or record["tasks"] != shown[0]["tasks"]:
-            raise ValueError(
+            raise UsageError(
                 f"route dynamics: the table at step {record['step']} has shape {table.shape} (tasks "
                 f"{len(record['tasks'])}); the first has {first.shape}: one run's tables must match"
             )

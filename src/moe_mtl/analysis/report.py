@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.tasks import Task, feature_table
+from ..errors import UsageError
 from .agreement import route_skill_agreement
 from .correlation import correlation_markdown, expert_usage, feature_usage_correlation
 from .plots import route_dynamics_figure, route_heatmap_figure
@@ -32,7 +33,7 @@ def feature_groups(tasks: Sequence[Task], group_by: str) -> list[list[str]]:
     feature = GROUP_ALIASES.get(group_by, group_by)
     if not any(feature in task.features for task in tasks):
         names = sorted({name for task in tasks for name in task.features} | set(GROUP_ALIASES))
-        raise ValueError(f"group_by: no task has the feature {group_by!r}; available: {names or 'none (no features)'}")
+        raise UsageError(f"group_by: no task has the feature {group_by!r}; available: {names or 'none (no features)'}")
     groups = []
     for task in tasks:
         value = task.features.get(feature, "(none)")
@@ -109,7 +110,7 @@ def analyze(
     tasks_by_name = {task.name: task for task in run.tasks()}
     missing = [name for name in record["tasks"] if name not in tasks_by_name]
     if missing:
-        raise ValueError(f"the route table names tasks the run's data does not have: {missing}")
+        raise UsageError(f"the route table names tasks the run's data does not have: {missing}")
     seen = [i for i, name in enumerate(record["tasks"]) if tasks_by_name[name].partition == "train"]
     seen_tasks = [tasks_by_name[record["tasks"][i]] for i in seen]
     routes = torch.tensor(record["routes"], dtype=torch.float64)[seen]  # (T_seen, L, E)

@@ -18,6 +18,7 @@ import yaml
 
 from ..data import MultiTaskDataModule
 from ..data.tasks import Task
+from ..errors import UsageError
 
 ROUTE_TABLE = re.compile(r"step(\d+)\.json")
 FEATURE_SIZES = {"train_size": 1, "dev_size": 1, "test_size": 1, "shots": 2}  # skill-suite features ignore sizes
@@ -44,13 +45,13 @@ class RunFolder:
         target = Path(target)
         if target.is_file():
             if target.suffix != ".ckpt":
-                raise ValueError(f"run: {target} is a file but not a checkpoint (.ckpt); give a run folder or a .ckpt")
+                raise UsageError(f"run: {target} is a file but not a checkpoint (.ckpt); give a run folder or a .ckpt")
             return cls(checkpoint_run_folder(target), Path(ckpt_path) if ckpt_path else target, named=True)
         if not target.is_dir():
-            raise ValueError(f"run: {target} does not exist; give a run folder (runs/<name>/version_N) or a .ckpt file")
+            raise UsageError(f"run: {target} does not exist; give a run folder (runs/<name>/version_N) or a .ckpt file")
         if ckpt_path is not None:
             if not Path(ckpt_path).is_file():
-                raise ValueError(f"ckpt_path: {ckpt_path} is not a file")
+                raise UsageError(f"ckpt_path: {ckpt_path} is not a file")
             return cls(target, Path(ckpt_path), named=True)
         best = sorted((target / "checkpoints").glob("best-*.ckpt"))
         last = target / "checkpoints" / "last.ckpt"
@@ -73,12 +74,12 @@ class RunFolder:
             found = [record for record in records if record["step"] == step]
             if not found:
                 steps = [record["step"] for record in records]
-                raise ValueError(f"step: no route table at step {step} in {self.path / 'routes'}; saved: {steps}")
+                raise UsageError(f"step: no route table at step {step} in {self.path / 'routes'}; saved: {steps}")
             return found[0]
         if records:
             return records[-1]
         if self.checkpoint is None:
-            raise ValueError(f"run: {self.path} has no route tables (routes/step*.json) and no checkpoint")
+            raise UsageError(f"run: {self.path} has no route tables (routes/step*.json) and no checkpoint")
         return self.checkpoint_record()
 
     def checkpoint_record(self) -> dict[str, Any]:
@@ -94,7 +95,7 @@ class RunFolder:
     @cached_property
     def checkpoint_contents(self) -> dict[str, Any]:
         if self.checkpoint is None:
-            raise ValueError(f"run: {self.path} has no checkpoint (checkpoints/*.ckpt); name one with --ckpt_path")
+            raise UsageError(f"run: {self.path} has no checkpoint (checkpoints/*.ckpt); name one with --ckpt_path")
         return torch.load(self.checkpoint, map_location="cpu", weights_only=True, mmap=True)
 
     def load_module(self):
@@ -102,7 +103,7 @@ class RunFolder:
         from ..training import MoEMultiTaskModule
 
         if self.checkpoint is None:
-            raise ValueError(f"run: {self.path} has no checkpoint (checkpoints/*.ckpt); name one with --ckpt_path")
+            raise UsageError(f"run: {self.path} has no checkpoint (checkpoints/*.ckpt); name one with --ckpt_path")
         return MoEMultiTaskModule.load_from_checkpoint(self.checkpoint, map_location="cpu").eval()
 
     def data_options(self) -> dict[str, Any]:
@@ -116,7 +117,7 @@ class RunFolder:
             options = dict(self.checkpoint_contents["datamodule_hyper_parameters"])
             options.pop("_instantiator", None)
             return options
-        raise ValueError(f"run: no data options: {config} has no `data` and the run has no checkpoint with them")
+        raise UsageError(f"run: no data options: {config} has no `data` and the run has no checkpoint with them")
 
     def datamodule(self) -> MultiTaskDataModule:
         """The run's data module (paths in it are relative to where the run was started, as in `fit`)."""

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from ..errors import UsageError
+
 TASK_SAMPLING = ("proportional", "temperature", "uniform")
 
 
@@ -110,7 +112,7 @@ def _replicas(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
     if rank is None:
         rank = torch.distributed.get_rank() if distributed else 0
     if not 0 <= rank < num_replicas:
-        raise ValueError(f"rank {rank} is outside [0, {num_replicas}) (num_replicas={num_replicas})")
+        raise UsageError(f"rank {rank} is outside [0, {num_replicas}) (num_replicas={num_replicas})")
     return num_replicas, rank
 
 
@@ -145,13 +147,13 @@ class MultiTaskBatchSampler(Sampler[list[int]]):
         rank: int | None = None,
     ):
         if not task_sizes or min(task_sizes) < 1:
-            raise ValueError(f"every task needs at least one row; task sizes: {list(task_sizes)}")
+            raise UsageError(f"every task needs at least one row; task sizes: {list(task_sizes)}")
         if batch_size < 1:
-            raise ValueError(f"batch_size is {batch_size}; it must be a positive integer")
+            raise UsageError(f"batch_size is {batch_size}; it must be a positive integer")
         if task_sampling not in TASK_SAMPLING:
-            raise ValueError(f"task_sampling is {task_sampling!r}; allowed: {', '.join(map(repr, TASK_SAMPLING))}")
+            raise UsageError(f"task_sampling is {task_sampling!r}; allowed: {', '.join(map(repr, TASK_SAMPLING))}")
         if task_sampling == "temperature" and not temperature > 0:
-            raise ValueError(f"the sampling temperature is {temperature}; it must be > 0")
+            raise UsageError(f"the sampling temperature is {temperature}; it must be > 0")
         self.task_sizes = [int(n) for n in task_sizes]
         self.batch_size = batch_size
         self.task_sampling = task_sampling
@@ -292,13 +294,13 @@ class SequentialTaskBatchSampler(Sampler[list[int]]):
         self, task_sizes: Sequence[int], batch_size: int, num_replicas: int | None = None, rank: int | None = None
     ):
         if batch_size < 1:
-            raise ValueError(f"batch_size is {batch_size}; it must be a positive integer")
+            raise UsageError(f"batch_size is {batch_size}; it must be a positive integer")
         self.task_sizes = [int(n) for n in task_sizes]
         self.batch_size = batch_size
         self.num_replicas, self.rank = _replicas(num_replicas, rank)
         total = sum(self.task_sizes)
         if total < self.num_replicas:  # Lightning stops with "DataLoader within local rank has zero length"
-            raise ValueError(
+            raise UsageError(
                 f"the evaluation split has {total} examples for {self.num_replicas} ranks (world size): every rank "
                 f"needs at least one; evaluate on at most {total} devices, or give the split more examples"
             )

@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from ..errors import UsageError
+
 log = logging.getLogger(__name__)
 
 METRICS = (
@@ -36,7 +38,7 @@ DEFAULT_METRIC = "EM"
 TASK_INFO_FILE = "tasks.json"
 
 
-class DataError(ValueError):
+class DataError(UsageError):
     """Bad task data or data configuration. The message names the file and line (or option) and what is valid."""
 
 

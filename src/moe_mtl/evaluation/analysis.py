@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..atomic_files import atomic_path
+from ..errors import UsageError
 
 # viridis sampled at 0, 1/7, …, 1 (R's `viridis(8)`); linear interpolation between them is visually viridis
 VIRIDIS_ANCHORS = np.array(
@@ -39,7 +40,7 @@ def _check_routes(routes: torch.Tensor) -> None:
     # an empty axis would make the task mean 0/0 and the heatmap a zero-width image
     if not isinstance(routes, torch.Tensor) or routes.dim() != 3 or routes.numel() == 0:
         got = tuple(routes.shape) if isinstance(routes, torch.Tensor) else type(routes).__name__
-        raise ValueError(f"routes: expected a non-empty (tasks, layers, experts) tensor, got shape {got}")
+        raise UsageError(f"routes: expected a non-empty (tasks, layers, experts) tensor, got shape {got}")
 
 
 def _task_distribution(task_weights: torch.Tensor | None, routes: torch.Tensor) -> torch.Tensor:
@@ -48,13 +49,13 @@ def _task_distribution(task_weights: torch.Tensor | None, routes: torch.Tensor) 
     if task_weights is None:
         return torch.full((num_tasks,), 1.0 / num_tasks, device=routes.device)
     if task_weights.shape != (num_tasks,):
-        raise ValueError(
+        raise UsageError(
             f"task_weights: expected shape ({num_tasks},) to match routes {tuple(routes.shape)}, "
             f"got {tuple(task_weights.shape)}"
         )
     weights = task_weights.to(device=routes.device, dtype=torch.float32)
     if (weights < 0).any() or weights.sum() <= 0:
-        raise ValueError(f"task_weights: expected non-negative weights with a positive sum, got {weights.tolist()}")
+        raise UsageError(f"task_weights: expected non-negative weights with a positive sum, got {weights.tolist()}")
     return weights / weights.sum()
 
 
@@ -107,7 +108,7 @@ def route_heatmap(routes: torch.Tensor, cell: int = 8) -> np.ndarray:
     """
     _check_routes(routes)
     if isinstance(cell, bool) or not isinstance(cell, int) or cell < 1:
-        raise ValueError(f"cell: expected a positive int (pixels per route value), got {cell!r}")
+        raise UsageError(f"cell: expected a positive int (pixels per route value), got {cell!r}")
     num_tasks, num_layers, _ = routes.shape
     colours = viridis(routes.detach().float().cpu().numpy())  # (T, L, E, 3)
     blocks = colours.repeat(cell, axis=0).repeat(cell, axis=2)  # (T·cell, L, E·cell, 3)
@@ -131,7 +132,7 @@ def route_table_record(
         ("layer_names", layer_names, num_layers, "layers"),
     ):
         if len(names) != expected:
-            raise ValueError(
+            raise UsageError(
                 f"{option}: got {len(names)} names, expected {expected} for routes of shape "
                 f"{tuple(routes.shape)} ({expected} {axis})"
             )

@@ -20,6 +20,8 @@ from itertools import chain
 
 from moe_mtl.data.tasks import METRICS
 
+from ..errors import UsageError
+
 POSITIVE_LABEL = "acceptable"
 """The positive class of Matthew-Correlation (glue-cola's labels are "acceptable"/"unacceptable")."""
 
@@ -143,7 +145,7 @@ def pearson_correlation(predictions: Sequence[str], references: Sequence[Sequenc
     for i, refs in enumerate(references):
         y = _parse_float(refs[0], math.nan)
         if math.isnan(y):
-            raise ValueError(f"Pearson-Correlation: reference {refs[0]!r} of example {i} is not a finite number")
+            raise UsageError(f"Pearson-Correlation: reference {refs[0]!r} of example {i} is not a finite number")
         ys.append(y)
     # Exact test: with all values equal the centred sums can be rounding noise rather than 0.
     if len(set(xs)) == 1 or len(set(ys)) == 1:
@@ -169,7 +171,7 @@ METRIC_FUNCTIONS: dict[str, Callable[[Sequence[str], Sequence[Sequence[str]]], f
 def score(metric: str, predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
     """The value of the metric named `metric` (one of `METRICS`) on a task's predictions."""
     if metric not in METRIC_FUNCTIONS:
-        raise ValueError(f"unknown metric {metric!r}; allowed: {', '.join(map(repr, METRICS))}")
+        raise UsageError(f"unknown metric {metric!r}; allowed: {', '.join(map(repr, METRICS))}")
     return METRIC_FUNCTIONS[metric](predictions, references)
 
 
@@ -180,29 +182,29 @@ def average_relative_gain(method: Mapping[str, float], baseline: Mapping[str, fl
     """
     only_method, only_baseline = sorted(method.keys() - baseline.keys()), sorted(baseline.keys() - method.keys())
     if only_method or only_baseline:
-        raise ValueError(
+        raise UsageError(
             f"ARG needs the same tasks on both sides; only in method: {only_method}, only in baseline: {only_baseline}"
         )
     if not method:
-        raise ValueError("ARG needs at least one task")
+        raise UsageError("ARG needs at least one task")
     zero = sorted(task for task, b in baseline.items() if b == 0)
     if zero:
-        raise ValueError(f"ARG is undefined for tasks whose baseline score is 0: {zero}")
+        raise UsageError(f"ARG is undefined for tasks whose baseline score is 0: {zero}")
     return _mean((method[task] - b) / b for task, b in baseline.items())
 
 
 def _check_inputs(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> None:
     """Raise `ValueError` unless there is one non-empty reference list per prediction and at least one example."""
     if len(predictions) != len(references):
-        raise ValueError(f"got {len(predictions)} predictions but {len(references)} reference lists")
+        raise UsageError(f"got {len(predictions)} predictions but {len(references)} reference lists")
     if not predictions:
-        raise ValueError("got no predictions; a metric needs at least one example")
+        raise UsageError("got no predictions; a metric needs at least one example")
     for i, refs in enumerate(references):
         # A bare string is a Sequence[str] too: its characters would silently become references.
         if isinstance(refs, str):
-            raise ValueError(f"references of example {i} is the string {refs!r}; expected a list of reference strings")
+            raise UsageError(f"references of example {i} is the string {refs!r}; expected a list of reference strings")
         if len(refs) == 0:
-            raise ValueError(f"example {i} has no reference")
+            raise UsageError(f"example {i} has no reference")
 
 
 def _best_over_references(

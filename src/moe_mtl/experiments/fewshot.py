@@ -44,6 +44,7 @@ import torch
 
 from ..data import MultiTaskDataModule
 from ..data.tasks import PARTITIONS, Task
+from ..errors import UsageError
 from ..training import MoEMultiTaskModule
 from .summary import mean_std
 
@@ -124,16 +125,16 @@ def unseen_tasks(tasks: Sequence[Task], partition: str, names: Sequence[str] | N
     check = [task for task in tasks if task.partition == partition]
     if not check:
         counts = {part: sum(task.partition == part for task in tasks) for part in PARTITIONS}
-        raise ValueError(f"--partition is {partition!r}, which holds no tasks; tasks per partition: {counts}")
+        raise UsageError(f"--partition is {partition!r}, which holds no tasks; tasks per partition: {counts}")
     if names:
         by_name = {task.name: task for task in check}
         unknown = [name for name in names if name not in by_name]
         if unknown:
-            raise ValueError(f"--tasks names {unknown}, not tasks of partition {partition!r}: {', '.join(by_name)}")
+            raise UsageError(f"--tasks names {unknown}, not tasks of partition {partition!r}: {', '.join(by_name)}")
         check = [by_name[name] for name in dict.fromkeys(names)]
     without = [task.name for task in check if not task.fewshot]
     if without:
-        raise ValueError(f"tasks {without} of partition {partition!r} have no k-shot train/dev splits")
+        raise UsageError(f"tasks {without} of partition {partition!r} have no k-shot train/dev splits")
     return check
 
 
@@ -143,7 +144,7 @@ def fewshot_seeds(tasks: Sequence[Task], seeds: Sequence[int] | None) -> list[in
     for task in tasks:
         missing = [seed for seed in chosen if seed not in task.fewshot]
         if missing:
-            raise ValueError(f"--seeds {missing}: task {task.name!r} has k-shot splits for seeds {list(task.fewshot)}")
+            raise UsageError(f"--seeds {missing}: task {task.name!r} has k-shot splits for seeds {list(task.fewshot)}")
     return chosen
 
 
@@ -366,12 +367,12 @@ def fewshot(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[Cell]]:
     """Run (or resume) every cell, write the tables; returns (rows, summary, failed cells)."""
     if not lrs or any(not (lr > 0 and math.isfinite(lr)) for lr in lrs):
-        raise ValueError(f"--lrs is {list(lrs)}; give one or more positive learning rates")
+        raise UsageError(f"--lrs is {list(lrs)}; give one or more positive learning rates")
     if batch_sizes is not None and (not batch_sizes or min(batch_sizes) < 1):
-        raise ValueError(f"--batch_sizes is {list(batch_sizes)}; give one or more positive batch sizes")
+        raise UsageError(f"--batch_sizes is {list(batch_sizes)}; give one or more positive batch sizes")
     grid = [(lr, b) for lr in dict.fromkeys(lrs) for b in (dict.fromkeys(batch_sizes) if batch_sizes else [None])]
     if unseen_routes is not None and init_from is None:
-        raise ValueError(
+        raise UsageError(
             f"--unseen_routes {unseen_routes} needs --init_from (routes of tasks new to an upstream model)"
         )
     # with the cells' model options, so that a bad --init_from or --unseen_routes is a usage error before any cell
@@ -383,7 +384,7 @@ def fewshot(
     seeds = fewshot_seeds(chosen, seeds)
     saved = Path(datamodule.hparams.output_dir) / "tokenizer" / "tokenizer.json"
     if init_from is None and datamodule.hparams.tokenizer is None and not saved.is_file():
-        raise ValueError(
+        raise UsageError(
             f"without --init_from, give the fit option data.tokenizer (e.g. the pretrained BART's) or have one saved "
             f"in {saved.parent}: else the cells would share a tokenizer trained on the first cell's k-shot examples"
         )

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import UsageError
+
 MISSING = "—"
 SEED_FOLDER = re.compile(r"seed\d+")
 BEST_CHECKPOINT = re.compile(r"best-step(\d+)\.ckpt")
@@ -49,7 +51,7 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     INK-USC/CrossFit example_scripts/collect_results.py). One value: std 0.
     """
     if not len(values):
-        raise ValueError("mean_std of no values")
+        raise UsageError("mean_std of no values")
     array = np.asarray(values, dtype=np.float64)
     return float(array.mean()), float(array.std())
 
@@ -65,12 +67,12 @@ def average_relative_gain(scores: Mapping[str, float], baseline: Mapping[str, fl
     ships no ARG code: example_scripts/collect_results.py only writes per-task mean and std over seeds.)
     """
     if set(scores) != set(baseline):
-        raise ValueError(
+        raise UsageError(
             f"ARG needs the same tasks on both sides; only in the scores: {sorted(set(scores) - set(baseline))}, "
             f"only in the baseline: {sorted(set(baseline) - set(scores))}"
         )
     if not scores:
-        raise ValueError("ARG of no tasks")
+        raise UsageError("ARG of no tasks")
     tasks = sorted(scores)
     score = np.array([scores[task] for task in tasks], dtype=np.float64)
     base = np.array([baseline[task] for task in tasks], dtype=np.float64)
@@ -97,7 +99,7 @@ def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not an evaluation file (invalid JSON: {err})") from None
+        raise UsageError(f"{path}: not an evaluation file (invalid JSON: {err})") from None
 
 
 def seen_dev_average(folder: Path) -> tuple[float | None, str | None]:
@@ -130,7 +132,7 @@ def zeroshot_scores(folder: Path, partition: str) -> dict[str, float] | str:
     """Unseen task → score from the single `folder`/evaluation/test-*.json, or why there are none."""
     files = sorted((folder / "evaluation").glob("test-*.json"))
     if len(files) > 1:
-        raise ValueError(
+        raise UsageError(
             f"{folder}/evaluation has {len(files)} test evaluations ({', '.join(p.name for p in files)}); "
             "the zero-shot folder must hold exactly one"
         )
@@ -178,11 +180,11 @@ def find_runs(paths: Sequence[str | Path], names: Sequence[str] | None = None) -
     folder named `seed<k>`.
     """
     if names is not None and len(names) != len(paths):
-        raise ValueError(f"--names gives {len(names)} names for {len(paths)} run folders; give one per folder")
+        raise UsageError(f"--names gives {len(names)} names for {len(paths)} run folders; give one per folder")
     runs = []
     for index, path in enumerate(map(Path, paths)):
         if not path.is_dir():
-            raise ValueError(f"run folder {path} does not exist")
+            raise UsageError(f"run folder {path} does not exist")
         seeds = sorted(p for p in path.iterdir() if p.is_dir() and SEED_FOLDER.fullmatch(p.name))
         is_run = any((path / sub).exists() for sub in ("evaluation", "checkpoints", "zeroshot", "fewshot"))
         if seeds and not is_run:
@@ -192,7 +194,7 @@ def find_runs(paths: Sequence[str | Path], names: Sequence[str] | None = None) -
             method = names[index] if names else (path.parent.name if SEED_FOLDER.fullmatch(path.name) else path.name)
             runs.append((method, path))
         else:
-            raise ValueError(
+            raise UsageError(
                 f"{path} is neither a run folder (with evaluation/, checkpoints/, zeroshot/ or fewshot/) nor a "
                 "method folder of seed<k>/ run folders"
             )
@@ -255,7 +257,7 @@ def build_table(runs: Sequence[RunResults], baseline: str | None) -> tuple[list[
     notes = [f"{run.method} ({run.folder}): {note}" for run in runs for note in run.notes]
     methods = list(dict.fromkeys(run.method for run in runs))
     if baseline is not None and baseline not in methods:
-        raise ValueError(f"--baseline is {baseline!r}, which is not a method here; methods: {', '.join(methods)}")
+        raise UsageError(f"--baseline is {baseline!r}, which is not a method here; methods: {', '.join(methods)}")
     complete = {kind: _complete(runs, kind, notes) for kind in ("zeroshot", "fewshot")}
     reference = {}
     for kind, scores in complete.items():

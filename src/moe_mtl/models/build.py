@@ -8,6 +8,7 @@ from typing import Any
 
 from transformers import AutoConfig, BartConfig
 
+from ..errors import UsageError
 from .config import MoEBartConfig, MoEOptions, adopt_saved_shape
 from .moe_bart import MoEBartForConditionalGeneration
 from .task_vectors import read_task_embeddings
@@ -40,7 +41,7 @@ def build_model(
     A `task_embeddings` file that names its tasks (`moe-mtl represent`) gives each task id the row of its
     name in `task_names`; a plain matrix is taken in task-id order."""
     if pretrained is not None and bart:
-        raise ValueError("model option `bart` sets the sizes of a new model; leave it unset with `pretrained`")
+        raise UsageError("model option `bart` sets the sizes of a new model; leave it unset with `pretrained`")
     task_vectors = None
     saved_moe = pretrained is not None and AutoConfig.from_pretrained(pretrained).model_type == MoEBartConfig.model_type
     if moe.task_embeddings is not None and not saved_moe:
@@ -52,7 +53,7 @@ def build_model(
         if config.model_type == MoEBartConfig.model_type:
             saved = config.moe_options
             if saved.num_tasks != moe.num_tasks:
-                raise ValueError(
+                raise UsageError(
                     f"the MoE-BART in {pretrained} has a task table of {saved.num_tasks} tasks; "
                     f"the data has {moe.num_tasks}"
                 )
@@ -64,13 +65,13 @@ def build_model(
         else:
             model = MoEBartForConditionalGeneration.from_dense(pretrained, task_vectors, **asdict(moe))
         if vocab_size is not None and vocab_size > model.config.vocab_size:
-            raise ValueError(
+            raise UsageError(
                 f"the tokenizer has {vocab_size} tokens but the model {pretrained} only {model.config.vocab_size}; "
                 f"use the model's own tokenizer (data option `tokenizer: {pretrained}`)"
             )
         return model.train()  # `from_pretrained` returns a model in eval mode: training would run without dropout
     if vocab_size is None:
-        raise ValueError("a new model (no `pretrained`) needs `vocab_size` (linked from the data's tokenizer)")
+        raise UsageError("a new model (no `pretrained`) needs `vocab_size` (linked from the data's tokenizer)")
     sizes = {**SMALL_BART, **(bart or {})}
     config = BartConfig(vocab_size=vocab_size, **special_tokens, **sizes)
     return MoEBartForConditionalGeneration(MoEBartConfig.from_bart_config(config, moe), task_vectors)
@@ -87,7 +88,7 @@ def check_lengths(positions: int, **lengths: int | None) -> None:
     """Data lengths (`max_input_length`, `max_target_length`) within the model's `positions`."""
     for option, length in lengths.items():
         if length is not None and length > positions:
-            raise ValueError(
+            raise UsageError(
                 f"data option `{option}` is {length}, but the model has {positions} positions "
                 f"(max_position_embeddings); use at most {positions}"
             )

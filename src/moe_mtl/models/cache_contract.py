@@ -17,6 +17,8 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import Seq2SeqLMOutput
 from transformers.models.bart.modeling_bart import BartAttention, BartDecoderLayer
 
+from ..errors import UsageError
+
 LEGACY_NAME = "past_key_values"
 """The cache's name up to transformers 5.23."""
 
@@ -47,5 +49,5 @@ def take_cache(cache: Cache | None, kwargs: dict[str, Any]) -> Cache | None:
     and older user code); removes the legacy keyword from `kwargs`."""
     legacy = kwargs.pop(LEGACY_NAME, None)
     if legacy is not None and cache is not None:
-        raise ValueError(f"pass the key/value cache once, as `cache`; got both `cache` and `{LEGACY_NAME}`")
+        raise UsageError(f"pass the key/value cache once, as `cache`; got both `cache` and `{LEGACY_NAME}`")
     return cache if cache is not None else legacy

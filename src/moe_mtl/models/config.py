@@ -13,6 +13,8 @@ from typing import Any, Literal
 from huggingface_hub.dataclasses import strict
 from transformers import BartConfig
 
+from ..errors import UsageError
+
 EXPERT_UNITS = ("layer", "ffn")
 ROUTINGS = ("task", "token")
 ROUTERS = ("mlp", "lstm", "gru", "transformer")
@@ -38,12 +40,12 @@ SHAPE_OPTIONS = (
 
 def _check_choice(option: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
-        raise ValueError(f"MoE option `{option}` is {value!r}; allowed values: {', '.join(map(repr, allowed))}")
+        raise UsageError(f"MoE option `{option}` is {value!r}; allowed values: {', '.join(map(repr, allowed))}")
 
 
 def _check_positive(option: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"MoE option `{option}` is {value!r}; it must be a positive integer")
+        raise UsageError(f"MoE option `{option}` is {value!r}; it must be a positive integer")
 
 
 def _is_number(value: Any) -> bool:
@@ -109,37 +111,37 @@ class MoEOptions:
         _check_choice("routes", self.routes, ROUTE_SOURCES)
         top_k_allowed = range(1, min(self.num_experts, 2 if self.routing == "token" else self.num_experts) + 1)
         if isinstance(self.top_k, bool) or self.top_k not in top_k_allowed:
-            raise ValueError(
+            raise UsageError(
                 f"MoE option `top_k` is {self.top_k!r}; allowed values: {', '.join(map(str, top_k_allowed))} "
                 f"(num_experts={self.num_experts}, routing={self.routing!r})"
             )
         if self.routing == "token" and self.expert_unit != "ffn":
-            raise ValueError(
+            raise UsageError(
                 f"MoE option `expert_unit` is {self.expert_unit!r}, but routing='token' routes tokens "
                 "to feed-forward experts; allowed values with routing='token': 'ffn'"
             )
         if not (_is_number(self.temperature) and self.temperature > 0):
-            raise ValueError(f"MoE option `temperature` is {self.temperature!r}; it must be a number > 0")
+            raise UsageError(f"MoE option `temperature` is {self.temperature!r}; it must be a number > 0")
         if self.capacity_factor is not None:
             if not (_is_number(self.capacity_factor) and self.capacity_factor > 0):
-                raise ValueError(
+                raise UsageError(
                     f"MoE option `capacity_factor` is {self.capacity_factor!r}; it must be a number > 0 or None"
                 )
             if self.routing != "token":
-                raise ValueError("MoE option `capacity_factor` applies only to routing='token'; leave it None")
+                raise UsageError("MoE option `capacity_factor` applies only to routing='token'; leave it None")
         if self.freeze_router:
             if self.routing != "task" or self.routes != "learned":
-                raise ValueError(
+                raise UsageError(
                     "MoE option `freeze_router` applies only to learned task routes (routing='task', "
                     "routes='learned'); other routes have no router"
                 )
             if self.selection not in ("argmax", "softmax"):
-                raise ValueError(
+                raise UsageError(
                     f"MoE option `selection` is {self.selection!r}, but a frozen router (`freeze_router`) routes "
                     "evaluation as training does; allowed with freeze_router: 'argmax', 'softmax'"
                 )
         if (self.routes == "given") != (self.given_routes is not None):
-            raise ValueError("MoE option `given_routes` must be set exactly when routes='given'")
+            raise UsageError("MoE option `given_routes` must be set exactly when routes='given'")
         if self.moe_layers is not None:
             self._check_moe_layers()
 
@@ -147,14 +149,14 @@ class MoEOptions:
         layers = self.moe_layers
         if not isinstance(layers, dict) or set(layers) - {"encoder", "decoder"}:
             keys = sorted(layers) if isinstance(layers, dict) else type(layers).__name__
-            raise ValueError(f"MoE option `moe_layers` has keys {keys}; allowed keys: 'encoder', 'decoder'")
+            raise UsageError(f"MoE option `moe_layers` has keys {keys}; allowed keys: 'encoder', 'decoder'")
         for side, indices in layers.items():
             if not isinstance(indices, list | tuple) or not all(
                 isinstance(i, int) and not isinstance(i, bool) for i in indices
             ):
-                raise ValueError(f"MoE option `moe_layers`: {side} is {indices!r}; it must be a list of layer indices")
+                raise UsageError(f"MoE option `moe_layers`: {side} is {indices!r}; it must be a list of layer indices")
         if not any(layers.values()):
-            raise ValueError("MoE option `moe_layers` routes no layer; name at least one encoder or decoder layer")
+            raise UsageError("MoE option `moe_layers` routes no layer; name at least one encoder or decoder layer")
 
     def routed_layers(self, side: str, num_layers: int) -> list[int]:
         """Indices of the routed layers of one side ("encoder" or "decoder"), checked against its depth."""
@@ -163,7 +165,7 @@ class MoEOptions:
         layers = sorted(set(self.moe_layers.get(side, [])))
         bad = [i for i in layers if not 0 <= i < num_layers]
         if bad:
-            raise ValueError(f"MoE option `moe_layers` names {side} layers {bad}; allowed: 0 to {num_layers - 1}")
+            raise UsageError(f"MoE option `moe_layers` names {side} layers {bad}; allowed: 0 to {num_layers - 1}")
         return layers
 
     @classmethod
@@ -172,7 +174,7 @@ class MoEOptions:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown MoE options {unknown}; allowed options: {', '.join(sorted(known))}")
+            raise UsageError(f"unknown MoE options {unknown}; allowed options: {', '.join(sorted(known))}")
         return cls(**values)
 
 
@@ -191,7 +193,7 @@ def adopt_saved_shape(configured: MoEOptions, saved: MoEOptions, source: str) ->
             continue  # decides no weight here: the configured seed stays (e.g. for random routes of unseen tasks)
         given, kept = values[option], saved_values[option]
         if given != kept and given != defaults[option]:
-            raise ValueError(
+            raise UsageError(
                 f"MoE option `{option}` is {given!r}, but {source} has {kept!r}: it shapes the weights, so it "
                 f"must match; leave it unset (or set it to {kept!r})"
             )

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from transformers import BartForConditionalGeneration
 
+from ..errors import UsageError
 from .config import MoEOptions
 from .moe_bart import ROUTING_PARAMETERS, MoEBartForConditionalGeneration, dense_name
 
@@ -51,13 +52,13 @@ def hard_experts(routes: torch.Tensor, layer_names: Sequence[str], task: str, ca
     expert): such a layer computes a weighted sum of experts, which no single BART layer of this shape equals.
     """
     if routes.shape[0] != len(layer_names):
-        raise ValueError(f"routes of task {task!r} have {routes.shape[0]} layers; the model routes {len(layer_names)}")
+        raise UsageError(f"routes of task {task!r} have {routes.shape[0]} layers; the model routes {len(layer_names)}")
     experts = {}
     for layer, weights in zip(layer_names, routes.float().cpu(), strict=True):
         active = weights.nonzero().flatten().tolist()
         if len(active) != 1 or weights[active[0]].item() != 1.0:
             mixed = ", ".join(f"expert {e} at {weights[e].item():.3g}" for e in active)
-            raise ValueError(f"task {task!r}: routed layer {layer} weights {mixed} ({cause}); {ACCEPTED}")
+            raise UsageError(f"task {task!r}: routed layer {layer} weights {mixed} ({cause}); {ACCEPTED}")
         experts[layer] = active[0]
     return experts
 
@@ -73,7 +74,7 @@ def dense_state_dict(moe_state: Mapping[str, torch.Tensor], experts: Mapping[str
         if match is not None:
             layer = f"{match[1]}.{match[2]}"
             if layer not in experts:
-                raise ValueError(f"MoE weight {name} is in routed layer {layer}, for which no expert was chosen")
+                raise UsageError(f"MoE weight {name} is in routed layer {layer}, for which no expert was chosen")
             if int(match[3]) != experts[layer]:
                 continue
         dense[dense_name(name)] = tensor
@@ -99,7 +100,7 @@ def task_experts(model: MoEBartForConditionalGeneration, task_id: int, task: str
     task = task if task is not None else f"task id {task_id}"
     layers = model.routed_layer_names
     if model.router is None:
-        raise ValueError(
+        raise UsageError(
             f"task {task!r}: routing 'token' picks experts per token in every routed layer ({', '.join(layers)}), "
             f"so no single expert serves the task; {ACCEPTED}"
         )
@@ -117,7 +118,7 @@ def dense_model(model: MoEBartForConditionalGeneration, experts: Mapping[str, in
     state = dense_state_dict(model.state_dict(), experts)
     missing, unexpected = dense.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"dense BART weights missing from the export: {missing[:5]}; left over: {unexpected[:5]}")
+        raise UsageError(f"dense BART weights missing from the export: {missing[:5]}; left over: {unexpected[:5]}")
     dense.generation_config = copy.deepcopy(model.generation_config)
     return dense.to(device=model.device, dtype=model.dtype).eval()
 

@@ -30,6 +30,7 @@ from transformers.models.bart.modeling_bart import (
     shift_tokens_right,
 )
 
+from ..errors import UsageError
 from .cache_contract import GENERATION_NAME, layer_cache, output_cache, take_cache
 from .config import MoEBartConfig, MoEOptions
 from .layers import FFNExpertDecoderLayer, FFNExpertEncoderLayer, LayerExperts, LayerRoute, RouteRecord
@@ -84,13 +85,13 @@ def check_task_ids(task_ids: torch.Tensor | None, batch_size: int, num_tasks: in
     if task_ids is None:
         if num_tasks == 1:
             return torch.zeros(batch_size, dtype=torch.long, device=device)
-        raise ValueError(f"`task_ids` is required: the model has num_tasks={num_tasks}; pass one id per example")
+        raise UsageError(f"`task_ids` is required: the model has num_tasks={num_tasks}; pass one id per example")
     if not isinstance(task_ids, torch.Tensor) or task_ids.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"`task_ids` must be a LongTensor of shape ({batch_size},), got {task_ids!r}")
+        raise UsageError(f"`task_ids` must be a LongTensor of shape ({batch_size},), got {task_ids!r}")
     if task_ids.shape != (batch_size,):
-        raise ValueError(f"`task_ids` has shape {tuple(task_ids.shape)}; expected ({batch_size},), one per example")
+        raise UsageError(f"`task_ids` has shape {tuple(task_ids.shape)}; expected ({batch_size},), one per example")
     if task_ids.numel() and (task_ids.min() < 0 or task_ids.max() >= num_tasks):
-        raise ValueError(
+        raise UsageError(
             f"`task_ids` holds {sorted(set(task_ids.tolist()))}; allowed task ids: 0 to {num_tasks - 1} "
             f"(MoE option `num_tasks`={num_tasks})"
         )
@@ -183,9 +184,9 @@ class MoEBartEncoder(MoEBartStack):
             shape = (batch, self.task_table.embedding.embedding_dim)
         if given is None or (routes is not None and task_vectors is not None):
             routing = "task" if self.router is not None else "token"
-            raise ValueError(f"{routing} routing takes given `{name}` {shape} alone")
+            raise UsageError(f"{routing} routing takes given `{name}` {shape} alone")
         if tuple(given.shape) != shape:
-            raise ValueError(f"given `{name}` have shape {tuple(given.shape)}; expected {shape}")
+            raise UsageError(f"given `{name}` have shape {tuple(given.shape)}; expected {shape}")
 
     def forward(
         self,
@@ -202,14 +203,14 @@ class MoEBartEncoder(MoEBartStack):
         """Encode; routes come from `task_ids`, or are given: `routes` (B, L_enc + L_dec, E) for task routing,
         `task_vectors` (B, t) for token routing, e.g. uniform routes for a task without a trained row."""
         if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+            raise UsageError("You must specify exactly one of input_ids or inputs_embeds")
         if output_attentions or output_hidden_states:
             raise NotImplementedError("MoE-BART does not record attentions or per-layer hidden states")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         batch_size = inputs_embeds.shape[0]
         if attention_mask is not None and attention_mask.shape != inputs_embeds.shape[:2]:
-            raise ValueError(
+            raise UsageError(
                 f"`attention_mask` has shape {tuple(attention_mask.shape)}; expected {tuple(inputs_embeds.shape[:2])}"
             )
         sample = None
@@ -277,7 +278,7 @@ class MoEBartDecoder(MoEBartStack):
         use_cache: bool = False,
     ) -> tuple[torch.Tensor, Cache | None, dict[str, RouteRecord]]:
         if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("You must specify exactly one of decoder_input_ids or decoder_inputs_embeds")
+            raise UsageError("You must specify exactly one of decoder_input_ids or decoder_inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if use_cache and cache is None:
@@ -372,7 +373,7 @@ class MoEBartForConditionalGeneration(PreTrainedModel, GenerationMixin):
         for option in ("encoder_layerdrop", "decoder_layerdrop"):
             if getattr(config, option):
                 # skipping layers at random would also make DDP ranks disagree on which experts ran
-                raise ValueError(f"config `{option}` is {getattr(config, option)}; MoE-BART supports only 0.0")
+                raise UsageError(f"config `{option}` is {getattr(config, option)}; MoE-BART supports only 0.0")
         task_vectors = self._take_task_vectors(config, task_vectors)
         self.model = MoEBartModel(config)
         self.final_logits_bias = nn.Buffer(torch.zeros((1, config.vocab_size)))
@@ -395,7 +396,7 @@ class MoEBartForConditionalGeneration(PreTrainedModel, GenerationMixin):
         if task_vectors is None:
             return None
         if task_vectors.dim() != 2 or task_vectors.shape[0] != options.num_tasks:
-            raise ValueError(
+            raise UsageError(
                 f"task vectors have shape {tuple(task_vectors.shape)}; expected (num_tasks={options.num_tasks}, dim)"
             )
         config.moe = {**config.moe, "task_dim": task_vectors.shape[1], "task_embeddings": None}
@@ -503,17 +504,17 @@ class MoEBartForConditionalGeneration(PreTrainedModel, GenerationMixin):
             source = dense_name(name)
             if source in dense_state:
                 if dense_state[source].shape != tensor.shape:
-                    raise ValueError(
+                    raise UsageError(
                         f"dense weight {source} has shape {tuple(dense_state[source].shape)}; "
                         f"MoE weight {name} needs {tuple(tensor.shape)}"
                     )
                 tensor.copy_(dense_state[source])
                 used.add(source)
             elif not ROUTING_PARAMETERS.search(name):
-                raise ValueError(f"MoE weight {name} has no dense counterpart {source}")
+                raise UsageError(f"MoE weight {name} has no dense counterpart {source}")
         unused = sorted(set(dense_state) - used)
         if unused:
-            raise ValueError(f"dense weights not used by the MoE model: {unused[:5]} ({len(unused)} in all)")
+            raise UsageError(f"dense weights not used by the MoE model: {unused[:5]} ({len(unused)} in all)")
 
     # --- forward ----------------------------------------------------------------------------
     def forward(
@@ -544,7 +545,7 @@ class MoEBartForConditionalGeneration(PreTrainedModel, GenerationMixin):
         cache = take_cache(cache, kwargs)
         unsupported = sorted(key for key, value in kwargs.items() if value is not None and value is not False)
         if unsupported:
-            raise ValueError(f"MoE-BART's forward does not take {unsupported}")
+            raise UsageError(f"MoE-BART's forward does not take {unsupported}")
         if labels is not None:
             use_cache = False
             if decoder_input_ids is None and decoder_inputs_embeds is None:
@@ -553,7 +554,7 @@ class MoEBartForConditionalGeneration(PreTrainedModel, GenerationMixin):
                 )
         if decoder_input_ids is None and decoder_inputs_embeds is None:
             if input_ids is None:
-                raise ValueError("pass `decoder_input_ids`, `labels` or `input_ids`")
+                raise UsageError("pass `decoder_input_ids`, `labels` or `input_ids`")
             decoder_input_ids = shift_tokens_right(
                 input_ids, self.config.pad_token_id, self.config.decoder_start_token_id
             )
@@ -627,7 +628,7 @@ class MoEBartForConditionalGeneration(PreTrainedModel, GenerationMixin):
         implementation = kwargs.get("cache_implementation", generation_config.cache_implementation)
         slots = self.model.decoder.num_cache_slots
         if implementation not in (None, "dynamic") and slots != self.config.decoder_layers:
-            raise ValueError(
+            raise UsageError(
                 f"cache_implementation={implementation!r} sizes the cache by decoder layers "
                 f"({self.config.decoder_layers}), "
                 f"but whole-layer experts need {slots} slots; allowed: 'dynamic' (the default)"

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UsageError
 from .config import MoEOptions
 
 # set on the task table's and router's modules: the model initialises them by PyTorch's rule, not by BART's
@@ -178,7 +179,7 @@ def fixed_route_table(options: MoEOptions, num_layers: int) -> torch.Tensor:
     given = torch.as_tensor(options.given_routes, device=cpu)
     if tuple(given.shape) == shape[:2] and not given.is_floating_point():
         if given.min() < 0 or given.max() >= options.num_experts:
-            raise ValueError(
+            raise UsageError(
                 f"MoE option `given_routes` names experts {sorted(set(given.flatten().tolist()))}; "
                 f"allowed: 0 to {options.num_experts - 1}"
             )
@@ -186,11 +187,11 @@ def fixed_route_table(options: MoEOptions, num_layers: int) -> torch.Tensor:
     if tuple(given.shape) == shape:
         given = given.float()
         if given.min() < 0 or (given.sum(-1) <= 0).any():
-            raise ValueError(
+            raise UsageError(
                 "MoE option `given_routes`: route weights must be >= 0 with a positive sum for every task and layer"
             )
         return given
-    raise ValueError(
+    raise UsageError(
         f"MoE option `given_routes` has shape {tuple(given.shape)}; expected expert indices of shape {shape[:2]} "
         f"(num_tasks, routed layers) or weights of shape {shape}"
     )
@@ -254,15 +255,15 @@ class TaskRouter(nn.Module):
         num_tasks = self.override_mask.shape[0]
         expected = (len(task_ids), self.num_layers, self.num_experts)
         if tuple(routes.shape) != expected:
-            raise ValueError(
+            raise UsageError(
                 f"route overrides have shape {tuple(routes.shape)}; expected (tasks, routed layers, experts) "
                 f"= {expected}"
             )
         bad = [i for i in task_ids.tolist() if not 0 <= i < num_tasks]
         if bad:
-            raise ValueError(f"route overrides name task ids {bad}; allowed: 0 to {num_tasks - 1}")
+            raise UsageError(f"route overrides name task ids {bad}; allowed: 0 to {num_tasks - 1}")
         if not torch.isfinite(routes).all() or routes.min() < 0 or (routes.sum(-1) <= 0).any():
-            raise ValueError("route overrides must be finite, >= 0, with a positive sum for every task and layer")
+            raise UsageError("route overrides must be finite, >= 0, with a positive sum for every task and layer")
         self.override_routes[task_ids.to(self.override_routes.device)] = routes.to(self.override_routes.device)
         self.override_mask[task_ids.to(self.override_mask.device)] = True
 
@@ -280,7 +281,7 @@ class TaskRouter(nn.Module):
 
     def set_temperature(self, value: float) -> None:
         if not value > 0:
-            raise ValueError(f"temperature must be > 0, got {value}")
+            raise UsageError(f"temperature must be > 0, got {value}")
         self.temperature.fill_(value)
 
     def logits(self, task_vectors: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..data.tasks import shortened
+from ..errors import UsageError
 
 FILE_SUFFIXES = (".pt", ".json", ".npy")
 
@@ -28,15 +29,15 @@ def save_task_vectors(path: str | Path, task_names: Sequence[str], vectors: torc
     path = Path(path)
     names = list(task_names)
     if vectors.dim() != 2 or vectors.shape[0] != len(names):
-        raise ValueError(
+        raise UsageError(
             f"{path}: vectors of shape {tuple(vectors.shape)} for {len(names)} task names; expected "
             f"({len(names)}, width)"
         )
     if len(set(names)) != len(names):
         duplicates = sorted({name for name in names if names.count(name) > 1})
-        raise ValueError(f"{path}: task names {duplicates} appear more than once")
+        raise UsageError(f"{path}: task names {duplicates} appear more than once")
     if path.suffix not in (".pt", ".json"):
-        raise ValueError(f"{path}: representation files are written as .pt or .json, not {path.suffix!r}")
+        raise UsageError(f"{path}: representation files are written as .pt or .json, not {path.suffix!r}")
     vectors = vectors.detach().to("cpu", torch.float32)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(f".{path.name}.{os.getpid()}")
@@ -51,9 +52,9 @@ def check_vectors_file(path: str | Path) -> Path:
     """`path`, if it is a file of a readable kind (suffix); a ValueError naming it otherwise."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"representation file {path} does not exist")
+        raise UsageError(f"representation file {path} does not exist")
     if path.suffix not in FILE_SUFFIXES:
-        raise ValueError(f"representation file {path} has suffix {path.suffix!r}; allowed: {', '.join(FILE_SUFFIXES)}")
+        raise UsageError(f"representation file {path} has suffix {path.suffix!r}; allowed: {', '.join(FILE_SUFFIXES)}")
     return path
 
 
@@ -69,7 +70,7 @@ def load_task_vectors(path: str | Path, tasks: Sequence[str] | int, dim: int | N
     names = [f"task {i}" for i in range(tasks)] if isinstance(tasks, int) else list(tasks)
     named, matrix = _read_vectors(path)
     if named is not None and isinstance(tasks, int):
-        raise ValueError(
+        raise UsageError(
             f"representation file {path} gives vectors by task name, but the model was built without task names "
             f"({tasks} task ids): build it through MoEMultiTaskModule or `build_model(task_names=...)`, or give a "
             "plain (tasks, width) matrix"
@@ -78,30 +79,30 @@ def load_task_vectors(path: str | Path, tasks: Sequence[str] | int, dim: int | N
         missing = [name for name in names if name not in named]
         unknown = [name for name in named if name not in set(names)]
         if missing:
-            raise ValueError(
+            raise UsageError(
                 f"representation file {path} has no vector for tasks {shortened(missing)}; it has: "
                 f"{shortened(list(named))}"
             )
         if unknown:
-            raise ValueError(
+            raise UsageError(
                 f"representation file {path} names tasks the data does not have: {shortened(unknown)}; "
                 f"the data's tasks: {shortened(names)}"
             )
         rows = [named[name] for name in names]
         widths = sorted({len(row) for row in rows})
         if len(widths) > 1:
-            raise ValueError(f"representation file {path} holds vectors of different widths {widths}")
+            raise UsageError(f"representation file {path} holds vectors of different widths {widths}")
         matrix = torch.as_tensor(np.asarray(rows, dtype=np.float32)).reshape(len(rows), -1)
     elif matrix.dim() != 2 or matrix.shape[0] != len(names):
-        raise ValueError(
+        raise UsageError(
             f"representation file {path} holds a matrix of shape {tuple(matrix.shape)} without task "
             f"names; its rows are taken in task order, so it needs one row per task: ({len(names)}, "
             f"width) for {shortened(names)}"
         )
     if dim is not None and matrix.shape[1] != dim:
-        raise ValueError(f"representation file {path} holds vectors of width {matrix.shape[1]}; expected width {dim}")
+        raise UsageError(f"representation file {path} holds vectors of width {matrix.shape[1]}; expected width {dim}")
     if not torch.isfinite(matrix).all():
-        raise ValueError(f"representation file {path} holds non-finite values (nan or inf)")
+        raise UsageError(f"representation file {path} holds non-finite values (nan or inf)")
     return matrix.float()
 
 
@@ -115,24 +116,24 @@ def _read_vectors(path: Path) -> tuple[dict[str, Sequence[float]] | None, torch.
         else:
             value = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
-        raise ValueError(f"representation file {path} could not be read: {err}") from None
+        raise UsageError(f"representation file {path} could not be read: {err}") from None
     if isinstance(value, torch.Tensor):
         return None, value
     if isinstance(value, dict) and "vectors" in value and "task_names" in value:
         vectors = torch.as_tensor(value["vectors"])
         if vectors.dim() != 2 or vectors.shape[0] != len(value["task_names"]):
-            raise ValueError(
+            raise UsageError(
                 f"representation file {path}: vectors of shape {tuple(vectors.shape)} for "
                 f"{len(value['task_names'])} task names"
             )
         if len(set(value["task_names"])) != len(value["task_names"]):
-            raise ValueError(f"representation file {path} names some task more than once")
+            raise UsageError(f"representation file {path} names some task more than once")
         return dict(zip(value["task_names"], vectors.tolist(), strict=True)), None
     if isinstance(value, dict) and all(_is_vector(row) for row in value.values()):
         return value, None
     if isinstance(value, list) and all(_is_vector(row) for row in value):
         return None, torch.as_tensor(np.asarray(value, dtype=np.float32))
-    raise ValueError(
+    raise UsageError(
         f"representation file {path} holds {type(value).__name__}; expected {{'task_names', 'vectors'}} "
         "(.pt), {task: [numbers]} (.json), or a (tasks, width) matrix"
     )
@@ -151,4 +152,4 @@ def read_task_embeddings(path: str | Path, tasks: Sequence[str] | int | None) ->
             return None
         return load_task_vectors(path, tasks)
     except ValueError as err:
-        raise ValueError(f"MoE option `task_embeddings`: {err}") from None
+        raise UsageError(f"MoE option `task_embeddings`: {err}") from None

@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from transformers import AutoConfig, BartForConditionalGeneration
 
 from ..analysis.extras import available
+from ..errors import UsageError
 from ..evaluation.analysis import (
     expert_utilisation,
     route_entropy,
@@ -39,13 +40,13 @@ class TemperaturePlan:
 
     def __post_init__(self) -> None:
         if self.schedule not in TEMPERATURE_SCHEDULES:
-            raise ValueError(
+            raise UsageError(
                 f"TemperatureAnnealing: schedule is {self.schedule!r}; allowed: {', '.join(TEMPERATURE_SCHEDULES)}"
             )
         if not (self.start > 0 and self.end > 0):
-            raise ValueError(f"TemperatureAnnealing: start ({self.start}) and end ({self.end}) must be > 0")
+            raise UsageError(f"TemperatureAnnealing: start ({self.start}) and end ({self.end}) must be > 0")
         if self.rate < 0:
-            raise ValueError(f"TemperatureAnnealing: rate is {self.rate}; it must be >= 0")
+            raise UsageError(f"TemperatureAnnealing: rate is {self.rate}; it must be >= 0")
 
     def at(self, step: int, total_steps: int) -> float:
         return temperature_at(step, self.start, self.end, self.schedule, self.rate, self.total_steps or total_steps)
@@ -163,15 +164,15 @@ class TwoStageTraining(Callback):
         restart_lr_schedule: bool = True,
     ):
         if switch_step is not None and switch_epoch is not None:
-            raise ValueError(
+            raise UsageError(
                 f"TwoStageTraining: `switch_step` is {switch_step} and `switch_epoch` {switch_epoch}; give at most "
                 "one of them (neither: single-stage training)"
             )
         for option, value in (("switch_step", switch_step), ("switch_epoch", switch_epoch)):
             if value is not None and value < 0:
-                raise ValueError(f"TwoStageTraining: `{option}` is {value}; it must be >= 0")
+                raise UsageError(f"TwoStageTraining: `{option}` is {value}; it must be >= 0")
         if routes not in ("argmax", "softmax"):
-            raise ValueError(f"TwoStageTraining: `routes` is {routes!r}; allowed: 'argmax', 'softmax'")
+            raise UsageError(f"TwoStageTraining: `routes` is {routes!r}; allowed: 'argmax', 'softmax'")
         self.switch_step = switch_step
         self.switch_epoch = switch_epoch
         self.routes = routes
@@ -196,7 +197,7 @@ class TwoStageTraining(Callback):
         if not learned:
             options = pl_module.model.moe_options
             option = "switch_step" if self.switch_step is not None else "switch_epoch"
-            raise ValueError(
+            raise UsageError(
                 f"TwoStageTraining needs learned task routes (MoE options routing='task', routes='learned'); this "
                 f"model has routing={options.routing!r}, routes={options.routes!r}. Turn two-stage training off "
                 f"with `--two_stage.{option} null` (YAML: `two_stage: {{{option}: null}}`)"
@@ -210,7 +211,7 @@ class TwoStageTraining(Callback):
         try:
             dense = AutoConfig.from_pretrained(self.reinit_experts_from)
         except OSError as err:
-            raise ValueError(
+            raise UsageError(
                 f"TwoStageTraining: `reinit_experts_from` {self.reinit_experts_from!r} cannot be loaded ({err}); "
                 "give a dense BART folder (or a hub name reachable from every node)"
             ) from err
@@ -222,7 +223,7 @@ class TwoStageTraining(Callback):
             if getattr(dense, key, None) != getattr(mine, key)
         ]
         if differ:
-            raise ValueError(
+            raise UsageError(
                 f"TwoStageTraining: `reinit_experts_from` {self.reinit_experts_from!r} does not match the model: "
                 + ", ".join(differ)
             )
@@ -307,9 +308,9 @@ class RoutingMonitor(Callback):
         save_route_tables: bool = True,
     ):
         if every_n_steps < 1:
-            raise ValueError(f"RoutingMonitor: `every_n_steps` is {every_n_steps}; it must be >= 1")
+            raise UsageError(f"RoutingMonitor: `every_n_steps` is {every_n_steps}; it must be >= 1")
         if heatmap_every_n_steps < 1 or heatmap_every_n_steps % every_n_steps:
-            raise ValueError(
+            raise UsageError(
                 f"RoutingMonitor: `heatmap_every_n_steps` is {heatmap_every_n_steps}; it must be a positive multiple "
                 f"of `every_n_steps` ({every_n_steps})"
             )

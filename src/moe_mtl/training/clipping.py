@@ -23,6 +23,8 @@ from lightning.pytorch.strategies import (
 )
 from lightning.pytorch.utilities import rank_zero_warn
 
+from ..errors import UsageError
+
 # where a LightningModule may declare a dict to receive the norms (`GroupGradientClipping`, "Norms for the module")
 NORMS_ATTRIBUTE = "pre_clip_grad_norms"
 
@@ -86,25 +88,25 @@ def gradients_are_sharded(strategy: Strategy) -> bool:
     if isinstance(strategy, FSDPStrategy):
         sharding = strategy.sharding_strategy.name
         if "HYBRID" in sharding:
-            raise ValueError(
+            raise UsageError(
                 f"GroupGradientClipping: FSDP sharding_strategy {sharding} shards gradients within a node and "
                 "replicates them across nodes, which this callback cannot sum correctly; use FULL_SHARD, "
                 "SHARD_GRAD_OP or NO_SHARD"
             )
         return sharding != "NO_SHARD"
     if isinstance(strategy, DeepSpeedStrategy):
-        raise ValueError(
+        raise UsageError(
             f"GroupGradientClipping cannot clip under {name}: DeepSpeed keeps gradients in its engine's buffers and "
             "clips them itself (its `gradient_clipping` setting); train with one device, DDP or FSDP"
         )
     if isinstance(strategy, XLAStrategy):
-        raise ValueError(
+        raise UsageError(
             f"GroupGradientClipping cannot clip under {name}: XLA all-reduces gradients inside its optimizer step, "
             "after `on_before_optimizer_step`; train with one device, DDP or FSDP"
         )
     if isinstance(strategy, SingleDeviceStrategy | DDPStrategy):
         return False
-    raise ValueError(
+    raise UsageError(
         f"GroupGradientClipping supports one device, DDP and FSDP, not {name} (whose gradients may be sharded or "
         "reduced elsewhere)"
     )
@@ -155,11 +157,11 @@ class GroupGradientClipping(Callback):
         self.max_norms = dict(max_norms or {})
         for key, max_norm in self.max_norms.items():
             if not max_norm > 0:  # 0 would zero the grads, a negative limit flip them
-                raise ValueError(f"GroupGradientClipping: max_norms[{key!r}] is {max_norm}; give a max norm > 0")
+                raise UsageError(f"GroupGradientClipping: max_norms[{key!r}] is {max_norm}; give a max norm > 0")
         for outer in self.max_norms:
             for inner in self.max_norms:
                 if inner != outer and in_group(inner, outer):  # a parameter group in both would be clipped twice
-                    raise ValueError(
+                    raise UsageError(
                         f"GroupGradientClipping: max_norms has {outer!r} and {inner!r}, and {outer!r} holds {inner!r}; "
                         "give one of them"
                     )
@@ -173,7 +175,7 @@ class GroupGradientClipping(Callback):
         unknown = [key for key in self.max_norms if not any(in_group(name, key) for name in names)]
         named = [name for name in names if name is not None]
         if not named:
-            raise ValueError(
+            raise UsageError(
                 f"GroupGradientClipping: max_norms names {list(self.max_norms)}, but the optimizer's parameter groups "
                 "have no 'name' (set one per group in `configure_optimizers`)"
             )
@@ -185,7 +187,7 @@ class GroupGradientClipping(Callback):
         scaled = getattr(trainer.precision_plugin, "scaler", None) is not None
         fused = [type(optimizer).__name__ for optimizer in trainer.optimizers if optimizer_unscales_itself(optimizer)]
         if scaled and fused:
-            raise ValueError(
+            raise UsageError(
                 f"GroupGradientClipping: {fused[0]} unscales 16-mixed gradients inside its step, after this callback "
                 "would read them scaled; use it without `fused=True`, or bf16-mixed"
             )

@@ -7,6 +7,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..errors import UsageError
+
 IGNORE_INDEX = -100
 
 
@@ -17,7 +19,7 @@ def label_smoothed_nll(logits: torch.Tensor, labels: torch.Tensor, epsilon: floa
     logits (B, T, V), labels (B, T) → scalar.
     """
     if not 0.0 <= epsilon < 1.0:
-        raise ValueError(f"label smoothing ε is {epsilon}; it must be in [0, 1)")
+        raise UsageError(f"label smoothing ε is {epsilon}; it must be in [0, 1)")
     return F.cross_entropy(
         logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, label_smoothing=epsilon
     )

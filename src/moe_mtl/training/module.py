@@ -18,6 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.optim.lr_scheduler import LambdaLR
 
 from ..data import METRICS, MODEL_INPUTS, PARTITIONS, load_tokenizer
+from ..errors import UsageError
 from ..evaluation.results import evaluation_stem, write_evaluation, write_predictions
 from ..evaluation.task_evaluation import EvaluationResult, TaskEvaluation, gather_predictions
 from ..models import MoEOptions
@@ -61,21 +62,21 @@ def check_module_options(options: Mapping[str, Any]) -> None:
     for name, (valid, allowed) in NUMERIC_OPTIONS.items():
         value = options.get(name)
         if value is not None and (not math.isfinite(value) or not valid(value)):
-            raise ValueError(f"model option `{name}` is {value}; give {allowed}")
+            raise UsageError(f"model option `{name}` is {value}; give {allowed}")
     betas = options.get("betas")
     if betas is not None and (len(betas) != 2 or not all(0 <= beta < 1 for beta in betas)):
-        raise ValueError(f"model option `betas` is {list(betas)}; give two values in [0, 1), e.g. [0.9, 0.999]")
+        raise UsageError(f"model option `betas` is {list(betas)}; give two values in [0, 1), e.g. [0.9, 0.999]")
     if options.get("num_beams") is not None and options["num_beams"] < 1:
-        raise ValueError(f"model option `num_beams` is {options['num_beams']}; it must be >= 1 (1: greedy decoding)")
+        raise UsageError(f"model option `num_beams` is {options['num_beams']}; it must be >= 1 (1: greedy decoding)")
     if options.get("nan_policy", "stop") not in ("stop", "skip"):
-        raise ValueError(f"model option `nan_policy` is {options['nan_policy']!r}; allowed: 'stop', 'skip'")
+        raise UsageError(f"model option `nan_policy` is {options['nan_policy']!r}; allowed: 'stop', 'skip'")
     finetune = options.get("finetune", "all")
     if finetune not in FINETUNE:
-        raise ValueError(f"model option `finetune` is {finetune!r}; allowed: {', '.join(map(repr, FINETUNE))}")
+        raise UsageError(f"model option `finetune` is {finetune!r}; allowed: {', '.join(map(repr, FINETUNE))}")
     moe = options.get("moe") or {}
     frozen_table = moe.freeze_task_table if isinstance(moe, MoEOptions) else moe.get("freeze_task_table", False)
     if finetune == "task_table" and frozen_table:
-        raise ValueError(
+        raise UsageError(
             "model option `finetune` is 'task_table', but moe.freeze_task_table is true: nothing would train"
         )
 
@@ -86,7 +87,7 @@ def require_unused_parameter_detection(trainer, why: str) -> None:
     strategy = trainer.strategy
     plain_ddp = isinstance(strategy, DDPStrategy) and not isinstance(strategy, DeepSpeedStrategy)
     if plain_ddp and not strategy._ddp_kwargs.get("find_unused_parameters", False):
-        raise ValueError(
+        raise UsageError(
             f"{why}, so some parameters get no gradient in a step; DDP needs to know: use trainer option "
             "`strategy: ddp_find_unused_parameters_true` (or DDPStrategy(find_unused_parameters=True))"
         )
@@ -234,10 +235,10 @@ class MoEMultiTaskModule(LightningModule):
             ("task_partitions", self.task_partitions, PARTITIONS),
         ):
             if len(values) != num_tasks:
-                raise ValueError(f"`{option}` names {len(values)} tasks; the model's task table has {num_tasks}")
+                raise UsageError(f"`{option}` names {len(values)} tasks; the model's task table has {num_tasks}")
             unknown = sorted(set(values) - set(allowed)) if allowed else []
             if unknown:  # found now rather than at the end of the first validation
-                raise ValueError(f"`{option}` has {unknown}; allowed: {', '.join(map(repr, allowed))}")
+                raise UsageError(f"`{option}` has {unknown}; allowed: {', '.join(map(repr, allowed))}")
         positions = self.model.config.max_position_embeddings
         check_lengths(positions, max_input_length=max_input_length, max_target_length=max_target_length)
         self.lr_schedule: WarmupLinearDecay | None = None
@@ -318,11 +319,11 @@ class MoEMultiTaskModule(LightningModule):
         at `temperature`; freeze router and task table. Returns the parameters frozen here."""
         router = self.model.router
         if router is None or not router.learned:
-            raise ValueError(
+            raise UsageError(
                 "two-stage training needs learned task routes (MoE options routing='task', routes='learned')"
             )
         if routes not in STAGE_ROUTES:
-            raise ValueError(f"stage-two routes are {routes!r}; allowed: {', '.join(STAGE_ROUTES)}")
+            raise UsageError(f"stage-two routes are {routes!r}; allowed: {', '.join(STAGE_ROUTES)}")
         router.selection = routes
         if temperature is not None:
             router.set_temperature(temperature)
@@ -469,7 +470,7 @@ class MoEMultiTaskModule(LightningModule):
             strategy, DeepSpeedStrategy
         )
         if stage == "fit" and self.hparams.expert_sparse_updates and not local_grads:
-            raise ValueError(
+            raise UsageError(
                 f"expert_sparse_updates cannot keep unrouted experts unchanged under {type(strategy).__name__}: "
                 "it holds the gradients in its own buffers. Set `expert_sparse_updates: false`, or train with "
                 "strategy 'ddp' or one device"
@@ -557,7 +558,7 @@ class MoEMultiTaskModule(LightningModule):
         if saved_tasks is not None and list(saved_tasks) != list(self.task_names):
             pairs = zip(saved_tasks, self.task_names, strict=False)
             first = next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(saved_tasks), len(self.task_names)))
-            raise ValueError(
+            raise UsageError(
                 f"the checkpoint's {len(saved_tasks)} tasks differ from the data's {len(self.task_names)} from task id "
                 f"{first} on; task ids index the task table, so use the data options (source, partition) of training"
             )
@@ -584,7 +585,7 @@ class MoEMultiTaskModule(LightningModule):
     def tokenizer(self):
         if self._tokenizer is None:
             if self.hparams.tokenizer_path is None:
-                raise ValueError("decoding generated outputs needs `tokenizer_path` (linked from the data by the CLI)")
+                raise UsageError("decoding generated outputs needs `tokenizer_path` (linked from the data by the CLI)")
             self._tokenizer = load_tokenizer(self.hparams.tokenizer_path)
         return self._tokenizer
 

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
+from ..errors import UsageError
 from ..models import MoEBartForConditionalGeneration
 from .clipping import group_grad_norms as norms_of_groups
 
@@ -39,7 +40,7 @@ def build_param_groups(model: nn.Module, lrs: Mapping[str, float], weight_decay:
     """
     missing = set(PARAMETER_GROUPS) - set(lrs)
     if missing:
-        raise ValueError(f"learning rates missing for parameter groups {sorted(missing)}")
+        raise UsageError(f"learning rates missing for parameter groups {sorted(missing)}")
     buckets: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         buckets.setdefault((parameter_group(name), decays(name, param)), []).append(param)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+from ..errors import UsageError
+
 TEMPERATURE_SCHEDULES = ("exp", "linear", "cosine")
 TemperatureSchedule = Literal["exp", "linear", "cosine"]
 
@@ -23,13 +25,13 @@ def temperature_at(
     from `start` to `end` over `total_steps` and stay at `end` after it.
     """
     if step < 0:
-        raise ValueError(f"step is {step}; it must be >= 0")
+        raise UsageError(f"step is {step}; it must be >= 0")
     if schedule == "exp":
         return max(start * math.exp(-rate * step), end)
     if schedule not in TEMPERATURE_SCHEDULES:
-        raise ValueError(f"temperature schedule is {schedule!r}; allowed: {', '.join(TEMPERATURE_SCHEDULES)}")
+        raise UsageError(f"temperature schedule is {schedule!r}; allowed: {', '.join(TEMPERATURE_SCHEDULES)}")
     if not total_steps or total_steps < 1:
-        raise ValueError(f"the {schedule!r} temperature schedule needs total_steps >= 1, got {total_steps}")
+        raise UsageError(f"the {schedule!r} temperature schedule needs total_steps >= 1, got {total_steps}")
     progress = min(step / total_steps, 1.0)
     if schedule == "linear":
         return start + (end - start) * progress
@@ -46,7 +48,7 @@ class WarmupLinearDecay:
 
     def __init__(self, warmup_steps: int, total_steps: int, start_step: int = 0):
         if total_steps < 1 or not 0 <= warmup_steps <= total_steps:
-            raise ValueError(
+            raise UsageError(
                 f"need 0 <= warmup_steps <= total_steps and total_steps >= 1; got {warmup_steps}, {total_steps}"
             )
         self.warmup_steps = warmup_steps
@@ -67,6 +69,6 @@ class WarmupLinearDecay:
 def warmup_steps_for(warmup: float, total_steps: int) -> int:
     """`warmup` as steps: a fraction of `total_steps` when below 1 (the paper's 6 %), else a step count."""
     if warmup < 0:
-        raise ValueError(f"`warmup` is {warmup}; give a fraction of the steps in [0, 1) or a step count >= 1")
+        raise UsageError(f"`warmup` is {warmup}; give a fraction of the steps in [0, 1) or a step count >= 1")
     steps = round(warmup * total_steps) if warmup < 1 else int(warmup)
     return min(steps, total_steps)

@@ -20,6 +20,7 @@ from transformers import AutoConfig, BartConfig
 
 from ..data import load_tokenizer
 from ..data.tasks import shortened
+from ..errors import UsageError
 from ..models import MoEBartConfig, MoEBartForConditionalGeneration, MoEOptions
 from ..models.build import SMALL_BART, special_token_ids
 from ..models.config import adopt_saved_shape
@@ -48,10 +49,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if path.is_file():
         if path.suffix != ".ckpt":
-            raise ValueError(f"model option `init_from` {str(path)!r} is not a Lightning checkpoint (.ckpt)")
+            raise UsageError(f"model option `init_from` {str(path)!r} is not a Lightning checkpoint (.ckpt)")
         return path
     if not path.is_dir():
-        raise ValueError(
+        raise UsageError(
             f"model option `init_from` {str(path)!r} does not exist; give a .ckpt file or the folder of a "
             "`moe-mtl fit` run (with checkpoints/best-step*.ckpt or checkpoints/last.ckpt)"
         )
@@ -63,7 +64,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return folder / "last.ckpt"
     found = sorted(p.name for p in folder.glob("*.ckpt"))
     why = f"{len(best)} best checkpoints" if best else "no best-step*.ckpt and no last.ckpt"
-    raise ValueError(
+    raise UsageError(
         f"model option `init_from` {str(path)!r}: {why} in {folder} (found: {found or 'no .ckpt file'}); "
         "give the .ckpt file to start from"
     )
@@ -112,10 +113,10 @@ def read_upstream(init_from: str | Path) -> UpstreamRun:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (OSError, RuntimeError, ValueError) as err:
-        raise ValueError(f"model option `init_from`: {path} could not be read as a checkpoint ({err})") from None
+        raise UsageError(f"model option `init_from`: {path} could not be read as a checkpoint ({err})") from None
     hparams = checkpoint.get("hyper_parameters") or {}
     if "moe" not in hparams or "task_names" not in hparams or "state_dict" not in checkpoint:
-        raise ValueError(
+        raise UsageError(
             f"model option `init_from`: {path} is not a checkpoint of a `moe-mtl fit` run (no MoE-BART "
             "hyper-parameters and weights)"
         )
@@ -138,7 +139,7 @@ def upstream_config(upstream: UpstreamRun, options: MoEOptions, sizes: dict[str,
         try:
             config = AutoConfig.from_pretrained(pretrained)
         except OSError as err:
-            raise ValueError(
+            raise UsageError(
                 f"{upstream.describe()} was built from `pretrained` {pretrained!r}, whose config cannot be read "
                 f"now ({err}); its architecture is needed to rebuild the model"
             ) from None
@@ -163,10 +164,10 @@ def load_upstream_weights(model: MoEBartForConditionalGeneration, upstream: Upst
     target = model.state_dict()
     extra = sorted(set(source) - set(target))
     if extra:
-        raise ValueError(f"{upstream.describe()} has weights the new model lacks: {shortened(extra)}")
+        raise UsageError(f"{upstream.describe()} has weights the new model lacks: {shortened(extra)}")
     missing = sorted(set(target) - set(source) - set(OPTIONAL_WEIGHTS))
     if missing:
-        raise ValueError(f"{upstream.describe()} lacks weights of the new model: {shortened(missing)}")
+        raise UsageError(f"{upstream.describe()} lacks weights of the new model: {shortened(missing)}")
     mapped = [(new, old) for new, old in enumerate(rows) if old is not None]
     new_ids = torch.tensor([new for new, _ in mapped], dtype=torch.long)
     old_ids = torch.tensor([old for _, old in mapped], dtype=torch.long)
@@ -176,7 +177,7 @@ def load_upstream_weights(model: MoEBartForConditionalGeneration, upstream: Upst
         value = source[name]
         per_task = name in PER_TASK_WEIGHTS
         if (value.shape[1:] if per_task else value.shape) != (weight.shape[1:] if per_task else weight.shape):
-            raise ValueError(
+            raise UsageError(
                 f"weight {name} has shape {tuple(value.shape)} in {upstream.describe()} and {tuple(weight.shape)} "
                 "in the new model; the architecture options (bart sizes, pretrained, MoE shape options) must match"
             )
@@ -193,11 +194,11 @@ def run_tokenizer_path(upstream: UpstreamRun, tokenizer: str | None) -> str:
 
     path = upstream.tokenizer_path
     if path is None:
-        raise ValueError(f"{upstream.describe()} records no `tokenizer_path`; give data option `tokenizer`")
+        raise UsageError(f"{upstream.describe()} records no `tokenizer_path`; give data option `tokenizer`")
     if tokenizer is None or tokenizer == path:
         return path
     if load_tokenizer(tokenizer).get_vocab() != load_tokenizer(path).get_vocab():
-        raise ValueError(
+        raise UsageError(
             f"init_from with a mismatched vocabulary: data option `tokenizer` {tokenizer!r} has another vocabulary "
             f"than the tokenizer of {upstream.describe()} ({path}); leave `tokenizer` unset to use the upstream one"
         )
@@ -226,7 +227,7 @@ def check_vocabulary(upstream: UpstreamRun, tokenizer_size: int | None) -> None:
     """The new run's tokenizer must be the upstream one's size (token ids index the trained embeddings)."""
     size = upstream.hparams.get("tokenizer_size")
     if tokenizer_size is not None and size is not None and tokenizer_size != size:
-        raise ValueError(
+        raise UsageError(
             f"init_from with a mismatched vocabulary: the data's tokenizer has {tokenizer_size} tokens, "
             f"{upstream.describe()} was trained with {size} ({upstream.tokenizer_path}); use that tokenizer "
             "(leave data option `tokenizer` unset, or set it to the upstream one)"
@@ -263,14 +264,14 @@ def build_from_upstream(
     for option, given in (("pretrained", pretrained), ("bart", bart)):
         kept = upstream.hparams.get(option)
         if given is not None and given != kept:
-            raise ValueError(
+            raise UsageError(
                 f"model option `{option}` is {given!r}, but {upstream.describe()} has {kept!r}: with "
                 f"`init_from` the architecture is the upstream run's; leave `{option}` unset"
             )
         architecture[option] = kept
     check_vocabulary(upstream, tokenizer_size)
     if configured.task_embeddings is not None:
-        raise ValueError(
+        raise UsageError(
             f"MoE option `task_embeddings` is {configured.task_embeddings!r}, but with `init_from` the task table "
             "is the upstream run's (rows by task name; unseen tasks: `unseen_routes`, e.g. 'representation' with "
             "`representation: <file>`); set it to null"
@@ -309,12 +310,12 @@ def build_from_upstream(
     )
     if unseen_routes == "learned":
         if options.freeze_task_table:
-            raise ValueError(
+            raise UsageError(
                 "model option `unseen_routes` is 'learned', but moe.freeze_task_table is true: the new rows "
                 "could not be trained; set moe.freeze_task_table false"
             )
         if options.selection == "argmax":
-            raise ValueError(
+            raise UsageError(
                 "model option `unseen_routes` is 'learned', but moe.selection 'argmax' passes no gradient to the "
                 "new rows; allowed: softmax, gumbel, gumbel_st, switch, reinforce"
             )

@@ -51,6 +51,7 @@ from transformers.models.bart.modeling_bart import shift_tokens_right
 from ..data import MultiTaskDataModule, Task
 from ..data.tasks import ALL_SEEDS, Example
 from ..data.tokenizer import text_hash, tokenizer_fingerprint
+from ..errors import UsageError
 from ..models import MoEBartConfig, MoEBartForConditionalGeneration, MoEOptions
 from ..models.moe_bart import ROUTING_PARAMETERS
 from ..models.task_vectors import load_task_vectors, save_task_vectors
@@ -229,7 +230,7 @@ def diagonal_fisher(
     device = next(model.parameters()).device
     named = fisher_parameters(model)
     if not named:
-        raise ValueError(
+        raise UsageError(
             f"{type(model).__name__} has no weight matrices in `.layers.` to take a Fisher embedding over; "
             "Fisher embeddings need a BART-style encoder-decoder"
         )
@@ -335,14 +336,14 @@ def read_model_folder(path: str | Path) -> tuple[PretrainedConfig, PreTrainedTok
     only when the cache does not already hold the result)."""
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise ValueError(
+        raise UsageError(
             f"`encoder` {str(path)!r} is not a model folder (no config.json); give a local folder "
             "written by `save_pretrained`"
         )
     try:
         return AutoConfig.from_pretrained(path), AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
-        raise ValueError(f"`encoder` {str(path)!r} could not be loaded: {err}") from err
+        raise UsageError(f"`encoder` {str(path)!r} could not be loaded: {err}") from err
 
 
 def load_folder_model(path: str | Path, config: PretrainedConfig, kind: str) -> Model:
@@ -385,21 +386,21 @@ def compute_representations(
     fewshot_seed: the k-shot training split of tasks that have them (see `training_examples`).
     """
     if kind not in REPRESENTATION_KINDS:
-        raise ValueError(f"representation kind is {kind!r}; allowed: {', '.join(map(repr, REPRESENTATION_KINDS))}")
+        raise UsageError(f"representation kind is {kind!r}; allowed: {', '.join(map(repr, REPRESENTATION_KINDS))}")
     if (model is None) == (encoder is None):
-        raise ValueError(
+        raise UsageError(
             f"{kind} representations need exactly one of `model` (with `tokenizer`) or `encoder` (a folder)"
         )
     for option, value in (("dim", dim), ("max_examples", max_examples), ("batch_size", batch_size)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"representation option `{option}` is {value!r}; it must be a positive integer")
+            raise UsageError(f"representation option `{option}` is {value!r}; it must be a positive integer")
     if not tasks:
-        raise ValueError("no tasks to compute representations of")
+        raise UsageError("no tasks to compute representations of")
     names = [task.name for task in tasks]
     if len(set(names)) != len(names):
-        raise ValueError(f"tasks {sorted({n for n in names if names.count(n) > 1})} appear more than once")
+        raise UsageError(f"tasks {sorted({n for n in names if names.count(n) > 1})} appear more than once")
     if model is not None and tokenizer is None:
-        raise ValueError("representations of a `model` need its `tokenizer` (the tokenizer of its training run)")
+        raise UsageError("representations of a `model` need its `tokenizer` (the tokenizer of its training run)")
     config = model.config if model is not None else None
     if encoder is not None:
         config, folder_tokenizer = read_model_folder(encoder)
@@ -451,7 +452,7 @@ def load_run_model(init_from: str | Path) -> tuple[MoEBartForConditionalGenerati
     try:
         module = MoEMultiTaskModule.load_from_checkpoint(path, map_location="cpu")
     except (OSError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError) as err:
-        raise ValueError(f"`init_from`: {path} could not be loaded as a `moe-mtl fit` checkpoint ({err})") from None
+        raise UsageError(f"`init_from`: {path} could not be loaded as a `moe-mtl fit` checkpoint ({err})") from None
     return module.model, module.tokenizer, module.model.moe_options.task_dim
 
 
@@ -460,7 +461,7 @@ def config_section(path: str | Path, section: str) -> dict[str, Any]:
     try:
         config = yaml.safe_load(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError) as err:
-        raise ValueError(f"`--config` {str(path)!r} could not be read: {err}") from None
+        raise UsageError(f"`--config` {str(path)!r} could not be read: {err}") from None
     value = config.get(section) or {}
     return dict(value.get("init_args", value)) if isinstance(value, dict) else {}
 
@@ -513,14 +514,14 @@ def run_represent(args: Sequence[str]) -> torch.Tensor:
 def represent(options) -> tuple[torch.Tensor, list[str]]:
     """The work of `moe-mtl represent` for parsed `options`; returns (vectors, task names)."""
     if (options.encoder is None) == (options.init_from is None):
-        raise ValueError("give exactly one of `--encoder` (a model folder) or `--init_from` (a run's checkpoint)")
+        raise UsageError("give exactly one of `--encoder` (a model folder) or `--init_from` (a run's checkpoint)")
     if Path(options.output).suffix not in (".pt", ".json"):
-        raise ValueError(f"`--output` {options.output!r} must end in .pt or .json")
+        raise UsageError(f"`--output` {options.output!r} must end in .pt or .json")
     section = config_section(options.config, "data")
     allowed = inspect.signature(MultiTaskDataModule).parameters
     unknown = sorted(set(section) - set(allowed))
     if unknown:
-        raise ValueError(
+        raise UsageError(
             f"the `data` section of {options.config} has unknown options {unknown}; allowed: {', '.join(allowed)}"
         )
     data = MultiTaskDataModule(**section)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 
 from ..data.tasks import shortened
+from ..errors import UsageError
 from ..models import MoEBartForConditionalGeneration
 
 UNSEEN_ROUTES = ("representation", "nearest", "average", "random", "learned")
@@ -60,14 +61,14 @@ def check_source(unseen_routes: str, representation: str, routing: str) -> None:
     """Options of the unseen routes: a known source, a representation kind or an existing file, and a source the
     routing supports (token routing has no task router: no route override)."""
     if unseen_routes not in UNSEEN_ROUTES:
-        raise ValueError(f"model option `unseen_routes` is {unseen_routes!r}; allowed: {', '.join(UNSEEN_ROUTES)}")
+        raise UsageError(f"model option `unseen_routes` is {unseen_routes!r}; allowed: {', '.join(UNSEEN_ROUTES)}")
     if representation not in REPRESENTATION_KINDS and not Path(representation).is_file():
-        raise ValueError(
+        raise UsageError(
             f"model option `representation` is {representation!r}: neither a kind ({', '.join(REPRESENTATION_KINDS)}) "
             "nor an existing representation file"
         )
     if routing == "token" and unseen_routes == "random":
-        raise ValueError(
+        raise UsageError(
             "model option `unseen_routes` is 'random', but token routing (moe.routing='token') has no task routes to "
             "fix; allowed with token routing: representation, nearest, average, learned"
         )
@@ -100,16 +101,16 @@ def assign_unseen_routes(
     table, router = model.task_table.embedding.weight, model.router
     ids = torch.tensor(unseen, dtype=torch.long)
     if source in NEEDS_REPRESENTATIONS and representations is None:
-        raise ValueError(f"unseen routes {source!r} need task representations")
+        raise UsageError(f"unseen routes {source!r} need task representations")
     if source in ("representation", "learned") and router is not None and not router.learned:
-        raise ValueError(
+        raise UsageError(
             f"unseen routes {source!r} give a task-table row, but the routes are fixed (moe.routes="
             f"{model.moe_options.routes!r}), not computed from rows; allowed: nearest, average, random"
         )
     if source == "representation":
         vectors = representations[ids]
         if vectors.shape[1] != table.shape[1]:
-            raise ValueError(
+            raise UsageError(
                 f"unseen routes 'representation': the representations have width {vectors.shape[1]}, the task table "
                 f"task_dim={table.shape[1]}; use representations of the kind and width the table was trained with"
             )
@@ -117,7 +118,7 @@ def assign_unseen_routes(
         return {}
     if source == "nearest":
         if not seen:
-            raise ValueError("unseen routes 'nearest': no task of the data has a trained row to copy")
+            raise UsageError("unseen routes 'nearest': no task of the data has a trained row to copy")
         keys = torch.tensor(seen, dtype=torch.long)
         nearest = keys[nearest_rows(representations[ids].float(), representations[keys].float())]
         table[ids] = table[nearest]
@@ -129,11 +130,11 @@ def assign_unseen_routes(
         return {names[u]: [names[n]] for u, n in zip(unseen, nearest.tolist(), strict=True)}
     if source == "learned" or (source == "average" and router is None):
         if len(seen_rows) == 0:
-            raise ValueError(f"unseen routes {source!r}: the upstream run has no trained rows to average")
+            raise UsageError(f"unseen routes {source!r}: the upstream run has no trained rows to average")
         table[ids] = seen_rows.float().mean(0).to(table.dtype)
         return {}
     if router is None:
-        raise ValueError(f"unseen routes {source!r} need task routing (moe.routing='task')")
+        raise UsageError(f"unseen routes {source!r} need task routing (moe.routing='task')")
     layers, experts = router.num_layers, router.num_experts
     if source == "average":
         routes = average_routes(len(unseen), layers, experts)
@@ -162,12 +163,12 @@ def representations_of_tasks(
     if representation not in REPRESENTATION_KINDS:
         return load_task_vectors(representation, task_names)
     if datamodule is None:
-        raise ValueError(
+        raise UsageError(
             f"representation {representation!r} of unseen tasks is computed from the data module's tasks: run "
             "under a Trainer with the data module, or give a representation file"
         )
     if list(datamodule.task_names) != list(task_names):
-        raise ValueError(
+        raise UsageError(
             f"the data module's tasks ({shortened(datamodule.task_names)}) differ from the model's "
             f"({shortened(list(task_names))})"
         )

@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ...errors import UsageError
 from ..tasks import DataError, Example, Task, options_from_dict
 
 WORDS = ("apple", "egg", "ice", "owl", "umbrella", "arm", "cat", "dog", "sun", "pen", "box", "hat")
@@ -77,7 +78,7 @@ class SkillTask:
     def __post_init__(self) -> None:
         misfits = [name for name in self.skills if self.domain not in SKILLS[name].domains]
         if misfits:
-            raise ValueError(f"skill task {self.name!r}: skills {misfits} do not apply to {self.domain}")
+            raise UsageError(f"skill task {self.name!r}: skills {misfits} do not apply to {self.domain}")
 
     @property
     def name(self) -> str:
