@@ -21,8 +21,7 @@ FAILING_WRITE = textwrap.dedent(
     import torch
     from lightning.pytorch import LightningModule, Trainer
 
-    from moe_mtl.evaluation.analysis import write_route_table
-    from moe_mtl.evaluation.results import write_predictions
+    from moe_mtl.runs import write_predictions, write_route_table
 
     folder = Path(sys.argv[1])
 

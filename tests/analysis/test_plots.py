@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from moe_mtl.analysis.extras import require
 from moe_mtl.analysis.plots import group_order, route_dynamics_figure, route_heatmap_figure
-from moe_mtl.evaluation.analysis import route_table_record, write_route_table
+from moe_mtl.extras import require
+from moe_mtl.runs import route_table_record, write_route_table
 
 TASKS = ["sort", "sum", "evens", "count", "reverse"]
 LAYERS = ["encoder.0", "encoder.1", "decoder.0"]

@@ -5,8 +5,8 @@ import json
 
 import torch
 
-from moe_mtl.evaluation.results import evaluation_stem, write_evaluation, write_predictions
 from moe_mtl.evaluation.task_evaluation import TaskEvaluation
+from moe_mtl.runs import evaluation_stem, write_evaluation, write_predictions
 
 
 def test_evaluation_stem_names_a_checkpoint_evaluated_on_its_own(tmp_path):

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from moe_mtl.cli import main
+from moe_mtl.evaluation.metrics import average_relative_gain
 from moe_mtl.experiments.summary import (
     RunResults,
-    average_relative_gain,
     build_table,
     format_value,
     mean_std,
@@ -35,12 +35,12 @@ def test_arg_is_the_mean_of_per_task_relative_gains_not_the_gain_of_the_means():
 
 
 def test_arg_over_a_zero_baseline_is_infinite_or_nan_as_in_the_released_code():
-    assert average_relative_gain({"a": 0.5, "b": 0.5}, {"a": 0.0, "b": 0.5}) == math.inf
-    assert math.isnan(average_relative_gain({"a": 0.0}, {"a": 0.0}))
+    assert average_relative_gain({"a": 0.5, "b": 0.5}, {"a": 0.0, "b": 0.5}, zero_baseline=True) == math.inf
+    assert math.isnan(average_relative_gain({"a": 0.0}, {"a": 0.0}, zero_baseline=True))
 
 
 def test_arg_needs_the_same_tasks_on_both_sides():
-    with pytest.raises(ValueError, match=r"only in the scores: \['c'\], only in the baseline: \[\]"):
+    with pytest.raises(ValueError, match=r"only in method: \['c'\], only in baseline: \[\]"):
         average_relative_gain({"a": 0.5, "c": 0.1}, {"a": 0.4})
 
 

@@ -7,9 +7,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import BartForConditionalGeneration
 
-from moe_mtl import MoEBartForConditionalGeneration
+from moe_mtl import MoEBartConfig, MoEBartForConditionalGeneration, MoEOptions
 from moe_mtl.models.cache_contract import GENERATION_NAME, LAYER_NAME
-from moe_mtl.models.moe_bart import dense_name
+from moe_mtl.models.conversion import dense_name
+from moe_mtl.representations.files import configured_representations, read_task_embeddings
 
 from .conftest import generating_model, tiny_bart_config, tiny_moe
 
@@ -258,7 +259,9 @@ def test_save_and_load_give_identical_outputs(batch, tmp_path, options):
 def test_given_task_vectors_initialise_the_table(tmp_path, batch):
     vectors = torch.randn(4, 12)
     torch.save(vectors, tmp_path / "tasks.pt")
-    model = tiny_moe(num_experts=2, num_tasks=4, task_embeddings=str(tmp_path / "tasks.pt"))
+    options = MoEOptions(num_experts=2, num_tasks=4, task_embeddings=str(tmp_path / "tasks.pt"))
+    read = configured_representations(options, None)  # models read no files: the caller does
+    model = MoEBartForConditionalGeneration(MoEBartConfig.from_bart_config(tiny_bart_config(), options), read)
     assert torch.equal(model.task_table.embedding.weight, vectors)
     model.save_pretrained(tmp_path / "model")
     assert torch.equal(
@@ -361,8 +364,9 @@ def test_from_pretrained_keeps_the_task_table_frozen(tmp_path):
 def test_task_vectors_travel_with_the_checkpoint_not_the_file(dense, batch, tmp_path):
     vectors = torch.randn(4, 12)
     torch.save(vectors, tmp_path / "tasks.pt")
+    read = read_task_embeddings(tmp_path / "tasks.pt", 4)
     model = MoEBartForConditionalGeneration.from_dense(
-        dense, num_experts=2, num_tasks=4, task_embeddings=str(tmp_path / "tasks.pt")
+        dense, read, num_experts=2, num_tasks=4, task_embeddings=str(tmp_path / "tasks.pt")
     ).eval()
     assert (model.moe_options.task_dim, model.moe_options.task_embeddings) == (12, None)
     model.save_pretrained(tmp_path / "model")
@@ -370,6 +374,12 @@ def test_task_vectors_travel_with_the_checkpoint_not_the_file(dense, batch, tmp_
     loaded = MoEBartForConditionalGeneration.from_pretrained(tmp_path / "model").eval()
     assert torch.equal(loaded.task_table.embedding.weight, vectors)
     assert torch.equal(logits(loaded, batch), logits(model, batch))
+
+
+def test_the_model_reads_no_representation_file(tmp_path):
+    torch.save(torch.randn(4, 12), tmp_path / "tasks.pt")
+    with pytest.raises(ValueError, match=r"`task_embeddings` is .*tasks.pt', but the model reads no file"):
+        tiny_moe(num_experts=2, num_tasks=4, task_embeddings=str(tmp_path / "tasks.pt"))
 
 
 def test_tensor_task_vectors_must_have_a_row_per_task(dense):

@@ -20,7 +20,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from transformers import BartConfig, BartForConditionalGeneration
 
 from moe_mtl.analysis.plots import route_heatmap_figure
-from moe_mtl.models.moe_bart import dense_name
+from moe_mtl.models.conversion import dense_name
 from moe_mtl.training import RoutingMonitor, TemperatureAnnealing, TemperaturePlan, TwoStageTraining
 from moe_mtl.training.schedules import temperature_at, warmup_steps_for
 

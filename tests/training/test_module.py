@@ -667,17 +667,17 @@ def test_step_checkpoints_are_named_by_their_own_step_after_a_validation(two_tas
 
 
 def test_a_representation_file_gives_each_task_the_row_of_its_name(two_tasks, tmp_path):
-    from moe_mtl.models.task_vectors import save_task_vectors
+    from moe_mtl.representations.files import save_representations
 
     names = list(two_tasks.task_names)
     vectors = torch.arange(len(names) * 3, dtype=torch.float32).reshape(len(names), 3)
     path = tmp_path / "tasks.pt"
-    save_task_vectors(path, names[::-1], vectors.flip(0))  # the file lists the tasks in another order
+    save_representations(path, names[::-1], vectors.flip(0))  # the file lists the tasks in another order
     module = make_module(two_tasks, moe={"task_embeddings": str(path)})
     assert torch.equal(module.model.task_table.embedding.weight.detach(), vectors)
     # the table is in the weights: the options in effect (and so the checkpoint) no longer name the file
     assert (module.hparams.moe["task_embeddings"], module.hparams.moe["task_dim"]) == (None, 3)
-    save_task_vectors(path, names[:1], vectors[:1])
+    save_representations(path, names[:1], vectors[:1])
     with pytest.raises(ValueError, match=f"no vector for tasks .*{names[1]}"):
         make_module(two_tasks, moe={"task_embeddings": str(path)})
 

@@ -6,9 +6,9 @@ them inside the functions that need them, so `import moe_mtl` works without them
 (`analysis.command`) and expert disabling import the training package: import them from their modules.
 """
 
+from ..extras import require
 from .agreement import route_agreement, route_skill_agreement
 from .correlation import CorrelationResult, benjamini_hochberg, expert_usage, feature_usage_correlation
-from .extras import require
 
 __all__ = [
     "CorrelationResult",

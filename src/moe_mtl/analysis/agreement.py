@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import UsageError
-from .extras import require
+from ..extras import require
 
 
 def route_agreement(routes: torch.Tensor) -> np.ndarray:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import UsageError
-from .extras import require
+from ..extras import require
 
 
 def expert_usage(routes: torch.Tensor, layer_names: Sequence[str]) -> tuple[list[str], np.ndarray]:
@@ -33,7 +33,8 @@ def expert_usage(routes: torch.Tensor, layer_names: Sequence[str]) -> tuple[list
 
 
 def benjamini_hochberg(p_values: Sequence[float] | np.ndarray) -> np.ndarray:
-    """Benjamini–Hochberg adjusted p-values (q-values), same order as `p_values`.
+    """Benjamini–Hochberg adjusted p-values (q-values), same order as `p_values` (scipy's
+    `false_discovery_control`, method "bh"), with the checks this module's callers rely on.
 
     q_(i) = min over j >= i of m·p_(j)/j for the ascending p_(1) <= … <= p_(m), capped at 1; a test is
     significant at false discovery rate α when its q <= α.
@@ -41,16 +42,9 @@ def benjamini_hochberg(p_values: Sequence[float] | np.ndarray) -> np.ndarray:
     p = np.asarray(p_values, dtype=np.float64)
     if p.ndim != 1 or np.isnan(p).any() or (p < 0).any() or (p > 1).any():
         raise UsageError(f"p_values: expected a 1-D array of probabilities in [0, 1], got {p!r}")
-    m = len(p)
-    if m == 0:
+    if len(p) == 0:
         return p.copy()
-    order = np.argsort(p, kind="stable")
-    scaled = p[order] * m / np.arange(1, m + 1)
-    # the running minimum from the largest p down makes q monotone in p
-    adjusted = np.minimum(np.minimum.accumulate(scaled[::-1])[::-1], 1.0)
-    q = np.empty(m)
-    q[order] = adjusted
-    return q
+    return require("scipy.stats").false_discovery_control(p, method="bh")
 
 
 @dataclass

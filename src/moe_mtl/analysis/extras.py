@@ -1,25 +1,6 @@
-"""The optional extra `analysis` (scipy, matplotlib): imported on first use, with an error that says how to get it."""
+"""Transitional: `moe_mtl.extras` is the home of these; kept until training/callbacks.py (RoutingMonitor) imports
+them from there (the lead re-points it at merge), then deleted."""
 
-from __future__ import annotations
+from ..extras import EXTRA, available, require
 
-import importlib
-from types import ModuleType
-
-EXTRA = "moe-mtl[analysis]"
-
-
-def require(module: str) -> ModuleType:
-    """Import `module` (e.g. "scipy.stats", "matplotlib.figure"), or raise an ImportError naming the extra."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as err:
-        raise ImportError(f"route analysis needs {module.split('.')[0]} ({err}): pip install {EXTRA}") from err
-
-
-def available(module: str) -> bool:
-    """Whether `module` can be imported (the RoutingMonitor falls back to its numpy image without matplotlib)."""
-    try:
-        require(module)
-    except ImportError:
-        return False
-    return True
+__all__ = ["EXTRA", "available", "require"]

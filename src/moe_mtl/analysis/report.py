@@ -18,9 +18,10 @@ import torch.nn.functional as F
 
 from ..data.tasks import Task, feature_table
 from ..errors import UsageError
+from ..evaluation.routes import route_heatmap_figure
 from .agreement import route_skill_agreement
 from .correlation import correlation_markdown, expert_usage, feature_usage_correlation
-from .plots import route_dynamics_figure, route_heatmap_figure
+from .plots import route_dynamics_figure
 from .run import RunFolder
 
 GROUP_ALIASES = {"family": "families", "skill": "skills"}  # --group_by names → skill-suite feature names

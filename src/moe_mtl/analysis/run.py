@@ -1,32 +1,24 @@
-"""A trained run's files, as `moe-mtl analyze` reads them: route tables, checkpoint, data options and tasks.
+"""A trained run as `moe-mtl analyze` reads it: its route tables, checkpoint and model, data options and tasks.
 
-A run folder (`runs/<name>/version_N/`) holds `routes/step<N>.json` (RoutingMonitor), `checkpoints/*.ckpt`,
-`config.yaml` (LightningCLI) and `evaluation/`. A checkpoint path stands for the run folder it is in.
+The folder layout, the checkpoint of a run and the route-table files are `moe_mtl.runs`'; this adds what needs
+the training package (the checkpoint's model) or the data (the run's tasks).
 """
 
 from __future__ import annotations
 
-import json
-import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from ..data import MultiTaskDataModule
 from ..data.tasks import Task
 from ..errors import UsageError
+from ..runs import checkpoint_run_folder, read_checkpoint, read_route_tables, route_table_record, run_checkpoint
 
-ROUTE_TABLE = re.compile(r"step(\d+)\.json")
 FEATURE_SIZES = {"train_size": 1, "dev_size": 1, "test_size": 1, "shots": 2}  # skill-suite features ignore sizes
-
-
-def checkpoint_run_folder(checkpoint: Path) -> Path:
-    """The run folder a checkpoint belongs to: `runs/x/version_0` for `runs/x/version_0/checkpoints/last.ckpt`."""
-    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
 
 
 @dataclass
@@ -40,8 +32,8 @@ class RunFolder:
 
     @classmethod
     def resolve(cls, target: str | Path, ckpt_path: str | Path | None = None) -> RunFolder:
-        """From a run folder or a checkpoint file; `ckpt_path` names the checkpoint of a run folder (default: its
-        single best-*.ckpt, else last.ckpt)."""
+        """From a run folder or a checkpoint file; `ckpt_path` names the checkpoint of a run folder (default: the
+        run's checkpoint, `runs.run_checkpoint`)."""
         target = Path(target)
         if target.is_file():
             if target.suffix != ".ckpt":
@@ -53,16 +45,13 @@ class RunFolder:
             if not Path(ckpt_path).is_file():
                 raise UsageError(f"ckpt_path: {ckpt_path} is not a file")
             return cls(target, Path(ckpt_path), named=True)
-        best = sorted((target / "checkpoints").glob("best-*.ckpt"))
-        last = target / "checkpoints" / "last.ckpt"
-        return cls(target, best[0] if len(best) == 1 else last if last.is_file() else None)
+        return cls(target, run_checkpoint(target))
 
     # --- route tables ---------------------------------------------------------------------------------------
 
     def route_records(self) -> list[dict[str, Any]]:
-        """The saved route tables (`evaluation.analysis.route_table_record`), by step."""
-        files = [p for p in (self.path / "routes").glob("step*.json") if ROUTE_TABLE.fullmatch(p.name)]
-        return sorted((json.loads(p.read_text()) for p in files), key=lambda record: record["step"])
+        """The saved route tables (`runs.route_table_record`), by step."""
+        return read_route_tables(self.path)
 
     def route_record(self, step: int | None = None) -> dict[str, Any]:
         """The route table at `step`; None: the named checkpoint's routes, else the last saved table (none saved:
@@ -84,8 +73,6 @@ class RunFolder:
 
     def checkpoint_record(self) -> dict[str, Any]:
         """The checkpoint's route table (`MoEMultiTaskModule.route_table`) as a route-table record."""
-        from ..evaluation.analysis import route_table_record
-
         module = self.load_module()
         step = int(self.checkpoint_contents.get("global_step", 0))
         return route_table_record(module.route_table(), module.task_names, module.model.routed_layer_names, step)
@@ -96,7 +83,7 @@ class RunFolder:
     def checkpoint_contents(self) -> dict[str, Any]:
         if self.checkpoint is None:
             raise UsageError(f"run: {self.path} has no checkpoint (checkpoints/*.ckpt); name one with --ckpt_path")
-        return torch.load(self.checkpoint, map_location="cpu", weights_only=True, mmap=True)
+        return read_checkpoint(self.checkpoint)
 
     def load_module(self):
         """The model of the checkpoint (`MoEMultiTaskModule.load_from_checkpoint`), on the CPU, in eval mode."""
@@ -129,3 +116,6 @@ class RunFolder:
         if options.get("source", "skills") == "skills":
             options["skills"] = {**(options.get("skills") or {}), **FEATURE_SIZES}
         return MultiTaskDataModule(**options).tasks
+
+
+__all__ = ["RunFolder", "checkpoint_run_folder"]  # checkpoint_run_folder: cli.py's import, until the lead re-points it

@@ -1,1 +1,1 @@
-"""Evaluation: CrossFit metrics and ARG, and route analysis."""
+"""Evaluation: CrossFit metrics and ARG, per-task evaluation, and route statistics and the route heatmap."""

@@ -175,10 +175,19 @@ def score(metric: str, predictions: Sequence[str], references: Sequence[Sequence
     return METRIC_FUNCTIONS[metric](predictions, references)
 
 
-def average_relative_gain(method: Mapping[str, float], baseline: Mapping[str, float]) -> float:
-    """ARG of a method over a baseline: mean over tasks of (method − baseline) / baseline, as a fraction (0.05 = 5%).
+def average_relative_gain(
+    method: Mapping[str, float], baseline: Mapping[str, float], *, zero_baseline: bool = False
+) -> float:
+    """ARG of a method over a baseline: mean over tasks of (method − baseline) / baseline, as a fraction (0.05 = 5%;
+    ×100 for the papers' %).
 
-    Both mappings go from task name to score and must hold the same tasks.
+    Both mappings go from task name to score and must hold the same tasks. As the task-level MoE paper's released
+    code computes it (INK-USC/CrossTaskMoE example_scripts/compute_arg.py: per-task mean test scores of two
+    methods, `rg = diff / baseline`, `np.mean(rg)`), except that there an inner join silently drops tasks either
+    side lacks. (CrossFit's own repository ships no ARG code.)
+
+    zero_baseline: a baseline score of 0 is an error (False), or, as in the released code (True), not special-cased:
+    its task's gain is ±inf (NaN for 0/0), and so is the ARG.
     """
     only_method, only_baseline = sorted(method.keys() - baseline.keys()), sorted(baseline.keys() - method.keys())
     if only_method or only_baseline:
@@ -188,9 +197,20 @@ def average_relative_gain(method: Mapping[str, float], baseline: Mapping[str, fl
     if not method:
         raise UsageError("ARG needs at least one task")
     zero = sorted(task for task, b in baseline.items() if b == 0)
-    if zero:
+    if zero and not zero_baseline:
         raise UsageError(f"ARG is undefined for tasks whose baseline score is 0: {zero}")
-    return _mean((method[task] - b) / b for task, b in baseline.items())
+    gains = [_relative_gain(method[task], baseline[task]) for task in sorted(baseline)]
+    if all(math.isfinite(gain) for gain in gains):
+        return _mean(gains)
+    return sum(gains) / len(gains)  # inf + -inf is NaN here; math.fsum would raise
+
+
+def _relative_gain(score: float, base: float) -> float:
+    """(score − base) / base, with a zero base as IEEE division gives it (±inf, NaN for 0/0)."""
+    diff = score - base
+    if base != 0:
+        return diff / base
+    return math.nan if diff == 0 else math.copysign(math.inf, diff) * math.copysign(1.0, base)
 
 
 def _check_inputs(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> None:

@@ -3,7 +3,7 @@
 `TaskEvaluation` collects what each batch gives: token NLL sums and counts per task id, and every generated
 output with its references. `finish` reduces the sums over ranks, gathers the outputs of every rank, scores
 each task by its CrossFit metric and returns the rows and the logged metrics. The module only calls it from
-its Lightning hooks; the files are written by `evaluation.results`.
+its Lightning hooks; the files are written by `moe_mtl.runs` (`write_evaluation`, `write_predictions`).
 """
 
 from __future__ import annotations

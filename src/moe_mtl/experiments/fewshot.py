@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 
+from ..atomic_files import atomic_path
 from ..data import MultiTaskDataModule
 from ..data.tasks import PARTITIONS, Task
 from ..errors import UsageError
@@ -232,9 +233,8 @@ def run_cell(cell: Cell, folder: Path, args: Sequence[str], partition: dict[str,
         "checkpoint": str(Path(checkpoint.best_model_path).relative_to(folder)),
     }
     # written last and whole (rename): its presence means the cell finished
-    temporary = folder / (RESULT_FILE + ".tmp")
-    temporary.write_text(json.dumps(result, indent=1) + "\n")
-    temporary.replace(folder / RESULT_FILE)
+    with atomic_path(folder / RESULT_FILE) as temporary:
+        temporary.write_text(json.dumps(result, indent=1) + "\n")
     return result
 
 

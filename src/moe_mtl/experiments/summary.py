@@ -26,17 +26,18 @@ import csv
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import UsageError
+from ..evaluation.metrics import average_relative_gain
+from ..runs import best_checkpoints, best_step
 
 MISSING = "—"
 SEED_FOLDER = re.compile(r"seed\d+")
-BEST_CHECKPOINT = re.compile(r"best-step(\d+)\.ckpt")
 FEWSHOT_SUMMARY = "fewshot_summary.csv"
 AVERAGE_ROW = "average"
 
@@ -54,30 +55,6 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
         raise UsageError("mean_std of no values")
     array = np.asarray(values, dtype=np.float64)
     return float(array.mean()), float(array.std())
-
-
-def average_relative_gain(scores: Mapping[str, float], baseline: Mapping[str, float]) -> float:
-    """ARG: the mean over tasks of (score − baseline) / baseline, as a fraction (×100 for the papers' %).
-
-    Computed as the task-level MoE paper's released code does (INK-USC/CrossTaskMoE
-    example_scripts/compute_arg.py: per-task mean test scores of two methods, `rg = diff / baseline`,
-    `np.mean(rg)`, a fraction; the papers print it in %). As there, a baseline score of 0 is not special-cased:
-    its task's gain is ±inf (NaN for 0/0), and so is the ARG. Unlike there (an inner join that silently drops
-    tasks either side lacks), both sides must have the same tasks. (CrossFit's own repository, INK-USC/CrossFit,
-    ships no ARG code: example_scripts/collect_results.py only writes per-task mean and std over seeds.)
-    """
-    if set(scores) != set(baseline):
-        raise UsageError(
-            f"ARG needs the same tasks on both sides; only in the scores: {sorted(set(scores) - set(baseline))}, "
-            f"only in the baseline: {sorted(set(baseline) - set(scores))}"
-        )
-    if not scores:
-        raise UsageError("ARG of no tasks")
-    tasks = sorted(scores)
-    score = np.array([scores[task] for task in tasks], dtype=np.float64)
-    base = np.array([baseline[task] for task in tasks], dtype=np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):  # a zero baseline gives ±inf / NaN, as pandas does there
-        return float(np.mean((score - base) / base))
 
 
 # --- one run folder -----------------------------------------------------------------------------------
@@ -108,10 +85,10 @@ def seen_dev_average(folder: Path) -> tuple[float | None, str | None]:
     if not files:
         return None, f"no validation files {folder}/evaluation/val-*.json"
     evaluations = [_read_json(path) for path in files]
-    best = sorted((folder / "checkpoints").glob("best-step*.ckpt"))
+    best = best_checkpoints(folder)
     note = None
     if len(best) == 1:
-        step = int(BEST_CHECKPOINT.fullmatch(best[0].name).group(1))
+        step = best_step(best[0])
         chosen = [evaluation for evaluation in evaluations if evaluation["step"] == step]
         if not chosen:
             return None, f"no validation at step {step} of {best[0]}"
@@ -289,10 +266,12 @@ def build_table(runs: Sequence[RunResults], baseline: str | None) -> tuple[list[
                 values[kind].append(sum(scores.values()) / len(scores))
                 if kind in reference:
                     base = reference[kind]
-                    values[f"arg_{kind}"].append(100 * average_relative_gain(scores, base))
+                    values[f"arg_{kind}"].append(100 * average_relative_gain(scores, base, zero_baseline=True))
                     scored = [task for task in base if base[task] != 0]
                     if scored:
-                        gain = average_relative_gain({t: scores[t] for t in scored}, {t: base[t] for t in scored})
+                        gain = average_relative_gain(
+                            {t: scores[t] for t in scored}, {t: base[t] for t in scored}, zero_baseline=True
+                        )
                         values[f"arg_{kind}_scored"].append(100 * gain)
         rows.append(SummaryRow(method, len(indices), values))
         for column, found in values.items():

@@ -1,4 +1,9 @@
-"""Building the MoE-BART a run trains: a new small BART, a dense BART upcycled, or a saved MoE-BART."""
+"""Every way of building the MoE-BART a run trains: a new small BART, a dense BART upcycled, a saved MoE-BART
+(`build_model`), or an upstream run's MoE-BART over other tasks (`build_from_upstream`, `--model.init_from`).
+
+Models read no files of task representations: a caller reads the MoE option `task_embeddings` through
+`moe_mtl.representations` and passes the tensor (`task_vectors`).
+"""
 
 from __future__ import annotations
 
@@ -6,12 +11,13 @@ from collections.abc import Sequence
 from dataclasses import asdict, replace
 from typing import Any
 
+import torch
 from transformers import AutoConfig, BartConfig
 
 from ..errors import UsageError
 from .config import MoEBartConfig, MoEOptions, adopt_saved_shape
+from .conversion import load_upstream_weights, task_row_map
 from .moe_bart import MoEBartForConditionalGeneration
-from .task_vectors import read_task_embeddings
 
 # a small from-scratch BART (the quick start's); `bart` overrides any of these
 SMALL_BART = dict(
@@ -33,20 +39,20 @@ def build_model(
     moe: MoEOptions,
     vocab_size: int | None,
     special_tokens: dict[str, int],
-    task_names: Sequence[str] | None = None,
+    task_vectors: torch.Tensor | None = None,
 ) -> MoEBartForConditionalGeneration:
     """The MoE-BART: a saved MoE-BART loaded as it is, a dense BART upcycled (`from_dense`), or (no
     `pretrained`) a new BART of the `bart` sizes over the data's vocabulary and special token ids.
 
-    A `task_embeddings` file that names its tasks (`moe-mtl represent`) gives each task id the row of its
-    name in `task_names`; a plain matrix is taken in task-id order."""
+    task_vectors: (num_tasks, d) task representations as the table's initial rows, in task-id order (the MoE
+    option `task_embeddings`, read by `moe_mtl.representations.configured_representations`); a saved MoE-BART
+    keeps its own table."""
     if pretrained is not None and bart:
         raise UsageError("model option `bart` sets the sizes of a new model; leave it unset with `pretrained`")
-    task_vectors = None
     saved_moe = pretrained is not None and AutoConfig.from_pretrained(pretrained).model_type == MoEBartConfig.model_type
-    if moe.task_embeddings is not None and not saved_moe:
-        names = task_names or [f"task{i}" for i in range(moe.num_tasks)]
-        task_vectors = read_task_embeddings(moe.task_embeddings, names)
+    if saved_moe:
+        task_vectors = None
+    elif task_vectors is not None:
         moe = replace(moe, task_embeddings=None, task_dim=task_vectors.shape[1])
     if pretrained is not None:
         config = AutoConfig.from_pretrained(pretrained)
@@ -75,6 +81,51 @@ def build_model(
     sizes = {**SMALL_BART, **(bart or {})}
     config = BartConfig(vocab_size=vocab_size, **special_tokens, **sizes)
     return MoEBartForConditionalGeneration(MoEBartConfig.from_bart_config(config, moe), task_vectors)
+
+
+def upstream_config(
+    hparams: dict[str, Any],
+    vocab_size: int,
+    options: MoEOptions,
+    special: dict[str, int],
+    upstream: str = "the upstream run",
+) -> MoEBartConfig:
+    """The MoE-BART config of a run started from an upstream run with hyper-parameters `hparams`: the upstream
+    architecture (its `pretrained` model's config, or a new BART of its `bart` sizes over its vocabulary of
+    `vocab_size` with the `special` token ids) with `options`."""
+    pretrained = hparams.get("pretrained")
+    if pretrained is not None:
+        try:
+            config = AutoConfig.from_pretrained(pretrained)
+        except OSError as err:
+            raise UsageError(
+                f"{upstream} was built from `pretrained` {pretrained!r}, whose config cannot be read "
+                f"now ({err}); its architecture is needed to rebuild the model"
+            ) from None
+        return MoEBartConfig.from_bart_config(config, options)
+    sizes = {**SMALL_BART, **(hparams.get("bart") or {})}
+    return MoEBartConfig.from_bart_config(BartConfig(vocab_size=vocab_size, **special, **sizes), options)
+
+
+def build_from_upstream(upstream, options: MoEOptions, task_names: Sequence[str]):
+    """An upstream run's MoE-BART over the tasks `task_names`, with `options` (the upstream shape options, the
+    configured rest): its architecture and weights, per-task rows mapped by task name (`conversion.task_row_map`).
+
+    `upstream` is an upstream run already read (`moe_mtl.runs.read_upstream`: its `hparams`, `state_dict`,
+    `task_names`, `trained_tasks`, `tokenizer_path` and `describe()`). Returns (the model in train mode, with
+    the configured temperature; for each task of `task_names` its upstream row, None for an unseen task).
+    """
+    from ..data import load_tokenizer  # loads a tokenizer: only when a run starts
+
+    tokenizer = load_tokenizer(upstream.tokenizer_path) if upstream.tokenizer_path else None
+    special = special_token_ids(tokenizer, upstream.hparams.get("pad_token_id"))
+    vocab_size = upstream.state_dict["model.shared.weight"].shape[0]
+    config = upstream_config(upstream.hparams, vocab_size, options, special, upstream.describe())
+    model = MoEBartForConditionalGeneration(config)
+    rows = task_row_map(upstream.task_names, task_names, upstream.trained_tasks)
+    load_upstream_weights(model, upstream.state_dict, rows, upstream.describe())
+    model.set_temperature(options.temperature)
+    return model.train(), rows
 
 
 def model_positions(pretrained: str | None, bart: dict[str, Any] | None) -> int:

@@ -1,6 +1,14 @@
-"""Per-task export of a MoE-BART to a plain transformers BART (Kudugunta et al. 2021, Task-MoE).
+"""Every dense ↔ MoE weight map: upcycling a dense BART, per-task weights mapped by task name onto a new task
+table (`init_from`), and the per-task export of a MoE-BART to a plain transformers BART (Kudugunta et al. 2021,
+Task-MoE).
 
-A task whose route puts weight 1 on one expert in every routed layer runs exactly one expert per
+Upcycling (`load_dense_state_dict`, used by `MoEBartForConditionalGeneration.from_dense`): every MoE weight is
+copied from the dense weight of its name without `experts.{e}` (`dense_name`); routing weights are new.
+
+A new run from an upstream one (`load_upstream_weights`): every weight copied by name; the per-task tensors
+(first dimension = task id) row by row, each task's row found by its name (`task_row_map`).
+
+Export: a task whose route puts weight 1 on one expert in every routed layer runs exactly one expert per
 layer, so for that task the MoE-BART is a dense BART: the non-expert weights plus, in each routed
 layer, its chosen expert's weights under the dense names (`dense_name`). This is the inverse of
 upcycling (`MoEBartForConditionalGeneration.from_dense`). Soft routes (a mixture of experts) and
@@ -12,22 +20,126 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import BartForConditionalGeneration
 
+from ..data.tasks import shortened
 from ..errors import UsageError
 from .config import MoEOptions
-from .moe_bart import ROUTING_PARAMETERS, MoEBartForConditionalGeneration, dense_name
+
+if TYPE_CHECKING:  # moe_bart imports this module (upcycling); the class is only named here
+    from .moe_bart import MoEBartForConditionalGeneration
+
+ROUTING_PARAMETERS = re.compile(r"(^|\.)(task_table|router|gate)\.")
+EXPERT_INDEX = re.compile(r"\.experts\.\d+\.")
 
 # an expert's weight: the routed layer it is in ("encoder.3") and its expert index
 EXPERT_PARAMETER = re.compile(r"^model\.(encoder|decoder)\.layers\.(\d+)\.experts\.(\d+)\.")
+TASK_TABLE_KEY = "model.encoder.task_table.embedding.weight"
+# per-task tensors of the model, first dimension = task id: mapped by task name, not copied whole
+PER_TASK_WEIGHTS = (
+    TASK_TABLE_KEY,
+    "model.encoder.router.fixed_routes",
+    "model.encoder.router.override_mask",
+    "model.encoder.router.override_routes",
+)
+# of the weights, those the new run's options decide (the configured temperature, not the annealed one)
+CONFIGURED_WEIGHTS = ("model.encoder.router.temperature",)
+# weights a checkpoint from before they existed lacks; the new model's defaults stand
+OPTIONAL_WEIGHTS = ("model.encoder.router.override_mask", "model.encoder.router.override_routes")
 # what a dense export takes, for the refusals
 ACCEPTED = (
     "a dense export takes hard routes only, weight 1 on one expert in every routed layer: routes 'random', "
     "'given' expert indices, or learned task routes with top_k 1 evaluated by their argmax (stage one, or stage "
     "two with routes 'argmax')"
 )
+
+
+def dense_name(name: str) -> str:
+    """The dense BART parameter an MoE parameter is copied from: drop the `experts.{e}` segment."""
+    return EXPERT_INDEX.sub(".", name)
+
+
+# --- upcycling: dense → MoE -------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def load_dense_state_dict(model: MoEBartForConditionalGeneration, dense_state: Mapping[str, torch.Tensor]) -> None:
+    """Copy a dense BART state dict into `model`: name-to-name after dropping `experts.{e}`, shapes asserted.
+
+    Tied weights a safetensors file leaves out (embed_tokens, lm_head) come from their source.
+    """
+    dense_state = dict(dense_state)
+    for target, source in model._tied_weights_keys.items():
+        if target not in dense_state and source in dense_state:
+            dense_state[target] = dense_state[source]
+    used = set()
+    for name, tensor in model.state_dict().items():
+        source = dense_name(name)
+        if source in dense_state:
+            if dense_state[source].shape != tensor.shape:
+                raise UsageError(
+                    f"dense weight {source} has shape {tuple(dense_state[source].shape)}; "
+                    f"MoE weight {name} needs {tuple(tensor.shape)}"
+                )
+            tensor.copy_(dense_state[source])
+            used.add(source)
+        elif not ROUTING_PARAMETERS.search(name):
+            raise UsageError(f"MoE weight {name} has no dense counterpart {source}")
+    unused = sorted(set(dense_state) - used)
+    if unused:
+        raise UsageError(f"dense weights not used by the MoE model: {unused[:5]} ({len(unused)} in all)")
+
+
+# --- a new task table from an upstream run: MoE → MoE, rows by task name ----------------------------------
+
+
+def task_row_map(upstream_names: Sequence[str], names: Sequence[str], trained: Sequence[str]) -> list[int | None]:
+    """For each task of `names`, its row in the upstream table if the upstream run trained on it, else None."""
+    index = {name: i for i, name in enumerate(upstream_names)}
+    trained_set = set(trained)
+    return [index[name] if name in trained_set else None for name in names]
+
+
+@torch.no_grad()
+def load_upstream_weights(
+    model: MoEBartForConditionalGeneration,
+    source: Mapping[str, torch.Tensor],
+    rows: Sequence[int | None],
+    upstream: str = "the upstream run",
+) -> None:
+    """Copy the upstream weights `source` (named as in `model`) into `model`, name by name; per-task tensors row
+    by row (`rows[i]`: the upstream row of task i, None: left as the new model has it). A missing, extra or
+    differently shaped weight is an error naming it and `upstream` (the upstream run, in words)."""
+    target = model.state_dict()
+    extra = sorted(set(source) - set(target))
+    if extra:
+        raise UsageError(f"{upstream} has weights the new model lacks: {shortened(extra)}")
+    missing = sorted(set(target) - set(source) - set(OPTIONAL_WEIGHTS))
+    if missing:
+        raise UsageError(f"{upstream} lacks weights of the new model: {shortened(missing)}")
+    mapped = [(new, old) for new, old in enumerate(rows) if old is not None]
+    new_ids = torch.tensor([new for new, _ in mapped], dtype=torch.long)
+    old_ids = torch.tensor([old for _, old in mapped], dtype=torch.long)
+    for name, weight in target.items():
+        if name in CONFIGURED_WEIGHTS or name not in source:
+            continue
+        value = source[name]
+        per_task = name in PER_TASK_WEIGHTS
+        if (value.shape[1:] if per_task else value.shape) != (weight.shape[1:] if per_task else weight.shape):
+            raise UsageError(
+                f"weight {name} has shape {tuple(value.shape)} in {upstream} and {tuple(weight.shape)} "
+                "in the new model; the architecture options (bart sizes, pretrained, MoE shape options) must match"
+            )
+        if per_task:
+            weight[new_ids] = value[old_ids].to(weight.dtype)
+        else:
+            weight.copy_(value)
+
+
+# --- export: MoE → dense, one task ------------------------------------------------------------------------
 
 
 def soft_route_cause(options: MoEOptions, overridden: bool) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,19 +32,11 @@ from transformers.models.bart.modeling_bart import (
 from ..errors import UsageError
 from .cache_contract import GENERATION_NAME, layer_cache, output_cache, take_cache
 from .config import MoEBartConfig, MoEOptions
+from .conversion import load_dense_state_dict
 from .layers import FFNExpertDecoderLayer, FFNExpertEncoderLayer, LayerExperts, LayerRoute, RouteRecord
 from .routed_cache import RoutedCache
 from .routing import TORCH_INIT, RouteSample, TaskRouter, TaskTable
-from .task_vectors import read_task_embeddings
 from .token_gate import TaskAwareTokenGate
-
-ROUTING_PARAMETERS = re.compile(r"(^|\.)(task_table|router|gate)\.")
-EXPERT_INDEX = re.compile(r"\.experts\.\d+\.")
-
-
-def dense_name(name: str) -> str:
-    """The dense BART parameter an MoE parameter is copied from: drop the `experts.{e}` segment."""
-    return EXPERT_INDEX.sub(".", name)
 
 
 @dataclass
@@ -385,14 +376,18 @@ class MoEBartForConditionalGeneration(PreTrainedModel, GenerationMixin):
 
     @staticmethod
     def _take_task_vectors(config: MoEBartConfig, task_vectors: torch.Tensor | None) -> torch.Tensor | None:
-        """Given task vectors (a tensor, or the `task_embeddings` file), checked against `num_tasks`.
+        """Given task representations (num_tasks, d), checked against `num_tasks`.
 
-        The config then records their width and no file: the table itself is saved with the
-        weights, so a checkpoint never needs the file again.
+        The config then records their width and no file: the table itself is saved with the weights, so a
+        checkpoint never needs the file again. The model reads no file: a config whose MoE option
+        `task_embeddings` names one needs its tensor (`moe_mtl.representations.read_task_embeddings`).
         """
         options = config.moe_options
         if task_vectors is None and options.task_embeddings is not None:
-            task_vectors = read_task_embeddings(options.task_embeddings, options.num_tasks)
+            raise UsageError(
+                f"MoE option `task_embeddings` is {options.task_embeddings!r}, but the model reads no file: read it "
+                "with moe_mtl.representations.read_task_embeddings and pass the tensor as `task_vectors`"
+            )
         if task_vectors is None:
             return None
         if task_vectors.dim() != 2 or task_vectors.shape[0] != options.num_tasks:
@@ -477,7 +472,8 @@ class MoEBartForConditionalGeneration(PreTrainedModel, GenerationMixin):
 
         `dense` is a `BartForConditionalGeneration` or anything its `from_pretrained` accepts
         ("facebook/bart-base", a local directory). All non-expert weights are copied exactly;
-        the task table, router and gates are new.
+        the task table, router and gates are new (the weight map: `conversion.load_dense_state_dict`).
+        `task_vectors` (num_tasks, d): task representations as the table's initial rows.
         """
         if not isinstance(dense, BartForConditionalGeneration):
             dense = BartForConditionalGeneration.from_pretrained(dense)
@@ -485,36 +481,13 @@ class MoEBartForConditionalGeneration(PreTrainedModel, GenerationMixin):
         config = MoEBartConfig.from_bart_config(dense.config, options)
         config._attn_implementation = dense.config._attn_implementation
         model = cls(config, task_vectors=task_vectors)
-        model.load_dense_state_dict(dense.state_dict())
+        load_dense_state_dict(model, dense.state_dict())
         model.generation_config = copy.deepcopy(dense.generation_config)  # beams, n-gram blocking, lengths
         return model.to(device=dense.device, dtype=dense.dtype)
 
-    @torch.no_grad()
     def load_dense_state_dict(self, dense_state: dict[str, torch.Tensor]) -> None:
-        """Copy a dense BART state dict in: name-to-name after dropping `experts.{e}`, shapes asserted.
-
-        Tied weights a safetensors file leaves out (embed_tokens, lm_head) come from their source.
-        """
-        dense_state = dict(dense_state)
-        for target, source in self._tied_weights_keys.items():
-            if target not in dense_state and source in dense_state:
-                dense_state[target] = dense_state[source]
-        used = set()
-        for name, tensor in self.state_dict().items():
-            source = dense_name(name)
-            if source in dense_state:
-                if dense_state[source].shape != tensor.shape:
-                    raise UsageError(
-                        f"dense weight {source} has shape {tuple(dense_state[source].shape)}; "
-                        f"MoE weight {name} needs {tuple(tensor.shape)}"
-                    )
-                tensor.copy_(dense_state[source])
-                used.add(source)
-            elif not ROUTING_PARAMETERS.search(name):
-                raise UsageError(f"MoE weight {name} has no dense counterpart {source}")
-        unused = sorted(set(dense_state) - used)
-        if unused:
-            raise UsageError(f"dense weights not used by the MoE model: {unused[:5]} ({len(unused)} in all)")
+        """Copy a dense BART state dict in (`conversion.load_dense_state_dict`, the upcycling weight map)."""
+        load_dense_state_dict(self, dense_state)
 
     # --- forward ----------------------------------------------------------------------------
     def forward(

@@ -19,13 +19,14 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from ..data import METRICS, MODEL_INPUTS, PARTITIONS, load_tokenizer
 from ..errors import UsageError
-from ..evaluation.results import evaluation_stem, write_evaluation, write_predictions
 from ..evaluation.task_evaluation import EvaluationResult, TaskEvaluation, gather_predictions
 from ..models import MoEOptions
 from ..models.build import build_model, check_lengths, special_token_ids
+from ..models.conversion import TASK_TABLE_KEY
 from ..models.routing import SPARSE_SELECTIONS, hard_top_k
-from ..transfer.init_from import TASK_TABLE_KEY, build_from_upstream
-from ..transfer.unseen_routes import UnseenTasks
+from ..representations.files import configured_representations
+from ..representations.unseen_routes import UnseenTasks
+from ..runs import evaluation_stem, start_from_upstream, write_evaluation, write_predictions
 from .losses import label_smoothed_nll, reinforce_surrogate, route_balance, sequence_nll
 from .optim import build_param_groups, drop_unrouted_expert_grads, expert_usage, group_grad_norms
 from .schedules import WarmupLinearDecay, warmup_steps_for
@@ -151,7 +152,7 @@ class MoEMultiTaskModule(LightningModule):
             representation as its row, through the trained router), "nearest" (the row of the nearest trained task
             by cosine similarity of representations), "average" (uniform weights over experts), "random" (seeded by
             moe.route_seed: top_k random experts per routed layer), "learned" (a new row, the mean of the trained
-            rows, trained on the task's data; the router is frozen). See `moe_mtl.transfer.unseen_routes`.
+            rows, trained on the task's data; the router is frozen). See `moe_mtl.representations.unseen_routes`.
         representation: Task representations of "representation" and "nearest": "text" or "fisher" (computed with
             the model's own encoder, cached in `<data output_dir>/representations`), or a representation file.
         finetune: Which weights train: "all", or "task_table" only (everything else frozen, e.g. with
@@ -204,7 +205,7 @@ class MoEMultiTaskModule(LightningModule):
         self._relearned_routes: str | None = None  # init_from: a fit would learn the upstream's fixed routes again
         if init_from is not None:
             names = task_names or [f"task{i}" for i in range(options.num_tasks)]
-            start = build_from_upstream(
+            start = start_from_upstream(
                 init_from,
                 options,
                 names,
@@ -220,7 +221,8 @@ class MoEMultiTaskModule(LightningModule):
             special = {}
             if pretrained is None:
                 special = special_token_ids(self.tokenizer if tokenizer_path else None, pad_token_id)
-            self.model = build_model(pretrained, bart, options, tokenizer_size, special, task_names)
+            vectors = configured_representations(options, task_names)
+            self.model = build_model(pretrained, bart, options, tokenizer_size, special, vectors)
         self.hparams["moe"] = asdict(self.model.moe_options)  # the options in effect (a saved MoE-BART's own)
         if finetune == "task_table":
             for name, param in self.model.named_parameters():

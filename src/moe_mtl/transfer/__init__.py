@@ -1,7 +1,2 @@
-"""Transfer to unseen tasks: task representations, routes of unseen tasks, and starting a run from a trained one.
-
-- `representations`: text and Fisher task representations, files of vectors, `moe-mtl represent`.
-- `init_from`: the upstream checkpoint of `--model.init_from`, its weights mapped onto new tasks by name.
-- `unseen_routes`: the route of a task without a trained task-table row (representation, nearest, average,
-  random, learned).
-"""
+"""Transitional: the package is gone (runs, models.build, models.conversion, representations hold its parts);
+what is left serves cli.py until the lead re-points it at merge, then this package is deleted."""

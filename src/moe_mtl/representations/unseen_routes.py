@@ -26,9 +26,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from ..data.tasks import shortened
 from ..errors import UsageError
 from ..models import MoEBartForConditionalGeneration
+from .compute import REPRESENTATION_KINDS, compute_representations
+from .files import load_representations
 
 UNSEEN_ROUTES = ("representation", "nearest", "average", "random", "learned")
-REPRESENTATION_KINDS = ("text", "fisher")
 # sources that need task representations
 NEEDS_REPRESENTATIONS = ("representation", "nearest")
 # width of the representations "nearest" compares: text in its native width (d_model), Fisher sketched (its native
@@ -154,14 +155,11 @@ def representations_of_tasks(
 ) -> torch.Tensor:
     """(T, d) representations of the tasks `task_names` (task-id order) for the unseen-route `source`: read from a
     representation file (which must hold exactly these tasks), or computed ("text", "fisher") by
-    `transfer.representations` from the tasks of `datamodule` with the model's own encoder, cached in
+    `representations.compute` from the tasks of `datamodule` with the model's own encoder, cached in
     `<data output_dir>/representations`: of the table's width `task_dim` for "representation" (the reduction is a
     fixed projection, as in the files `moe-mtl represent` writes), of `NEAREST_WIDTH` for "nearest"."""
-    from ..models.task_vectors import load_task_vectors
-    from .representations import compute_representations
-
     if representation not in REPRESENTATION_KINDS:
-        return load_task_vectors(representation, task_names)
+        return load_representations(representation, task_names)
     if datamodule is None:
         raise UsageError(
             f"representation {representation!r} of unseen tasks is computed from the data module's tasks: run "

@@ -1,23 +1,12 @@
-"""Route-table analysis: entropies, utilisation, the heatmap image and the JSON record."""
+"""Route statistics (entropies, utilisation) and the route heatmap figure."""
 
-import json
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from moe_mtl.evaluation.analysis import (
-    VIRIDIS_ANCHORS,
-    expert_utilisation,
-    route_entropy,
-    route_heatmap,
-    route_table_record,
-    viridis,
-    write_route_table,
-)
-
-DARKEST, BRIGHTEST = (68, 1, 84), (253, 231, 37)  # viridis at 0 and at 1
+from moe_mtl.evaluation.routes import expert_utilisation, route_entropy, route_heatmap_figure
 
 
 def one_hot_routes(experts: list[list[int]], num_experts: int) -> torch.Tensor:
@@ -131,130 +120,42 @@ def test_bad_shapes_and_weights_are_rejected(routes, weights, message):
         expert_utilisation(routes, task_weights=weights)
 
 
-# --- colormap and heatmap ---
+# --- the heatmap figure ---
 
 
-def test_viridis_endpoints_anchors_clipping_and_interpolation():
-    assert viridis(np.array([0.0, 1.0])).tolist() == [list(DARKEST), list(BRIGHTEST)]
-    assert viridis(np.array([-3.0, 7.0, np.nan])).tolist() == [list(DARKEST), list(BRIGHTEST), list(DARKEST)]
-    anchors = np.arange(len(VIRIDIS_ANCHORS)) / (len(VIRIDIS_ANCHORS) - 1)
-    assert np.array_equal(viridis(anchors), VIRIDIS_ANCHORS.astype(np.uint8))
-    # a quarter of the way from anchor 2 to anchor 3: (54, 92, 141)·0.75 + (39, 127, 142)·0.25, rounded
-    quarter = anchors[2] + 0.25 * (anchors[3] - anchors[2])
-    assert viridis(np.array(quarter)).tolist() == [50, 101, 141]
-    assert viridis(np.zeros((2, 3))).shape == (2, 3, 3)
-
-
-def test_viridis_brightness_rises_with_the_value():
-    colours = viridis(np.linspace(0.0, 1.0, 101)).astype(np.float64)
-    assert (np.diff(luminance(colours)) > 0).all()
-    # values further apart get colours further apart
-    distance = np.linalg.norm(colours - colours[0], axis=-1)
-    assert (np.diff(distance[::10]) > 0).all()
-
-
-@pytest.mark.parametrize(("tasks", "layers", "experts", "cell"), [(1, 1, 1, 1), (2, 3, 2, 4), (3, 2, 5, 8)])
-def test_heatmap_shape_is_t_cell_by_l_e_cell_plus_separators(tasks, layers, experts, cell):
-    image = route_heatmap(torch.rand(tasks, layers, experts), cell=cell)
-    assert image.dtype == np.uint8
-    assert image.shape == (3, tasks * cell, layers * experts * cell + layers - 1)
-
-
-def test_heatmap_cells_carry_the_colormap_and_layers_are_separated_by_white():
-    cell, experts = 4, 2
+def test_heatmap_draws_the_routes_with_matplotlibs_viridis_and_white_lines_between_layers():
+    matplotlib = pytest.importorskip("matplotlib")
     routes = torch.tensor(
         [
             [[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]],
             [[0.0, 1.0], [1.0, 0.0], [0.25, 0.75]],
         ]
     )  # (T=2, L=3, E=2)
-    image = route_heatmap(routes, cell=cell).transpose(1, 2, 0)  # (H, W, 3)
-    layer_width = experts * cell + 1
-
-    def block(task: int, layer: int, expert: int) -> np.ndarray:
-        left = layer * layer_width + expert * cell
-        return image[task * cell : (task + 1) * cell, left : left + cell]
-
-    for task in range(2):
-        for layer in range(3):
-            for expert in range(experts):
-                colour = viridis(routes[task, layer, expert].numpy())
-                assert (block(task, layer, expert) == colour).all(), (task, layer, expert)
-    assert (block(0, 0, 0) == BRIGHTEST).all() and (block(0, 0, 1) == DARKEST).all()
-
-    separators = [layer * layer_width - 1 for layer in range(1, 3)]
-    assert separators == [8, 17]
-    assert (image[:, separators] == 255).all()
-    # every other column is a colour of the map, never white
-    cells = np.delete(image, separators, axis=1)
-    assert not (cells == 255).all(-1).any()
+    figure = route_heatmap_figure(routes, ["a", "b"], ["encoder.0", "encoder.1", "decoder.0"])
+    axes = figure.axes[0]
+    image = axes.images[0]
+    assert image.get_cmap().name == "viridis" and image.get_clim() == (0.0, 1.0)
+    np.testing.assert_allclose(image.get_array(), routes.reshape(2, -1).numpy())
+    drawn = image.to_rgba(routes.reshape(2, -1).numpy(), bytes=True)[..., :3]
+    viridis = matplotlib.colormaps["viridis"]
+    assert (drawn == viridis(routes.reshape(2, -1).numpy(), bytes=True)[..., :3]).all()
+    assert tuple(drawn[0, 0]) == tuple(viridis(1.0, bytes=True)[:3]) != tuple(drawn[0, 1])
+    # one white line after each layer but the last, between its experts' columns
+    separators = [line for line in axes.lines if line.get_color() == "white"]
+    assert [line.get_xdata()[0] for line in separators] == [1.5, 3.5]
 
 
 def test_heatmap_brightness_follows_the_route_value():
+    pytest.importorskip("matplotlib")
     values = torch.linspace(0.0, 1.0, 6)
-    image = route_heatmap(values.view(1, 1, 6), cell=2).astype(np.float64)
-    column_brightness = luminance(image.transpose(1, 2, 0))[0, ::2]
-    assert (np.diff(column_brightness) > 0).all()
+    image = route_heatmap_figure(values.view(1, 1, 6), ["a"], ["encoder.0"]).axes[0].images[0]
+    colours = image.to_rgba(values.view(1, 6).numpy(), bytes=True)[0, :, :3].astype(np.float64)
+    assert (np.diff(luminance(colours)) > 0).all()
 
 
-def test_heatmap_takes_tensors_with_gradients_and_rejects_bad_cells():
+def test_heatmap_takes_tensors_with_gradients_and_rejects_bad_shapes():
+    pytest.importorskip("matplotlib")
     routes = torch.rand(2, 2, 3, requires_grad=True)
-    assert route_heatmap(routes, cell=1).shape == (3, 2, 2 * 3 + 1)
-    for cell in (0, -2, 2.5, True):
-        with pytest.raises(ValueError, match=r"cell: expected a positive int"):
-            route_heatmap(routes, cell=cell)
+    assert route_heatmap_figure(routes, ["a", "b"], ["l0", "l1"]).axes[0].images[0].get_array().shape == (2, 6)
     with pytest.raises(ValueError, match=r"got shape \(2, 3\)"):
-        route_heatmap(torch.rand(2, 3))
-
-
-# --- record and JSON ---
-
-
-def test_record_holds_names_shape_and_rounded_routes():
-    routes = torch.tensor([[[1 / 3, 2 / 3], [1.0, 0.0]]])  # (T=1, L=2, E=2)
-    record = route_table_record(routes, ["qa"], ["encoder.0", "decoder.0"], step=120)
-    assert record == {
-        "step": 120,
-        "tasks": ["qa"],
-        "layers": ["encoder.0", "decoder.0"],
-        "num_experts": 2,
-        "routes": [[[0.333333, 0.666667], [1.0, 0.0]]],
-    }
-    assert all(isinstance(p, float) for layer in record["routes"][0] for p in layer)
-
-
-@pytest.mark.parametrize(
-    ("tasks", "layers", "message"),
-    [
-        (["a"], ["l0", "l1", "l2"], r"task_names: got 1 names, expected 2 .*\(2, 3, 4\)"),
-        (["a", "b"], ["l0"], r"layer_names: got 1 names, expected 3 .*\(2, 3, 4\)"),
-    ],
-)
-def test_record_rejects_name_counts_that_do_not_match(tasks, layers, message):
-    with pytest.raises(ValueError, match=message):
-        route_table_record(torch.full((2, 3, 4), 0.25), tasks, layers, step=0)
-
-
-def test_written_record_loads_back_and_leaves_no_temporary_file(tmp_path):
-    routes = torch.randn(3, 2, 4).softmax(-1)
-    record = route_table_record(routes, ["a", "b", "c"], ["enc", "dec"], step=7)
-    path = tmp_path / "runs" / "routes" / "step_7.json"  # parent folders do not exist yet
-    write_route_table(path, record)
-    with path.open() as handle:
-        loaded = json.load(handle)
-    assert loaded == record
-    torch.testing.assert_close(torch.tensor(loaded["routes"]), routes, atol=1e-6, rtol=0)
-    assert [p.name for p in path.parent.iterdir()] == ["step_7.json"]
-
-    write_route_table(path, {**record, "step": 8})  # overwrites in place
-    assert json.loads(path.read_text())["step"] == 8
-    assert [p.name for p in path.parent.iterdir()] == ["step_7.json"]
-
-
-def test_failed_write_keeps_the_old_file_and_cleans_up(tmp_path):
-    path = tmp_path / "routes.json"
-    write_route_table(path, {"step": 1})
-    with pytest.raises(TypeError):
-        write_route_table(path, {"step": 2, "routes": object()})  # not JSON-serialisable, fails mid-write
-    assert json.loads(path.read_text()) == {"step": 1}
-    assert [p.name for p in tmp_path.iterdir()] == ["routes.json"]
+        expert_utilisation(torch.rand(2, 3))

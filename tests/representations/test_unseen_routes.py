@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from moe_mtl.transfer.unseen_routes import (
+from moe_mtl.representations.unseen_routes import (
     assign_unseen_routes,
     average_routes,
     check_source,

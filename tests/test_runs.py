@@ -1,6 +1,7 @@
-"""`MoEMultiTaskModule(init_from=...)`: the upstream checkpoint, its weights mapped by task name, the options that
-apply, and the errors of a run that cannot start from it."""
+"""`moe_mtl.runs`: the checkpoint of a run, the upstream run of `MoEMultiTaskModule(init_from=...)` (its weights
+mapped by task name, the options that apply, the errors of a run that cannot start from it), route-table files."""
 
+import json
 import warnings
 from pathlib import Path
 
@@ -10,11 +11,18 @@ import torch.nn.functional as F
 from lightning.pytorch import Trainer
 
 from moe_mtl import MoEOptions
-from moe_mtl.models.task_vectors import load_task_vectors
+from moe_mtl.models.conversion import TASK_TABLE_KEY
+from moe_mtl.representations.files import load_representations
+from moe_mtl.runs import (
+    read_upstream,
+    resolve_checkpoint,
+    resume_mismatch,
+    route_table_record,
+    write_route_table,
+)
 from moe_mtl.training import MoEMultiTaskModule
-from moe_mtl.transfer.init_from import TASK_TABLE_KEY, read_upstream, resolve_checkpoint, resume_mismatch
 
-from ..training.conftest import tiny_data, tiny_module, tiny_trainer
+from .training.conftest import tiny_data, tiny_module, tiny_trainer
 
 PER_TASK = ("task_table.", "override_", "fixed_routes", "router.temperature")
 
@@ -162,7 +170,7 @@ def test_computed_text_representations_route_the_unseen_tasks_when_the_data_is_s
     seen = [i for i in range(len(data.task_names)) if i not in unseen]
     assert unseen and torch.equal(table[seen], before[seen])  # trained rows are kept
     (cached,) = (tmp_path / "data" / "representations").glob("*.pt")  # computed once, with the model's encoder
-    vectors = load_task_vectors(cached, list(data.task_names))
+    vectors = load_representations(cached, list(data.task_names))
     if source == "representation":  # the row is the task's text representation, projected to task_dim
         assert vectors.shape[1] == table.shape[1]
         torch.testing.assert_close(table[unseen], vectors[unseen])
@@ -220,3 +228,76 @@ def test_a_fit_resume_on_other_tasks_or_with_no_steps_left_is_named(upstream):
     )
     assert "`source` is 'jsonl'" in resume_mismatch(checkpoint, {**data, "source": "jsonl"}, max_steps=10)
     assert "at step 2, and trainer.max_steps is 2" in resume_mismatch(checkpoint, data, max_steps=2)
+
+
+# --- route-table files ---
+
+
+def test_record_holds_names_shape_and_rounded_routes():
+    routes = torch.tensor([[[1 / 3, 2 / 3], [1.0, 0.0]]])  # (T=1, L=2, E=2)
+    record = route_table_record(routes, ["qa"], ["encoder.0", "decoder.0"], step=120)
+    assert record == {
+        "step": 120,
+        "tasks": ["qa"],
+        "layers": ["encoder.0", "decoder.0"],
+        "num_experts": 2,
+        "routes": [[[0.333333, 0.666667], [1.0, 0.0]]],
+    }
+    assert all(isinstance(p, float) for layer in record["routes"][0] for p in layer)
+
+
+@pytest.mark.parametrize(
+    ("tasks", "layers", "message"),
+    [
+        (["a"], ["l0", "l1", "l2"], r"task_names: got 1 names, expected 2 .*\(2, 3, 4\)"),
+        (["a", "b"], ["l0"], r"layer_names: got 1 names, expected 3 .*\(2, 3, 4\)"),
+    ],
+)
+def test_record_rejects_name_counts_that_do_not_match(tasks, layers, message):
+    with pytest.raises(ValueError, match=message):
+        route_table_record(torch.full((2, 3, 4), 0.25), tasks, layers, step=0)
+
+
+def test_written_record_loads_back_and_leaves_no_temporary_file(tmp_path):
+    routes = torch.randn(3, 2, 4).softmax(-1)
+    record = route_table_record(routes, ["a", "b", "c"], ["enc", "dec"], step=7)
+    path = tmp_path / "runs" / "routes" / "step_7.json"  # parent folders do not exist yet
+    write_route_table(path, record)
+    with path.open() as handle:
+        loaded = json.load(handle)
+    assert loaded == record
+    torch.testing.assert_close(torch.tensor(loaded["routes"]), routes, atol=1e-6, rtol=0)
+    assert [p.name for p in path.parent.iterdir()] == ["step_7.json"]
+
+    write_route_table(path, {**record, "step": 8})  # overwrites in place
+    assert json.loads(path.read_text())["step"] == 8
+    assert [p.name for p in path.parent.iterdir()] == ["step_7.json"]
+
+
+def test_failed_write_keeps_the_old_file_and_cleans_up(tmp_path):
+    path = tmp_path / "routes.json"
+    write_route_table(path, {"step": 1})
+    with pytest.raises(TypeError):
+        write_route_table(path, {"step": 2, "routes": object()})  # not JSON-serialisable, fails mid-write
+    assert json.loads(path.read_text()) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["routes.json"]
+
+
+# --- the checkpoint of a run: one rule for init_from, analyze, export and summarize -----------------------
+
+
+def test_the_checkpoint_of_a_run_is_its_single_best_else_last_else_none(tmp_path):
+    from moe_mtl.analysis.run import RunFolder
+    from moe_mtl.runs import best_step, run_checkpoint
+
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    assert run_checkpoint(tmp_path) is None
+    (checkpoints / "last.ckpt").touch()
+    assert run_checkpoint(tmp_path) == checkpoints / "last.ckpt"
+    (checkpoints / "best-step4.ckpt").touch()
+    assert run_checkpoint(tmp_path) == run_checkpoint(checkpoints) == checkpoints / "best-step4.ckpt"
+    assert RunFolder.resolve(tmp_path).checkpoint == checkpoints / "best-step4.ckpt"
+    assert best_step(checkpoints / "best-step4.ckpt") == 4
+    (checkpoints / "best-step8.ckpt").touch()
+    assert run_checkpoint(tmp_path) is None  # ambiguous: no checkpoint is taken

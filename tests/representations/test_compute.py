@@ -12,15 +12,15 @@ from moe_mtl import MoEBartForConditionalGeneration
 from moe_mtl.cli import main
 from moe_mtl.data import Example, Task, load_tasks
 from moe_mtl.data.tokenizer import train_tokenizer
-from moe_mtl.models.moe_bart import dense_name
-from moe_mtl.models.task_vectors import load_task_vectors
-from moe_mtl.training import MoEMultiTaskModule
-from moe_mtl.transfer.representations import (
+from moe_mtl.models.conversion import dense_name
+from moe_mtl.representations.compute import (
     compute_representations,
     count_sketch,
     diagonal_fisher,
     training_examples,
 )
+from moe_mtl.representations.files import load_representations
+from moe_mtl.training import MoEMultiTaskModule
 
 from ..conftest import TINY_SKILLS
 from ..models.conftest import TINY_BART, tiny_bart_config
@@ -257,7 +257,7 @@ def test_represent_text_writes_a_vector_per_task_of_the_data(config, folder, tmp
     args = ["--kind", "text", "--encoder", str(folder), "--max_examples", "2", "--output", str(output)]
     main(["represent", "--config", str(config), *args])
     names = [task.name for task in load_tasks("skills", skills=TINY_SKILLS)]
-    vectors = load_task_vectors(output, names, dim=16)
+    vectors = load_representations(output, names, dim=16)
     assert vectors.shape == (len(names), 16) and torch.isfinite(vectors).all()
     assert list((tmp_path / "data" / "representations").glob("*.pt"))  # cached beside the tokenised data
     assert f"wrote text representations of {len(names)} tasks, width 16" in capsys.readouterr().out
@@ -279,7 +279,7 @@ def test_represent_fisher_from_a_run_folder_has_the_run_task_width(config, folde
     args = ["--kind", "fisher", "--init_from", str(tmp_path / "run"), "--max_examples", "1", "--output", str(output)]
     main(["represent", "--config", str(config), *args])
     assert list(json.loads(output.read_text())) == names
-    assert load_task_vectors(output, names, dim=4).abs().sum() > 0  # the checkpoint's task_dim, not the config's
+    assert load_representations(output, names, dim=4).abs().sum() > 0  # the checkpoint's task_dim, not the config's
 
 
 @pytest.mark.parametrize(
