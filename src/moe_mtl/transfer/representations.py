@@ -22,11 +22,9 @@ any unseen task) gets one at the cost of one backward pass per example.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import logging
 import math
-import pickle
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,8 +33,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
-from jsonargparse import ArgumentParser
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -48,14 +44,13 @@ from transformers import (
 )
 from transformers.models.bart.modeling_bart import shift_tokens_right
 
-from ..data import MultiTaskDataModule, Task
+from ..data import Task
 from ..data.tasks import ALL_SEEDS, Example
 from ..data.tokenizer import text_hash, tokenizer_fingerprint
 from ..errors import UsageError
-from ..models import MoEBartConfig, MoEBartForConditionalGeneration, MoEOptions
+from ..models import MoEBartConfig, MoEBartForConditionalGeneration
 from ..models.moe_bart import ROUTING_PARAMETERS
 from ..models.task_vectors import load_task_vectors, save_task_vectors
-from .init_from import resolve_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -438,117 +433,3 @@ def compute_representations(
         save_task_vectors(path, list(examples), vectors, kind=kind, fingerprint=path.stem, max_examples=max_examples)
         log.info("%s representations of %d tasks cached in %s", kind, len(tasks), path)
     return vectors
-
-
-# --- moe-mtl represent -----------------------------------------------------------------------------------
-
-
-def load_run_model(init_from: str | Path) -> tuple[MoEBartForConditionalGeneration, PreTrainedTokenizerBase, int]:
-    """The MoE-BART, tokenizer and task width of a training run: its Lightning checkpoint (.ckpt), or the run
-    folder's best or last one (see `resolve_checkpoint`)."""
-    from ..training import MoEMultiTaskModule  # the training layer sits above this one
-
-    path = resolve_checkpoint(init_from)
-    try:
-        module = MoEMultiTaskModule.load_from_checkpoint(path, map_location="cpu")
-    except (OSError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError) as err:
-        raise UsageError(f"`init_from`: {path} could not be loaded as a `moe-mtl fit` checkpoint ({err})") from None
-    return module.model, module.tokenizer, module.model.moe_options.task_dim
-
-
-def config_section(path: str | Path, section: str) -> dict[str, Any]:
-    """One section (`data`, `model`) of a `moe-mtl fit` YAML config, in its plain or class_path/init_args form."""
-    try:
-        config = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise UsageError(f"`--config` {str(path)!r} could not be read: {err}") from None
-    value = config.get(section) or {}
-    return dict(value.get("init_args", value)) if isinstance(value, dict) else {}
-
-
-def build_represent_parser() -> ArgumentParser:
-    parser = ArgumentParser(
-        prog="moe-mtl represent",
-        description="Compute task representations of every task of a run's data and write them to a file usable as "
-        "`--model.moe.task_embeddings` (rows in task-id order).",
-    )
-    parser.add_argument(
-        "--config", required=True, help="a `moe-mtl fit` YAML config: its `data` section gives the tasks"
-    )
-    parser.add_argument("--kind", required=True, choices=REPRESENTATION_KINDS, help="text or fisher")
-    parser.add_argument("--encoder", type=str | None, default=None, help="a local Hugging Face model folder")
-    parser.add_argument(
-        "--init_from",
-        type=str | None,
-        default=None,
-        help="a training run: its checkpoint (.ckpt) or its folder (best, else last checkpoint)",
-    )
-    parser.add_argument(
-        "--dim",
-        type=int | None,
-        default=None,
-        help="width of the vectors; default: native for text; for fisher the run's task_dim (`--init_from`), "
-        "else the config's `model.moe.task_dim`",
-    )
-    parser.add_argument("--max_examples", type=int, default=64, help="training examples per task")
-    parser.add_argument("--batch_size", type=int, default=16, help="examples per encoder pass (text)")
-    parser.add_argument(
-        "--cache_dir", type=str | None, default=None, help="cache folder; default: <data.output_dir>/representations"
-    )
-    parser.add_argument("--output", required=True, help="the file written: .pt or .json")
-    return parser
-
-
-def run_represent(args: Sequence[str]) -> torch.Tensor:
-    """`moe-mtl represent`: bad options are usage errors (one line, exit 2)."""
-    parser = build_represent_parser()
-    options = parser.parse_args(list(args))
-    try:
-        vectors, names = represent(options)
-    except ValueError as err:  # DataError included
-        parser.error(str(err))
-    print(f"wrote {options.kind} representations of {len(names)} tasks, width {vectors.shape[1]}, to {options.output}")
-    return vectors
-
-
-def represent(options) -> tuple[torch.Tensor, list[str]]:
-    """The work of `moe-mtl represent` for parsed `options`; returns (vectors, task names)."""
-    if (options.encoder is None) == (options.init_from is None):
-        raise UsageError("give exactly one of `--encoder` (a model folder) or `--init_from` (a run's checkpoint)")
-    if Path(options.output).suffix not in (".pt", ".json"):
-        raise UsageError(f"`--output` {options.output!r} must end in .pt or .json")
-    section = config_section(options.config, "data")
-    allowed = inspect.signature(MultiTaskDataModule).parameters
-    unknown = sorted(set(section) - set(allowed))
-    if unknown:
-        raise UsageError(
-            f"the `data` section of {options.config} has unknown options {unknown}; allowed: {', '.join(allowed)}"
-        )
-    data = MultiTaskDataModule(**section)
-    tasks = data.tasks
-    dim = options.dim
-    model = tokenizer = None
-    if options.init_from is not None:
-        model, tokenizer, task_dim = load_run_model(options.init_from)
-    else:
-        task_dim = MoEOptions.from_dict(config_section(options.config, "model").get("moe") or {}).task_dim
-    if dim is None and options.kind == "fisher":
-        dim = task_dim  # the paper reduces Fisher embeddings to the task width
-    cache_dir = options.cache_dir or Path(data.hparams.output_dir) / "representations"
-    vectors = compute_representations(
-        options.kind,
-        tasks,
-        model=model,
-        encoder=options.encoder,
-        tokenizer=tokenizer,
-        dim=dim,
-        max_examples=options.max_examples,
-        batch_size=options.batch_size,
-        cache_dir=cache_dir,
-        max_input_length=data.hparams.max_input_length,
-        max_target_length=data.hparams.max_target_length,
-        fewshot_seed=data.hparams.fewshot_seed,
-    )
-    names = [task.name for task in tasks]
-    save_task_vectors(options.output, names, vectors, kind=options.kind)
-    return vectors, names

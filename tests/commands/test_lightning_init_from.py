@@ -11,9 +11,8 @@ import yaml
 from moe_mtl.cli import main
 from moe_mtl.data import train_tokenizer
 
-from .conftest import quiet_cpu_trainer
-from .models.conftest import TINY_BART
-from .test_cli import event_values
+from ..conftest import event_values, quiet_cpu_trainer
+from ..models.conftest import TINY_BART
 
 TINY_SKILLS = {"train_size": 4, "dev_size": 2, "test_size": 2, "shots": 2}
 
