@@ -38,8 +38,6 @@ from ..training.module import check_module_options
 from ..transfer.init_from import read_upstream, resume_mismatch, run_tokenizer_path
 from . import read_option_docs
 
-VERBS = ("fit", "validate", "test", "predict")
-
 # datamodule fact → model option, set when the datamodule is instantiated
 DATA_LINKS = {
     "num_tasks": "moe.num_tasks",
