@@ -2,7 +2,9 @@
 
 Also the shipped configs at toy size, for the tests that run them (tests/test_configs.py in process,
 tests/test_ddp_cli.py through the `moe-mtl` command under DDP): `shrink` makes a fit config toy-size and offline
-over the `crossfit` fixture's tiny CrossFit folder and local stand-in for facebook/bart-base.
+over the `crossfit` fixture's tiny CrossFit folder and local stand-in for facebook/bart-base. And a tiny
+`moe-mtl fit` run's config (`tiny_run_config`, `write_config`) with readers of what it leaves (`event_values`,
+`tasks_of`).
 """
 
 import os
@@ -20,6 +22,8 @@ from typing import Any
 
 import pytest
 import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import BartConfig, BartForConditionalGeneration
 
 from moe_mtl.data.tokenizer import train_tokenizer
@@ -164,3 +168,63 @@ def shrink(config: dict, root: Path, crossfit: dict[str, Path]) -> dict:
     elif data["source"] == "crossfit":
         data.update({key: str(crossfit[key]) for key in ("data_dir", "partition", "task_info")})
     return config
+
+
+# --- a tiny `moe-mtl fit` run, and what it leaves (tests/commands/, tests/training/) -----------------
+
+
+def tiny_run_config(**trainer) -> dict:
+    """The quick start's shape at toy size: skill suite, two-stage training, routing logs, val every 2 steps."""
+    return {
+        "seed_everything": 1,
+        "trainer": quiet_cpu_trainer(
+            ("runs", "tiny"),
+            **{
+                "max_steps": 4,
+                "val_check_interval": 2,
+                "limit_val_batches": 3,
+                "callbacks": [
+                    {
+                        "class_path": "moe_mtl.training.RoutingMonitor",
+                        "init_args": {"every_n_steps": 1, "heatmap_every_n_steps": 2},
+                    }
+                ],
+                **trainer,
+            },
+        ),
+        "temperature": {"rate": 0.1},
+        "two_stage": {"switch_step": 2},
+        "model": {"bart": TINY_BART, "moe": {"num_experts": 2, "task_dim": 8}, "lr": 1e-3, "num_beams": 1},
+        "data": {
+            "skills": {"train_size": 4, "dev_size": 2, "test_size": 2, "shots": 2},
+            "vocab_size": 300,
+            "batch_size": 2,
+            "output_dir": "runs/data",
+            "max_target_length": 8,
+        },
+    }
+
+
+def write_config(path: Path, **trainer) -> str:
+    path.write_text(yaml.safe_dump(tiny_run_config(**trainer)))
+    return str(path)
+
+
+def event_values(run_dir: Path) -> tuple[dict[str, list[tuple[int, float]]], set[str]]:
+    """(scalar tag → [(step, value)], image tags) of every TensorBoard event file in `run_dir`."""
+    scalars, images = {}, set()
+    for events in sorted(run_dir.glob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0, "images": 0})
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend((e.step, e.value) for e in accumulator.Scalars(tag))
+        images.update(accumulator.Tags()["images"])
+    return scalars, images
+
+
+def tasks_of(run_dir: Path, partition: str) -> list[str]:
+    """Names of the run's tasks in `partition`, in task-id order (from the model's hyper-parameters)."""
+    hparams = yaml.safe_load((run_dir / "hparams.yaml").read_text())
+    return [
+        name for name, part in zip(hparams["task_names"], hparams["task_partitions"], strict=True) if part == partition
+    ]

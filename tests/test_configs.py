@@ -19,7 +19,8 @@ import yaml
 from transformers import BartForConditionalGeneration
 
 from moe_mtl import MoEBartForConditionalGeneration, MoEOptions
-from moe_mtl.cli import main, run_lightning
+from moe_mtl.cli import main
+from moe_mtl.commands.lightning import run_lightning
 from moe_mtl.training import TemperatureAnnealing, TwoStageTraining
 from moe_mtl.training.clipping import GroupGradientClipping
 from moe_mtl.training.schedules import temperature_at

@@ -7,417 +7,41 @@ Subcommands:
     upcycle   turn a dense BART (hub name or local folder) into a saved MoE-BART: every expert a
               copy of the dense weights at its position (Ye et al.), MoE options from `MoEOptions`.
     represent task representations (text, Fisher) of a config's tasks, written to a file for
-              `--model.moe.task_embeddings` (`moe_mtl.transfer.representations`).
+              `--model.moe.task_embeddings` (`moe_mtl.representations`).
     analyze   route analysis of a run or checkpoint (heatmap, dynamics, feature correlation, route–skill
               agreement, expert disabling) into `<run>/analysis/` (`moe_mtl.analysis`).
     export    a run's tasks as plain transformers BART folders, one per task (hard routes only), and with
-              `--all` the whole MoE-BART (`moe_mtl.export_command`, docs/export.md).
+              `--all` the whole MoE-BART (`moe_mtl.commands.export`, docs/export.md).
     fewshot   the paper's few-shot experiments over a trained run (`moe_mtl.experiments.fewshot`).
     summarize the experiments' tables from their run folders (`moe_mtl.experiments.summary`).
 
-`moe-mtl <subcommand> --help` lists its options. A bad option value or input file stops the command with one line
-naming it, what was given and what is allowed (exit code 2; docs/errors.md); `--debug` shows the traceback.
+Each subcommand is a module of `moe_mtl.commands` (fit … predict: `commands.lightning`), imported only when it
+runs; this module only dispatches. `moe-mtl <subcommand> --help` lists its options. A bad option value or input
+file stops the command with one line naming it, what was given and what is allowed (exit code 2; docs/errors.md);
+`--debug` shows the traceback.
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import sys
-import tempfile
-from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Any
+from collections.abc import Sequence
 
-import torch
-from jsonargparse import ArgumentParser, Namespace, set_parsing_settings
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-
-from .analysis.command import run_analyze
-from .analysis.run import checkpoint_run_folder
-from .data import MultiTaskDataModule
 from .errors import UsageError
-from .models import MoEBartForConditionalGeneration, MoEOptions
-from .models.build import check_lengths, model_positions
-from .models.config import SHAPE_OPTIONS
-from .models.task_vectors import read_task_embeddings
-from .training import (
-    GroupGradientClipping,
-    MoEMultiTaskModule,
-    PreemptionCheckpoint,
-    TemperatureAnnealing,
-    TwoStageTraining,
-)
-from .training.module import check_module_options
-from .transfer.init_from import read_upstream, resume_mismatch, run_tokenizer_path
-from .transfer.representations import run_represent
 
-# datamodule fact → model option, set when the datamodule is instantiated
-DATA_LINKS = {
-    "num_tasks": "moe.num_tasks",
-    "task_names": "task_names",
-    "task_metrics": "task_metrics",
-    "task_partitions": "task_partitions",
-    "vocab_size": "tokenizer_size",
-    "pad_token_id": "pad_token_id",
-    "tokenizer_path": "tokenizer_path",
+# verb → its module in `moe_mtl.commands`, imported only when it runs: `--help` and the light verbs stay light
+VERBS = {
+    "fit": "lightning",
+    "validate": "lightning",
+    "test": "lightning",
+    "predict": "lightning",
+    "upcycle": "upcycle",
+    "represent": "represent",
+    "analyze": "analyze",
+    "fewshot": "fewshot",
+    "summarize": "summarize",
+    "export": "export",
 }
-# model options a checkpoint decides (the shape of its weights); the rest (num_beams, results_dir, learning rates,
-# …) stay as the command gives them, and the linked ones come from the data (the module checks the tasks match)
-CHECKPOINT_OPTIONS = ("pretrained", "bart", "moe")
-# of `moe`, those that shape the weights (the rest, e.g. top_k or capacity_factor, may change at test time)
-CHECKPOINT_MOE_OPTIONS = SHAPE_OPTIONS
-# callbacks with a CLI group of their own (`--two_stage.switch_step`), always on: group → class
-CALLBACK_GROUPS = {
-    "two_stage": TwoStageTraining,
-    "temperature": TemperatureAnnealing,
-    "preemption": PreemptionCheckpoint,
-    "clipping": GroupGradientClipping,
-}
-# `fit --ckpt_path` names Lightning resolves itself (a requeued job's `last` may not exist yet)
-RESUME_NAMES = ("last", "best", "hpc", "registry")
-# subcommands that evaluate weights without training them
-EVALUATION_COMMANDS = ("validate", "test", "predict")
-# loggers whose run folder is save_dir/name/version: pointed at the checkpoint's run for EVALUATION_COMMANDS
-FOLDER_LOGGERS = ("TensorBoardLogger", "CSVLogger")
-# which way is better for each selection metric (the paper selects by val/score: loss and score disagree)
-SELECTION_MODES = {"val/score": "max", "val/loss": "min"}
-
-
-class MoEMTLCLI(LightningCLI):
-    """LightningCLI with the data → model links and checkpoint selection by val/score or val/loss."""
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        for source, target in DATA_LINKS.items():
-            parser.link_arguments(f"data.{source}", f"model.{target}", apply_on="instantiate")
-        parser.link_arguments("data.max_target_length", "model.max_target_length")
-        parser.link_arguments("data.max_input_length", "model.max_input_length")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")  # first: `--ckpt_path best` reads it
-        # last.ckpt, the newest state at every validation, for resuming: a ModelCheckpoint of its own, because
-        # `save_last` (Lightning 2.6) rewrites last.ckpt only when a new best is saved, so it could lag far behind
-        parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
-        # step<N>.ckpt on a schedule of steps, whatever the monitor (a monitored ModelCheckpoint saves nothing until
-        # the metric exists): off unless `--checkpoint.every_n_train_steps` or `--step_checkpoint.*` asks
-        parser.add_lightning_class_args(ModelCheckpoint, "step_checkpoint")
-        # groups, not `trainer.callbacks` items, so that one flag changes them: a list item cannot be addressed.
-        # LightningCLI instantiates every group and adds it to the trainer's callbacks; off is a setting
-        # (`--two_stage.switch_step null`; τ is left alone where routes are not learned)
-        for group, callback in CALLBACK_GROUPS.items():
-            parser.add_lightning_class_args(callback, group)
-        parser.add_argument(
-            "--allow_untrained",
-            type=bool,
-            default=False,
-            help="validate / test / predict without --ckpt_path, --model.pretrained or --model.init_from: evaluate "
-            "the untrained initial weights (refused otherwise)",
-        )
-        parser.set_defaults(
-            {
-                "checkpoint.monitor": "val/score",
-                "checkpoint.mode": "max",
-                "checkpoint.filename": "best-step{step}",
-                "checkpoint.auto_insert_metric_name": False,
-                "last_checkpoint.monitor": None,
-                "last_checkpoint.save_top_k": 1,
-                "last_checkpoint.filename": "last",
-                "last_checkpoint.enable_version_counter": False,
-                "step_checkpoint.monitor": None,
-                "step_checkpoint.filename": "step{step}",
-                "step_checkpoint.auto_insert_metric_name": False,
-                "step_checkpoint.every_n_epochs": 0,
-                "step_checkpoint.enable_version_counter": False,
-            }
-        )
-
-    def _parse_ckpt_path(self) -> None:
-        """With `--ckpt_path`, take the model's architecture options from the checkpoint, as LightningCLI does, but
-        only those: LightningCLI would also override evaluation options given on the command line (`--model.num_beams`,
-        `--model.results_dir`) with the checkpoint's values, silently."""
-        subcommand = self.config.get("subcommand")
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        self.ckpt_contents = None  # read once here: `_check_transfer` looks at it again
-        if not ckpt_path or (subcommand == "fit" and ckpt_path in RESUME_NAMES):
-            return
-        checkpoint = self.ckpt_contents = read_checkpoint(ckpt_path)  # tensors memory-mapped, not loaded
-        hparams = checkpoint.get("hyper_parameters", {})
-        kept = {key: hparams[key] for key in CHECKPOINT_OPTIONS if key in hparams}
-        if "moe" in kept:
-            kept["moe"] = {key: value for key, value in kept["moe"].items() if key in CHECKPOINT_MOE_OPTIONS}
-        if kept:
-            try:
-                self.config = self.parser.parse_object({subcommand: {"model": kept}}, self.config)
-            except SystemExit:
-                sys.stderr.write(f"Parsing the model options saved in {ckpt_path} failed\n")
-                raise
-
-    def before_instantiate_classes(self) -> None:
-        """Every value that can be checked before data preparation or training; then the settings that follow from
-        the options (step checkpoints, the output folder of an evaluated checkpoint)."""
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        monitor, mode = config.checkpoint.monitor, config.checkpoint.mode
-        # a ValueError raised here is a usage error: `main` prints its one line and exits 2
-        if monitor in SELECTION_MODES and mode != SELECTION_MODES[monitor]:
-            raise UsageError(
-                f"checkpoint.monitor is {monitor!r} with checkpoint.mode {mode!r}; "
-                f"use checkpoint.mode {SELECTION_MODES[monitor]!r} (higher score, lower loss is better)"
-            )
-        for item in listed_callbacks(config):
-            class_path = getattr(item, "class_path", None)
-            group = callback_group(class_path)
-            if group is not None:
-                raise UsageError(
-                    f"trainer.callbacks lists {class_path}, which the `{group}` group already adds (it is always "
-                    f"on): it would run twice. Move its init_args to `{group}:` (YAML) or `--{group}.*` flags and "
-                    "drop it from trainer.callbacks"
-                )
-        if config.checkpoint.save_last:
-            raise UsageError(
-                f"checkpoint.save_last is {config.checkpoint.save_last!r}; leave it false: last.ckpt is written at "
-                "every validation by `last_checkpoint` (checkpoint.save_last would keep a stale copy beside it)"
-            )
-        if config.checkpoint.save_on_exception:
-            raise UsageError(
-                "checkpoint.save_on_exception is true; leave it false: it would name its file like a best "
-                "checkpoint, and save mid-step states. SIGTERM, SIGINT and SIGUSR1 save "
-                "checkpoints/preempted-step<N>.ckpt at a step boundary (`preemption.*`)"
-            )
-        if self.subcommand == "fit":
-            for option in ("max_steps", "max_epochs"):
-                if config.trainer.get(option) == 0:
-                    raise UsageError(
-                        f"trainer.{option} is 0: nothing would be trained; give a number > 0 (or -1: no limit)"
-                    )
-        self._check_output_folders(config)
-        self._check_model_options(config)
-        self._add_progress_bar(config)
-        self._schedule_step_checkpoints(config)
-        if self.subcommand in EVALUATION_COMMANDS:
-            self._evaluate_beside_checkpoint(config)
-        self._check_transfer(config)
-
-    @staticmethod
-    def _check_model_options(config) -> None:
-        """What the module, its MoE options, the callback groups and the model's positions check when built, now:
-        LightningCLI builds them after the data module has prepared the data (the model's vocabulary is the data's)."""
-        model = config.model.as_dict()
-        check_module_options(model)
-        moe = {key: value for key, value in (model.get("moe") or {}).items() if key != "num_tasks"}  # linked
-        options = MoEOptions.from_dict(moe)
-        if options.task_embeddings is not None:
-            read_task_embeddings(options.task_embeddings, None)
-        for group, callback in CALLBACK_GROUPS.items():  # built again later (cheap, no side effects): their checks
-            callback(**config[group].as_dict())
-        if not config.model.get("init_from"):  # (an upstream run brings its own architecture: checked when built)
-            try:
-                positions = model_positions(config.model.get("pretrained"), config.model.get("bart"))
-            except OSError:  # a hub name offline, a folder without config.json: building the model says which
-                positions = None
-            if positions is not None:
-                lengths = {option: config.data.get(option) for option in ("max_input_length", "max_target_length")}
-                check_lengths(positions, **lengths)
-
-    @staticmethod
-    def _add_progress_bar(config) -> None:
-        """`StepProgressBar` in place of Lightning's default rich bar (which reads "Epoch 0/-2" under `max_steps`),
-        when the bar is on, rich is installed and no progress bar is configured."""
-        callbacks = listed_callbacks(config)
-        named = [getattr(item, "class_path", "") for item in callbacks]
-        if config.trainer.enable_progress_bar is False or any("ProgressBar" in name for name in named):
-            return
-        if importlib.util.find_spec("rich") is None:  # Lightning's default is then the tqdm bar, which is right
-            return
-        progress = Namespace(class_path="moe_mtl.training.progress.StepProgressBar", init_args=Namespace())
-        config.trainer.callbacks = [*callbacks, progress]
-
-    @staticmethod
-    def _check_output_folders(config) -> None:
-        """The folders the command writes (results, logs, prepared data) can be written, checked before any work."""
-        folders = {"trainer.default_root_dir": config.trainer.get("default_root_dir") or "."}
-        logger = folder_logger(config)
-        if logger is not None:
-            folders["trainer.logger.init_args.save_dir"] = logger.init_args.save_dir
-        for option in ("model.results_dir", "data.output_dir"):
-            value = config.get(option)
-            if value:
-                folders[option] = value
-        for option, folder in folders.items():
-            check_writable(Path(folder), option)
-
-    @staticmethod
-    def _schedule_step_checkpoints(config) -> None:
-        """`checkpoint.every_n_train_steps` saves step<N>.ckpt on that schedule (`step_checkpoint`), whatever the
-        monitor; `checkpoint` keeps choosing the best by its metric at validation."""
-        steps = config.checkpoint.every_n_train_steps
-        if not steps or config.checkpoint.monitor is None:
-            return
-        if config.step_checkpoint.every_n_train_steps not in (None, steps):
-            raise UsageError(
-                f"checkpoint.every_n_train_steps is {steps} and step_checkpoint.every_n_train_steps is "
-                f"{config.step_checkpoint.every_n_train_steps}; give one of them"
-            )
-        config.step_checkpoint.every_n_train_steps = steps
-        config.checkpoint.every_n_train_steps = None
-
-    def _evaluate_beside_checkpoint(self, config) -> None:
-        """validate / test / predict: refuse untrained weights unless asked for; with `--ckpt_path`, write into that
-        checkpoint's run folder, under a folder named for it (`runs/x/version_0/best-step60/`)."""
-        ckpt_path = config.get("ckpt_path")
-        if not ckpt_path:
-            if not (config.model.get("pretrained") or config.model.get("init_from") or config.allow_untrained):
-                raise UsageError(
-                    f"{self.subcommand} has no weights to evaluate: give --ckpt_path (a checkpoint of `moe-mtl "
-                    "fit`), --model.pretrained (a dense BART, zero-shot) or --model.init_from (an upstream run); "
-                    "--allow_untrained true runs on the untrained initial weights"
-                )
-            return
-        folder = checkpoint_run_folder(Path(ckpt_path)) / Path(ckpt_path).stem
-        logger = folder_logger(config)
-        if logger is not None:
-            # the logger's folder is where `run_dir` (evaluation files, predictions) and config.yaml go
-            logger.init_args.save_dir, logger.init_args.name = str(folder.parent), ""
-            logger.init_args.version = folder.name
-        elif config.trainer.logger in (None, True):
-            config.trainer.logger = Namespace(
-                class_path="lightning.pytorch.loggers.TensorBoardLogger",
-                init_args=Namespace(save_dir=str(folder.parent), name="", version=folder.name),
-            )
-        else:  # no logger (or one without a folder): the module writes into `default_root_dir`
-            config.trainer.default_root_dir = str(folder)
-
-    def _check_transfer(self, config) -> None:
-        """`--model.init_from`: the data use the upstream run's tokenizer. `fit --ckpt_path` that is no resume (other
-        tasks, or nothing left to train): a usage error pointing to `--model.init_from`."""
-        ckpt_path = config.get("ckpt_path")
-        if self.subcommand == "fit" and self.ckpt_contents is not None:
-            why = resume_mismatch(self.ckpt_contents, config.data.as_dict(), config.trainer.max_steps)
-            if why is not None:
-                raise UsageError(
-                    f"fit --ckpt_path {ckpt_path} resumes that run, but {why}. To train a new run from its weights "
-                    f"(other tasks, few-shot), use --model.init_from {ckpt_path} without --ckpt_path"
-                )
-        if config.model.get("init_from"):
-            upstream = read_upstream(config.model.init_from)
-            config.data.tokenizer = run_tokenizer_path(upstream, config.data.tokenizer)
-
-
-def listed_callbacks(config) -> list:
-    """`trainer.callbacks` as a list (a config may give one callback, or none)."""
-    listed = config.trainer.callbacks or []
-    return listed if isinstance(listed, list) else [listed]
-
-
-def folder_logger(config):
-    """`trainer.logger` if it is one of `FOLDER_LOGGERS` (its run folder is save_dir/name/version), else None."""
-    logger = config.trainer.logger
-    return logger if getattr(logger, "class_path", "").rpartition(".")[2] in FOLDER_LOGGERS else None
-
-
-def check_writable(folder: Path, option: str) -> None:
-    """A ValueError naming `option` unless files can be created in `folder` (or in the folder that would hold it)."""
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UsageError(f"{option} is {folder}, but {existing} is a file, not a folder; give a folder to write into")
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as error:
-        raise UsageError(
-            f"{option} is {folder}, which cannot be written ({error.strerror}); give a writable folder"
-        ) from None
-
-
-def read_checkpoint(path: str) -> dict[str, Any]:
-    """The Lightning checkpoint at `path`, tensors memory-mapped; a ValueError naming it if it is missing or not one."""
-    if not Path(path).is_file():
-        raise UsageError(f"ckpt_path {path} does not exist; give a checkpoint file (.ckpt) of `moe-mtl fit`")
-    try:
-        checkpoint = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
-    except Exception as error:  # torch raises pickle, zip and runtime errors alike; its text is about mmap
-        raise UsageError(
-            f"ckpt_path {path} cannot be read as a checkpoint ({type(error).__name__}): not a complete file written "
-            "by torch.save; give a checkpoint file (.ckpt) of `moe-mtl fit`"
-        ) from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise UsageError(f"ckpt_path {path} is not a Lightning checkpoint (no state_dict); give one of `moe-mtl fit`")
-    return checkpoint
-
-
-def callback_group(class_path: str | None) -> str | None:
-    """The `CALLBACK_GROUPS` group whose callback (or a subclass) `class_path` names, if any."""
-    module, _, name = (class_path or "").rpartition(".")
-    try:
-        callback = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError):
-        return None  # not ours to judge: jsonargparse reports a class that cannot be imported
-    return next((g for g, c in CALLBACK_GROUPS.items() if isinstance(callback, type) and issubclass(callback, c)), None)
-
-
-def read_option_docs(argv: Sequence[str]) -> None:
-    """Read option help from attribute docstrings (MoEOptions' fields) only when the command prints help: reading
-    them for every class the parser holds (Trainer, callbacks, …) takes ~4 s of every command's start-up."""
-    set_parsing_settings(docstring_parse_attribute_docstrings=any(arg in ("-h", "--help") for arg in argv))
-
-
-def run_lightning(args: Sequence[str] | None = None) -> MoEMTLCLI:
-    """fit / validate / test / predict through LightningCLI (`args` None: the command line)."""
-    read_option_docs(sys.argv[1:] if args is None else args)
-    return MoEMTLCLI(
-        MoEMultiTaskModule,
-        MultiTaskDataModule,
-        # a requeued job writes config.yaml into the same run folder again
-        save_config_kwargs={"overwrite": True},
-        # the batch samplers shard by rank themselves
-        trainer_defaults={"use_distributed_sampler": False},
-        auto_configure_optimizers=False,
-        parser_kwargs={"description": __doc__},
-        args=None if args is None else list(args),
-    )
-
-
-def upcycle(dense: str, output: str, moe: MoEOptions) -> MoEBartForConditionalGeneration:
-    """Upcycle the dense BART `dense` with the options `moe` and save the MoE-BART to `output`."""
-    model = MoEBartForConditionalGeneration.from_dense(dense, **vars(moe))
-    model.save_pretrained(output)
-    return model
-
-
-def build_upcycle_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="moe-mtl upcycle", description=upcycle.__doc__)
-    parser.add_argument("--dense", required=True, help="dense BART: hub name (online) or local folder")
-    parser.add_argument("--output", required=True, help="folder the MoE-BART is saved to")
-    parser.add_argument("--config", action="config", help="YAML file with any of these options")
-    parser.add_class_arguments(MoEOptions, "moe")
-    return parser
-
-
-def run_upcycle(args: Sequence[str]) -> MoEBartForConditionalGeneration:
-    parser = build_upcycle_parser()
-    config = parser.parse_args(list(args))
-    try:
-        options = parser.instantiate(config)
-        model = upcycle(options.dense, options.output, options.moe)
-    except ValueError as err:  # a bad option value: a usage error, not a traceback
-        parser.error(str(err))
-    layers = ", ".join(model.routed_layer_names)
-    print(f"saved MoE-BART ({model.moe_options.num_experts} experts; routed: {layers}) to {options.output}")
-    return model
-
-
-# subcommands of their own (not LightningCLI's): name → runner of the remaining arguments
-COMMANDS: dict[str, Callable[[Sequence[str]], Any]] = {
-    "upcycle": run_upcycle,
-    "represent": run_represent,
-    "analyze": run_analyze,
-    "fewshot": lambda args: importlib.import_module("moe_mtl.experiments.fewshot").run_fewshot(args),
-    "summarize": lambda args: importlib.import_module("moe_mtl.experiments.summary").run_summarize(args),
-    "export": lambda args: importlib.import_module("moe_mtl.export_command").run_export(args),
-}
-
-
-LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
 def main(args: Sequence[str] | None = None) -> None:
@@ -427,15 +51,16 @@ def main(args: Sequence[str] | None = None) -> None:
     if args is None:  # LightningCLI reads sys.argv itself (and warns when also given `args`)
         sys.argv[1:] = argv
     if not argv or argv[0] in ("-h", "--help"):
-        commands = ",".join((*LIGHTNING_COMMANDS, *COMMANDS))
-        print(f"usage: moe-mtl {{{commands}}} [--debug] ...\n\n{__doc__.strip()}")
+        print(f"usage: moe-mtl {{{','.join(VERBS)}}} [--debug] ...\n\n{__doc__.strip()}")
         return
+    # an unknown verb goes to LightningCLI too, whose error lists its own verbs
+    module = VERBS.get(argv[0], "lightning")
+    command = importlib.import_module(f"moe_mtl.commands.{module}")
     try:
-        if argv[0] in COMMANDS:
-            read_option_docs(argv)  # run_lightning sets it for the Lightning commands
-            COMMANDS[argv[0]](argv[1:])
+        if module == "lightning":  # LightningCLI parses the verb itself
+            command.main(None if args is None else argv)
         else:
-            run_lightning(None if args is None else argv)
+            command.main(argv[1:])
     except UsageError as error:  # a mistake in what the command was given; anything else keeps its traceback
         if debug:
             raise

@@ -14,7 +14,7 @@ import yaml
 
 from moe_mtl.training.preemption import exit_code
 
-from ..test_cli import tiny_run_config
+from ..conftest import tiny_run_config
 
 ROOT = Path(__file__).resolve().parents[2]
 MOE_MTL = Path(sys.executable).parent / "moe-mtl"

@@ -3,10 +3,10 @@
 import torch
 from lightning.pytorch import LightningModule, Trainer
 
-from moe_mtl.cli import run_lightning
+from moe_mtl.commands.lightning import run_lightning
 from moe_mtl.training.progress import StepProgressBar
 
-from ..test_cli import write_config
+from ..conftest import write_config
 
 
 class Line(LightningModule):

@@ -2,8 +2,8 @@
 correlation of task features with expert usage, route–skill agreement, and expert disabling.
 
 scipy and matplotlib are the optional extra `analysis` (`pip install moe-mtl[analysis]`); each module imports
-them inside the functions that need them, so `import moe_mtl` works without them. The subcommand
-(`analysis.command`) and expert disabling import the training package: import them from their modules.
+them inside the functions that need them, so `import moe_mtl` works without them. The report and expert
+disabling import the training package: import them from their modules (the command is `moe_mtl.commands.analyze`).
 """
 
 from ..extras import require

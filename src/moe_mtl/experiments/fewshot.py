@@ -26,19 +26,17 @@ process down loses only the running cell (finished cells have their result.json)
 
 from __future__ import annotations
 
-import argparse
 import csv
 import gc
 import json
 import logging
 import math
 import shutil
-import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -46,7 +44,6 @@ from ..atomic_files import atomic_path
 from ..data import MultiTaskDataModule
 from ..data.tasks import PARTITIONS, Task
 from ..errors import UsageError
-from ..training import MoEMultiTaskModule
 from .summary import mean_std
 
 log = logging.getLogger(__name__)
@@ -79,6 +76,17 @@ RUNNER_OPTIONS = {
 }
 
 
+class FitRun(Protocol):
+    """What a finished `moe-mtl fit` leaves (a LightningCLI): its trainer, model and data module."""
+
+    trainer: Any
+    model: Any
+    datamodule: Any
+
+
+RunFit = Callable[[Sequence[str]], FitRun]  # `moe-mtl fit` arguments → the finished fit
+
+
 @dataclass(frozen=True)
 class Cell:
     """One fine-tuning run: an unseen task, a k-shot seed, a learning rate and a batch size (None: the config's)."""
@@ -97,28 +105,6 @@ class Cell:
 
 
 # --- the tasks --------------------------------------------------------------------------------------------
-
-
-def load_datamodule(config_args: Sequence[str]) -> MultiTaskDataModule:
-    """The data module that `config_args` (`--config ...` and fit overrides) configure, for its tasks.
-
-    Parsed by the `moe-mtl fit` parser itself, so a bad override is a usage error now, before any cell runs.
-    """
-    from ..cli import MoEMTLCLI  # imported here: the CLI imports this module's runner
-
-    class DataOnly(MoEMTLCLI):
-        def instantiate_classes(self) -> None:  # the tasks need the data module only, not a model or trainer
-            self.datamodule = MultiTaskDataModule(**self.config.data.as_dict())
-
-    cli = DataOnly(
-        MoEMultiTaskModule,
-        MultiTaskDataModule,
-        auto_configure_optimizers=False,  # as `run_lightning`: the same options parse
-        parser_kwargs={"prog": "moe-mtl fewshot (fit options)"},
-        args=list(config_args),
-        run=False,
-    )
-    return cli.datamodule
 
 
 def unseen_tasks(tasks: Sequence[Task], partition: str, names: Sequence[str] | None) -> list[Task]:
@@ -201,15 +187,15 @@ def cell_args(
     return args
 
 
-def run_cell(cell: Cell, folder: Path, args: Sequence[str], partition: dict[str, list[str]]) -> dict[str, Any]:
-    """Fit a cell from scratch in `folder`, test its best checkpoint, write and return its result."""
-    from ..cli import run_lightning
-
+def run_cell(
+    cell: Cell, folder: Path, args: Sequence[str], partition: dict[str, list[str]], run_fit: RunFit
+) -> dict[str, Any]:
+    """Fit a cell from scratch in `folder` (`run_fit(args)`), test its best checkpoint, write and return its result."""
     if folder.exists():  # a half-finished cell: its checkpoints and evaluations would mix with the new ones
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     (folder / "partition.json").write_text(json.dumps(partition, indent=1) + "\n")
-    cli = run_lightning(args)
+    cli = run_fit(args)
     checkpoint = cli.trainer.checkpoint_callback  # `checkpoint`, selecting by val/score
     if not checkpoint.best_model_path:
         raise RuntimeError(
@@ -326,33 +312,6 @@ def render_markdown(summary: Sequence[dict[str, Any]], rows: Sequence[dict[str, 
     return text
 
 
-# --- the command ------------------------------------------------------------------------------------------
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="moe-mtl fewshot",
-        description=__doc__.split("\n\n")[0],
-        epilog="Other arguments are `moe-mtl fit` options, passed to every cell.",
-        allow_abbrev=False,  # a prefix of a runner flag must not swallow a pass-through fit option
-    )
-    parser.add_argument("--config", action="append", required=True, help="fit config (YAML); may be repeated")
-    parser.add_argument("--init_from", help="upstream run folder or checkpoint (None: the config's model)")
-    parser.add_argument("--out", required=True, help="folder of the cells and the tables")
-    parser.add_argument("--partition", default="test", choices=("dev", "test"), help="partition of unseen tasks")
-    parser.add_argument("--tasks", nargs="+", help="only these tasks of the partition (default: all)")
-    parser.add_argument("--seeds", nargs="+", type=int, help="k-shot seeds (default: all the tasks have)")
-    parser.add_argument(
-        "--lrs", nargs="+", type=float, default=[1e-5, 2e-5, 5e-5], help="learning rates (default: the paper's)"
-    )
-    parser.add_argument(
-        "--batch_sizes", nargs="+", type=int, help="training batch sizes (default: the config's; the paper's: 2 4 8)"
-    )
-    parser.add_argument("--unseen_routes", help="`--model.unseen_routes` of the cells (with --init_from)")
-    parser.add_argument("--max_steps", type=int, help="training steps per cell (default: the config's)")
-    return parser
-
-
 def fewshot(
     config_args: Sequence[str],
     out: str | Path,
@@ -364,8 +323,15 @@ def fewshot(
     batch_sizes: Sequence[int] | None = None,
     unseen_routes: str | None = None,
     max_steps: int | None = None,
+    *,
+    load_datamodule: Callable[[Sequence[str]], MultiTaskDataModule],
+    run_fit: RunFit,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[Cell]]:
-    """Run (or resume) every cell, write the tables; returns (rows, summary, failed cells)."""
+    """Run (or resume) every cell, write the tables; returns (rows, summary, failed cells).
+
+    `load_datamodule(config_args)` is the data module the fit options configure (for the tasks), `run_fit(args)`
+    runs one `moe-mtl fit` (`moe_mtl.commands.lightning.run_lightning`): passed in, because the command sits above.
+    """
     if not lrs or any(not (lr > 0 and math.isfinite(lr)) for lr in lrs):
         raise UsageError(f"--lrs is {list(lrs)}; give one or more positive learning rates")
     if batch_sizes is not None and (not batch_sizes or min(batch_sizes) < 1):
@@ -402,7 +368,7 @@ def fewshot(
         task = next(task for task in chosen if task.name == cell.task)
         args = cell_args(config_args, cell, folder, partition, init_from, unseen_routes, max_steps)
         try:
-            results[cell] = run_cell(cell, folder, args, cell_partition(all_tasks, task))
+            results[cell] = run_cell(cell, folder, args, cell_partition(all_tasks, task), run_fit)
         except Exception:  # one failed cell must not lose the others: recorded, counted, and run again next time
             (folder / ERROR_FILE).write_text(traceback.format_exc())
             log.error("cell %s failed; the traceback is in %s", folder, folder / ERROR_FILE)
@@ -418,38 +384,4 @@ def fewshot(
     write_csv(out / "fewshot.csv", rows, ROW_FIELDS)
     write_csv(out / "fewshot_summary.csv", summary, SUMMARY_FIELDS)
     (out / "fewshot_summary.md").write_text(render_markdown(summary, rows))
-    return rows, summary, failed
-
-
-def run_fewshot(args: Sequence[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[Cell]]:
-    parser = build_parser()
-    options, fit_args = parser.parse_known_args(list(args))
-    for arg in fit_args:
-        name = arg.split("=", 1)[0]
-        if name in RUNNER_OPTIONS:
-            parser.error(f"{name} is set by the runner for each cell; use {RUNNER_OPTIONS[name]}")
-    config_args = [arg for config in options.config for arg in ("--config", config)] + fit_args
-    try:
-        rows, summary, failed = fewshot(
-            config_args,
-            options.out,
-            options.init_from,
-            options.partition,
-            options.tasks,
-            options.seeds,
-            options.lrs,
-            options.batch_sizes,
-            options.unseen_routes,
-            options.max_steps,
-        )
-    except ValueError as err:  # a bad option: a usage error, not a traceback
-        parser.error(str(err))
-    average = summary[-1]["test_mean"]
-    print(
-        f"few-shot: {len(rows)} (task, seed) rows, average test score "
-        f"{'—' if average is None else f'{average:.4f}'}; tables in {options.out}"
-    )
-    if failed:
-        print(f"{len(failed)} cell(s) failed (see error.txt in each): run the same command again to retry them")
-        sys.exit(1)
     return rows, summary, failed

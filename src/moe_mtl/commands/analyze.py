@@ -7,8 +7,9 @@ from typing import Any
 
 from jsonargparse import ArgumentParser
 
-from .report import analyze
-from .run import RunFolder
+from ..analysis.report import analyze
+from ..analysis.run import RunFolder
+from . import read_option_docs
 
 
 def build_analyze_parser() -> ArgumentParser:
@@ -89,7 +90,8 @@ def print_summary(summary: dict[str, Any]) -> None:
     print(f"wrote {', '.join(summary['files'])}")
 
 
-def run_analyze(args: Sequence[str]) -> dict[str, Any]:
+def main(args: Sequence[str]) -> dict[str, Any]:
+    read_option_docs(args)
     parser = build_analyze_parser()
     options = parser.parse_args(list(args))
     try:

@@ -15,12 +15,13 @@ from typing import TYPE_CHECKING, Any
 from jsonargparse import ArgumentParser
 from transformers import GenerationConfig
 
-from .analysis.run import RunFolder
-from .errors import UsageError
-from .models.conversion import dense_model, task_experts
+from ..analysis.run import RunFolder
+from ..errors import UsageError
+from ..models.conversion import dense_model, task_experts
+from . import read_option_docs
 
 if TYPE_CHECKING:
-    from .training import MoEMultiTaskModule
+    from ..training import MoEMultiTaskModule
 
 MOE_FOLDER = "moe_bart"  # `--all`: <out>/moe_bart/, beside the task folders
 TASK_NAMES_FILE = "task_names.json"  # `--all`: task names by task id, the `task_ids` the MoE-BART takes
@@ -110,9 +111,10 @@ def export_run(
     return written
 
 
-def run_export(args: Sequence[str]) -> dict[str, Path]:
+def main(args: Sequence[str]) -> dict[str, Path]:
     """`moe-mtl export`: bad options, unknown tasks, unreadable checkpoints and refused routes are usage errors
     (one line, exit 2)."""
+    read_option_docs(args)
     parser = build_export_parser()
     options = parser.parse_args(list(args))
     if not options.task and not options.all:

@@ -1,6 +1,5 @@
-"""Transitional: the command part of `moe-mtl represent`, left here unedited for the lead to move to
-`commands/represent.py` at merge (then this file and the package `moe_mtl.transfer` are deleted). The library
-is `moe_mtl.representations`."""
+"""`moe-mtl represent`: task representations (text, Fisher) of a config's tasks, written to a file for
+`--model.moe.task_embeddings` (rows in task-id order; the computation is `moe_mtl.representations.compute`)."""
 
 from __future__ import annotations
 
@@ -19,17 +18,15 @@ from ..data import MultiTaskDataModule
 from ..errors import UsageError
 from ..models import MoEBartForConditionalGeneration, MoEOptions
 from ..representations.compute import REPRESENTATION_KINDS, compute_representations
-from ..representations.files import save_representations as save_task_vectors
+from ..representations.files import save_representations
 from ..runs import resolve_checkpoint
-
-# --- moe-mtl represent -----------------------------------------------------------------------------------
+from ..training import MoEMultiTaskModule
+from . import read_option_docs
 
 
 def load_run_model(init_from: str | Path) -> tuple[MoEBartForConditionalGeneration, PreTrainedTokenizerBase, int]:
     """The MoE-BART, tokenizer and task width of a training run: its Lightning checkpoint (.ckpt), or the run
     folder's best or last one (see `resolve_checkpoint`)."""
-    from ..training import MoEMultiTaskModule  # the training layer sits above this one
-
     path = resolve_checkpoint(init_from)
     try:
         module = MoEMultiTaskModule.load_from_checkpoint(path, map_location="cpu")
@@ -81,8 +78,9 @@ def build_represent_parser() -> ArgumentParser:
     return parser
 
 
-def run_represent(args: Sequence[str]) -> torch.Tensor:
+def main(args: Sequence[str]) -> torch.Tensor:
     """`moe-mtl represent`: bad options are usage errors (one line, exit 2)."""
+    read_option_docs(args)
     parser = build_represent_parser()
     options = parser.parse_args(list(args))
     try:
@@ -132,5 +130,5 @@ def represent(options) -> tuple[torch.Tensor, list[str]]:
         fewshot_seed=data.hparams.fewshot_seed,
     )
     names = [task.name for task in tasks]
-    save_task_vectors(options.output, names, vectors, kind=options.kind)
+    save_representations(options.output, names, vectors, kind=options.kind)
     return vectors, names

@@ -1,5 +1,5 @@
-"""`moe-mtl export` end to end: a tiny run trained, predicted and exported through the real command; the exported
-folders reproduce `moe-mtl predict` in a process where moe_mtl cannot be imported.
+"""`moe-mtl export` (`moe_mtl.commands.export`) end to end: a tiny run trained, predicted and exported through the
+real command; the exported folders reproduce `moe-mtl predict` in a process where moe_mtl cannot be imported.
 
 transformers 5 removed the "text2text-generation" pipeline (`pipeline()` raises a KeyError that says so), so the
 exported folders are checked the way that pipeline ran them: tokenizer, `generate` with the folder's generation
@@ -20,8 +20,8 @@ from moe_mtl import MoEBartForConditionalGeneration
 from moe_mtl.cli import main
 from moe_mtl.training import MoEMultiTaskModule
 
-from .models.conftest import TINY_BART
-from .test_cli import tasks_of, tiny_run_config
+from ..conftest import tasks_of, tiny_run_config
+from ..models.conftest import TINY_BART
 
 NUM_BEAMS = 2  # beam search in predict, so that the exported generation config must carry it
 MAX_TARGET_LENGTH = 8  # tiny_run_config's data.max_target_length: predict's max_new_tokens

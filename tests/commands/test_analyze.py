@@ -1,4 +1,5 @@
-"""`moe-mtl analyze` end to end on a tiny skill-suite run made by `moe-mtl fit`, and its usage errors."""
+"""`moe-mtl analyze` (`moe_mtl.commands.analyze`) end to end on a tiny skill-suite run made by `moe-mtl fit`, and
+its usage errors."""
 
 import csv
 import json
@@ -17,7 +18,7 @@ from moe_mtl.data.tasks import feature_table
 
 from ..conftest import quiet_cpu_trainer
 from ..models.conftest import TINY_BART
-from ..training.conftest import TINY_SKILLS
+from ..training.conftest import TINY_SKILLS, _one_thread  # noqa: F401 (one torch thread, as in tests/analysis)
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,8 @@ import yaml
 from moe_mtl.cli import main
 from moe_mtl.data import train_tokenizer
 
-from .conftest import quiet_cpu_trainer
-from .models.conftest import TINY_BART
-from .test_cli import event_values
+from ..conftest import event_values, quiet_cpu_trainer
+from ..models.conftest import TINY_BART
 
 TINY_SKILLS = {"train_size": 4, "dev_size": 2, "test_size": 2, "shots": 2}
 
@@ -110,7 +109,7 @@ def test_fit_ckpt_path_on_other_tasks_is_a_usage_error_pointing_to_init_from(ups
     assert stopped.value.code == 2
     error = capsys.readouterr().err
     assert "data option `train_partitions` is ['test'], but the checkpoint's run has ['train']" in error
-    assert f"--model.init_from {last}" in error  # (a resume at max_steps already: tests/transfer/test_init_from.py)
+    assert f"--model.init_from {last}" in error  # (a resume at max_steps already: tests/test_runs.py)
 
 
 def test_init_from_with_a_mismatched_vocabulary_is_a_usage_error(upstream, monkeypatch, capsys):
