@@ -23,7 +23,7 @@ from lightning.pytorch.strategies import (
 )
 from lightning.pytorch.utilities import rank_zero_warn
 
-from ..errors import UsageError
+from ...errors import UsageError
 
 # where a LightningModule may declare a dict to receive the norms (`GroupGradientClipping`, "Norms for the module")
 NORMS_ATTRIBUTE = "pre_clip_grad_norms"

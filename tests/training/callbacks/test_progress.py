@@ -4,9 +4,9 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 
 from moe_mtl.cli import run_lightning
-from moe_mtl.training.progress import StepProgressBar
+from moe_mtl.training.callbacks.progress import StepProgressBar
 
-from ..test_cli import write_config
+from ...test_cli import write_config
 
 
 class Line(LightningModule):

@@ -12,9 +12,9 @@ import pytest
 import torch
 import yaml
 
-from moe_mtl.training.preemption import exit_code
+from moe_mtl.training.callbacks.preemption import exit_code
 
-from ..test_cli import tiny_run_config
+from ...test_cli import tiny_run_config
 
 ROOT = Path(__file__).resolve().parents[2]
 MOE_MTL = Path(sys.executable).parent / "moe-mtl"
