@@ -150,3 +150,44 @@ def test_setup_rejects_expert_sparse_updates_where_grads_are_sharded(two_tasks):
         sparse.setup(fsdp_trainer(), module, "fit")
     sparse.setup(fsdp_trainer(), module, "validate")  # no training, nothing dropped
     ExpertSparseUpdates(enabled=False).setup(fsdp_trainer(), module, "fit")
+
+
+class PinAfterFirstStep(Callback):
+    """After step 1 (softmax routes: every expert ran and has AdamW moments), pins task t to expert t with gumbel_st
+    routes, which run expert 2 with zero weight; keeps expert 2's weights and AdamW state from then and at the end."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == 1 and not hasattr(self, "before"):
+            pl_module.model.router.selection = "gumbel_st"
+            pin_routes(pl_module, [0, 1])
+            self.before = self.snapshot(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        self.after = self.snapshot(trainer, pl_module)
+
+    @staticmethod
+    def snapshot(trainer, pl_module):
+        state = trainer.optimizers[0].state
+        params = [
+            p for layer in pl_module.model.routed_layer_names for p in pl_module.model.expert_parameters(layer, 2)
+        ]
+        return [(p.detach().clone(), {k: v.clone() for k, v in state[p].items()}) for p in params]
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_unrouted_experts_keep_their_weights_and_adamw_state_bitwise(two_tasks, sparse):
+    module = make_module(two_tasks, moe={"num_experts": 3, "selection": "softmax"}, router_lr=0.0, task_lr=0.0)
+    probe = PinAfterFirstStep()
+    make_trainer(max_steps=3, callbacks=[ExpertSparseUpdates(enabled=sparse), probe]).fit(module, datamodule=two_tasks)
+    assert all(state for _, state in probe.before)  # expert 2 was stepped in step 1
+    unchanged = [
+        torch.equal(w0, w1)
+        and state0.keys() == state1.keys()
+        and all(torch.equal(state0[k], state1[k]) for k in state0)
+        for (w0, state0), (w1, state1) in zip(probe.before, probe.after, strict=True)
+    ]
+    assert all(unchanged) if sparse else not any(unchanged)  # without it, plain AdamW moves expert 2 (decay, moments)
+
+
+def test_expert_sparse_updates_have_no_state_to_save():
+    assert ExpertSparseUpdates().state_dict() == {}  # the usage is reset at every optimizer step

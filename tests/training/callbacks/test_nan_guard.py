@@ -124,3 +124,24 @@ def test_nan_policy_skip_under_ddp_skips_the_step_on_every_rank(tmp_path):
         assert all(torch.equal(rank["before"][n], rank["after"][n]) for n in rank["before"])  # nothing moved
     assert all(torch.equal(ranks[0]["final"][n], ranks[1]["final"][n]) for n in ranks[0]["final"])
     assert not all(torch.equal(ranks[0]["final"][n], ranks[0]["before"][n]) for n in ranks[0]["final"])
+
+
+def test_nan_guard_state_round_trips():
+    saved = NanGuard("skip")
+    saved.skipped_batches = 3
+    restored = NanGuard("skip")
+    restored.load_state_dict(saved.state_dict())
+    assert saved.state_dict() == {"skipped_batches": 3} and restored.skipped_batches == 3
+
+
+def test_a_resumed_run_restores_the_skipped_count_and_goes_on_counting(two_tasks, tmp_path):
+    module, guard = make_module(two_tasks), NanGuard("skip")
+    trainer = make_trainer(max_steps=2, callbacks=[PoisonBatch(1), guard])
+    trainer.fit(module, datamodule=two_tasks)
+    assert guard.skipped_batches == 1
+    trainer.save_checkpoint(tmp_path / "skipped.ckpt")
+
+    resumed, guard = make_module(two_tasks), NanGuard("skip")
+    trainer = make_trainer(max_steps=4, callbacks=[PoisonBatch(3), guard])  # batch 3 of the resumed epoch: step 3
+    trainer.fit(resumed, datamodule=two_tasks, ckpt_path=tmp_path / "skipped.ckpt")
+    assert trainer.global_step == 4 and guard.skipped_batches == 2
