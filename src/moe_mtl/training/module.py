@@ -15,7 +15,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.optim.lr_scheduler import LambdaLR
 
-from ..data import METRICS, MODEL_INPUTS, PARTITIONS, load_tokenizer
+from ..data import MODEL_INPUTS, load_tokenizer
 from ..errors import UsageError
 from ..evaluation.results import evaluation_stem, write_evaluation, write_predictions
 from ..evaluation.task_evaluation import EvaluationResult, TaskEvaluation, gather_predictions
@@ -28,7 +28,7 @@ from .callbacks.two_stage import fix_routes
 from .distributed import require_unused_parameter_detection
 from .losses import label_smoothed_nll, reinforce_surrogate, route_balance, sequence_nll
 from .optim import build_param_groups
-from .options import check_module_options
+from .options import check_checkpoint_tasks, check_module_options, check_task_lists
 from .schedules import WarmupLinearDecay, warmup_steps_for
 
 log = logging.getLogger(__name__)
@@ -172,16 +172,7 @@ class MoEMultiTaskModule(LightningModule):
         self.task_names = task_names or [f"task{i}" for i in range(num_tasks)]
         self.task_metrics = task_metrics or ["EM"] * num_tasks
         self.task_partitions = task_partitions or ["train"] * num_tasks
-        for option, values, allowed in (
-            ("task_names", self.task_names, None),
-            ("task_metrics", self.task_metrics, METRICS),
-            ("task_partitions", self.task_partitions, PARTITIONS),
-        ):
-            if len(values) != num_tasks:
-                raise UsageError(f"`{option}` names {len(values)} tasks; the model's task table has {num_tasks}")
-            unknown = sorted(set(values) - set(allowed)) if allowed else []
-            if unknown:  # found now rather than at the end of the first validation
-                raise UsageError(f"`{option}` has {unknown}; allowed: {', '.join(map(repr, allowed))}")
+        check_task_lists(num_tasks, self.task_names, self.task_metrics, self.task_partitions)
         positions = self.model.config.max_position_embeddings
         check_lengths(positions, max_input_length=max_input_length, max_target_length=max_target_length)
         self.lr_schedule: WarmupLinearDecay | None = None
@@ -361,14 +352,7 @@ class MoEMultiTaskModule(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # runs before the weights load: re-fix stage-two routes so the run goes on in stage two
-        saved_tasks = checkpoint.get("hyper_parameters", {}).get("task_names")
-        if saved_tasks is not None and list(saved_tasks) != list(self.task_names):
-            pairs = zip(saved_tasks, self.task_names, strict=False)
-            first = next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(saved_tasks), len(self.task_names)))
-            raise UsageError(
-                f"the checkpoint's {len(saved_tasks)} tasks differ from the data's {len(self.task_names)} from task id "
-                f"{first} on; task ids index the task table, so use the data options (source, partition) of training"
-            )
+        check_checkpoint_tasks(checkpoint.get("hyper_parameters", {}).get("task_names"), self.task_names)
         state = checkpoint.get("moe_mtl", {})
         if state.get("stage") == 2:
             self.enter_stage_two(state["stage_info"]["routes"])

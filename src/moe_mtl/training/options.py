@@ -6,6 +6,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from ..data import METRICS, PARTITIONS
 from ..errors import UsageError
 from ..models import MoEOptions
 
@@ -44,3 +45,30 @@ def check_module_options(options: Mapping[str, Any]) -> None:
         raise UsageError(
             "model option `finetune` is 'task_table', but moe.freeze_task_table is true: nothing would train"
         )
+
+
+def check_task_lists(num_tasks: int, names: list[str], metrics: list[str], partitions: list[str]) -> None:
+    """One name, CrossFit metric and partition per task of the model's task table, each one that exists: found when
+    the module is built rather than at the end of the first validation."""
+    for option, values, allowed in (
+        ("task_names", names, None),
+        ("task_metrics", metrics, METRICS),
+        ("task_partitions", partitions, PARTITIONS),
+    ):
+        if len(values) != num_tasks:
+            raise UsageError(f"`{option}` names {len(values)} tasks; the model's task table has {num_tasks}")
+        unknown = sorted(set(values) - set(allowed)) if allowed else []
+        if unknown:
+            raise UsageError(f"`{option}` has {unknown}; allowed: {', '.join(map(repr, allowed))}")
+
+
+def check_checkpoint_tasks(saved: list[str] | None, names: list[str]) -> None:
+    """A checkpoint's tasks (`saved`, None: unknown) are the data's `names`, in order: task ids index the task table."""
+    if saved is None or list(saved) == list(names):
+        return
+    pairs = zip(saved, names, strict=False)
+    first = next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(saved), len(names)))
+    raise UsageError(
+        f"the checkpoint's {len(saved)} tasks differ from the data's {len(names)} from task id {first} on; task ids "
+        "index the task table, so use the data options (source, partition) of training"
+    )
