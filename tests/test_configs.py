@@ -22,7 +22,7 @@ from moe_mtl import MoEBartForConditionalGeneration, MoEOptions
 from moe_mtl.cli import main
 from moe_mtl.commands.lightning import run_lightning
 from moe_mtl.training import TemperatureAnnealing, TwoStageTraining
-from moe_mtl.training.clipping import GroupGradientClipping
+from moe_mtl.training.callbacks.clipping import GroupGradientClipping
 from moe_mtl.training.schedules import temperature_at
 
 from .conftest import BASELINES, CROSSFIT_TASKS, FIT_CONFIGS, UPCYCLE_CONFIGS, shrink, two_stage

@@ -7,14 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe_mtl.training.clipping import clipping_groups
+from moe_mtl.training.callbacks.clipping import clipping_groups
+from moe_mtl.training.callbacks.nan_guard import optimizer_grad_norms
 from moe_mtl.training.optim import (
     PARAMETER_GROUPS,
     build_param_groups,
     decays,
     drop_unrouted_expert_grads,
     expert_usage,
-    group_grad_norms,
     group_parameters,
     parameter_group,
 )
@@ -122,12 +122,12 @@ def _grad_norm(params) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
 
 
-def test_group_grad_norms_flag_non_finite_grads_and_take_the_clipping_norms_as_they_are():
+def test_optimizer_grad_norms_flag_non_finite_grads_and_take_the_clipping_norms_as_they_are():
     model = tiny_moe(num_experts=2, num_tasks=3, task_dim=8, selection="softmax").train()
     optimizer = torch.optim.AdamW(build_param_groups(model, LRS, 0.01))
     _loss(model, [0, 1, 2])[0].backward()
     params = group_parameters(optimizer)
-    norms = group_grad_norms(optimizer)
+    norms = optimizer_grad_norms(optimizer)
     for group in PARAMETER_GROUPS:
         torch.testing.assert_close(norms[group], _grad_norm(params[group]))
     # GroupGradientClipping's key "backbone" holds the groups named "backbone" and "backbone.no_decay": the group
@@ -135,18 +135,18 @@ def test_group_grad_norms_flag_non_finite_grads_and_take_the_clipping_norms_as_t
     assert {group: list(map(id, held[group])) for group in held} == {g: list(map(id, p)) for g, p in params.items()}
     # norms the clipping callback computed (`pre_clip_grad_norms`) are taken as they are, not read again
     known = {"router": torch.tensor(math.inf), "backbone.no_decay": torch.tensor(0.0)}
-    taken = group_grad_norms(optimizer, known)
+    taken = optimizer_grad_norms(optimizer, known)
     assert taken["router"] is known["router"] and "backbone.no_decay" not in taken  # part of a group: read it all
     assert torch.equal(taken["backbone"], norms["backbone"]) and torch.equal(taken["task_table"], norms["task_table"])
 
     for bad in (float("inf"), float("nan")):
         params["router"][0].grad[0] = bad
-        flagged = group_grad_norms(optimizer)
+        flagged = optimizer_grad_norms(optimizer)
         assert not flagged["router"].isfinite() and flagged["backbone"].isfinite()
     params["backbone"][0].grad = None
     for param in params["task_table"]:
         param.grad = None
-    assert "task_table" not in group_grad_norms(optimizer)  # a group without grads has no norm
+    assert "task_table" not in optimizer_grad_norms(optimizer)  # a group without grads has no norm
 
 
 def test_unrouted_experts_are_left_exactly_as_they_are_by_adamw_with_weight_decay():

@@ -118,4 +118,4 @@ class RunFolder:
         return MultiTaskDataModule(**options).tasks
 
 
-__all__ = ["RunFolder", "checkpoint_run_folder"]  # checkpoint_run_folder: cli.py's import, until the lead re-points it
+__all__ = ["RunFolder"]

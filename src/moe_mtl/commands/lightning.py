@@ -25,14 +25,9 @@ from ..models.build import check_lengths, model_positions
 from ..models.config import SHAPE_OPTIONS
 from ..representations.files import read_task_embeddings
 from ..runs import checkpoint_run_folder, read_checkpoint, read_upstream, resume_mismatch, run_tokenizer_path
-from ..training import (
-    GroupGradientClipping,
-    MoEMultiTaskModule,
-    PreemptionCheckpoint,
-    TemperatureAnnealing,
-    TwoStageTraining,
-)
-from ..training.module import check_module_options
+from ..training import MoEMultiTaskModule
+from ..training.callbacks import CALLBACK_GROUPS
+from ..training.options import check_module_options
 from . import read_option_docs
 
 # datamodule fact → model option, set when the datamodule is instantiated
@@ -50,13 +45,6 @@ DATA_LINKS = {
 CHECKPOINT_OPTIONS = ("pretrained", "bart", "moe")
 # of `moe`, those that shape the weights (the rest, e.g. top_k or capacity_factor, may change at test time)
 CHECKPOINT_MOE_OPTIONS = SHAPE_OPTIONS
-# callbacks with a CLI group of their own (`--two_stage.switch_step`), always on: group → class
-CALLBACK_GROUPS = {
-    "two_stage": TwoStageTraining,
-    "temperature": TemperatureAnnealing,
-    "preemption": PreemptionCheckpoint,
-    "clipping": GroupGradientClipping,
-}
 # `fit --ckpt_path` names Lightning resolves itself (a requeued job's `last` may not exist yet)
 RESUME_NAMES = ("last", "best", "hpc", "registry")
 # subcommands that evaluate weights without training them
@@ -209,7 +197,7 @@ class MoEMTLCLI(LightningCLI):
             return
         if importlib.util.find_spec("rich") is None:  # Lightning's default is then the tqdm bar, which is right
             return
-        progress = Namespace(class_path="moe_mtl.training.progress.StepProgressBar", init_args=Namespace())
+        progress = Namespace(class_path="moe_mtl.training.callbacks.StepProgressBar", init_args=Namespace())
         config.trainer.callbacks = [*callbacks, progress]
 
     @staticmethod

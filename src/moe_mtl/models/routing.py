@@ -334,3 +334,34 @@ class TaskRouter(nn.Module):
             weights = hard_top_k(logits.detach() if self.selection == "argmax" else logits, self.top_k)
         weights = self.apply_overrides(task_ids, weights[inverse])
         return RouteSample(weights, run_all=weights.requires_grad)
+
+
+@torch.no_grad()
+def route_table(model) -> torch.Tensor:
+    """The current routes (T, L, E) of a MoE-BART `model`, one distribution over experts per task and routed layer.
+
+    Learned task routes: the selection probabilities: softmax(logits / τ) for softmax, switch and reinforce,
+    softmax(logits) for gumbel selection (the Gumbel-max probability of each expert), one-hot argmax for argmax
+    selection (stage two). Fixed routes: their table. Overridden tasks (`TaskRouter.set_route_overrides`): their
+    override, normalised. Token routing has no route per task: uniform (the `RoutingMonitor` averages the gate
+    weights of the training batches instead).
+    """
+    router = model.router
+    num_tasks, num_layers = model.task_table.num_tasks, len(model.routed_layer_names)
+    if router is None:
+        num_experts = model.moe_options.num_experts
+        return torch.full((num_tasks, num_layers, num_experts), 1.0 / num_experts)
+    if not router.learned:
+        table = router.fixed_routes.float() / router.fixed_routes.float().sum(-1, keepdim=True)
+    else:
+        task_ids = torch.arange(num_tasks, device=router.temperature.device)
+        logits = router.logits(model.task_table(task_ids))
+        if router.selection == "argmax":
+            table = hard_top_k(logits, router.top_k)
+        else:
+            sampled_at_tau = router.selection in ("softmax", *SPARSE_SELECTIONS)  # π = softmax(logits / τ)
+            temperature = router.temperature.float() if sampled_at_tau else 1.0
+            table = (logits / temperature).softmax(-1)
+    overrides = router.override_routes.float()  # tasks routed by `set_route_overrides`
+    overrides = overrides / overrides.sum(-1, keepdim=True).clamp_min(torch.finfo(overrides.dtype).tiny)
+    return torch.where(router.override_mask[:, None, None], overrides, table)

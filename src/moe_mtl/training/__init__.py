@@ -1,13 +1,22 @@
 """Training: the LightningModule, optimizer groups and schedules, and the callbacks."""
 
-from .callbacks import RoutingMonitor, TemperatureAnnealing, TemperaturePlan, TwoStageTraining
-from .clipping import GroupGradientClipping
+from .callbacks import (
+    ExpertSparseUpdates,
+    GroupGradientClipping,
+    NanGuard,
+    PreemptionCheckpoint,
+    RoutingMonitor,
+    TemperatureAnnealing,
+    TemperaturePlan,
+    TwoStageTraining,
+)
 from .module import MoEMultiTaskModule
-from .preemption import PreemptionCheckpoint
 
 __all__ = [
+    "ExpertSparseUpdates",
     "GroupGradientClipping",
     "MoEMultiTaskModule",
+    "NanGuard",
     "PreemptionCheckpoint",
     "RoutingMonitor",
     "TemperatureAnnealing",

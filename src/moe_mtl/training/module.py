@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Mapping
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
@@ -13,28 +12,27 @@ import numpy as np
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.plugins.precision import MixedPrecision
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.optim.lr_scheduler import LambdaLR
 
-from ..data import METRICS, MODEL_INPUTS, PARTITIONS, load_tokenizer
+from ..data import MODEL_INPUTS, load_tokenizer
 from ..errors import UsageError
 from ..evaluation.task_evaluation import EvaluationResult, TaskEvaluation, gather_predictions
 from ..models import MoEOptions
 from ..models.build import build_model, check_lengths, special_token_ids
 from ..models.conversion import TASK_TABLE_KEY
-from ..models.routing import SPARSE_SELECTIONS, hard_top_k
+from ..models.routing import SPARSE_SELECTIONS, route_table
 from ..representations.files import configured_representations
 from ..representations.unseen_routes import UnseenTasks
 from ..runs import evaluation_stem, start_from_upstream, write_evaluation, write_predictions
+from .callbacks.two_stage import fix_routes
+from .distributed import require_unused_parameter_detection
 from .losses import label_smoothed_nll, reinforce_surrogate, route_balance, sequence_nll
-from .optim import build_param_groups, drop_unrouted_expert_grads, expert_usage, group_grad_norms
+from .optim import build_param_groups
+from .options import check_checkpoint_tasks, check_module_options, check_task_lists
 from .schedules import WarmupLinearDecay, warmup_steps_for
 
 log = logging.getLogger(__name__)
-
-STAGE_ROUTES = ("argmax", "softmax")
-FINETUNE = ("all", "task_table")
 
 
 def step_seed(seed: int, step: int, micro_batch: int, rank: int) -> int:
@@ -44,62 +42,13 @@ def step_seed(seed: int, step: int, micro_batch: int, rank: int) -> int:
     return int(state[0]) % 2**63
 
 
-NUMERIC_OPTIONS = {
-    # 0 holds a group where it is (e.g. routes pinned while the experts train)
-    "lr": (lambda v: v >= 0, "a learning rate >= 0"),
-    "router_lr": (lambda v: v >= 0, "a learning rate >= 0"),
-    "task_lr": (lambda v: v >= 0, "a learning rate >= 0"),
-    "label_smoothing": (lambda v: 0 <= v < 1, "a value in [0, 1) (0: none; the paper's 0.1)"),
-    "weight_decay": (lambda v: v >= 0, "a value >= 0"),
-    "aux_loss_weight": (lambda v: v >= 0, "a weight >= 0"),
-    "route_balance_weight": (lambda v: v >= 0, "a weight >= 0"),
-    "warmup": (lambda v: v >= 0, "a fraction of the steps in [0, 1) or a step count >= 1"),
-}
-
-
-def check_module_options(options: Mapping[str, Any]) -> None:
-    """The module's options that need no data or model, against what they allow: the CLI checks them before the data
-    are prepared, the module when it is built (torch would say only "Invalid learning rate", at the first step)."""
-    for name, (valid, allowed) in NUMERIC_OPTIONS.items():
-        value = options.get(name)
-        if value is not None and (not math.isfinite(value) or not valid(value)):
-            raise UsageError(f"model option `{name}` is {value}; give {allowed}")
-    betas = options.get("betas")
-    if betas is not None and (len(betas) != 2 or not all(0 <= beta < 1 for beta in betas)):
-        raise UsageError(f"model option `betas` is {list(betas)}; give two values in [0, 1), e.g. [0.9, 0.999]")
-    if options.get("num_beams") is not None and options["num_beams"] < 1:
-        raise UsageError(f"model option `num_beams` is {options['num_beams']}; it must be >= 1 (1: greedy decoding)")
-    if options.get("nan_policy", "stop") not in ("stop", "skip"):
-        raise UsageError(f"model option `nan_policy` is {options['nan_policy']!r}; allowed: 'stop', 'skip'")
-    finetune = options.get("finetune", "all")
-    if finetune not in FINETUNE:
-        raise UsageError(f"model option `finetune` is {finetune!r}; allowed: {', '.join(map(repr, FINETUNE))}")
-    moe = options.get("moe") or {}
-    frozen_table = moe.freeze_task_table if isinstance(moe, MoEOptions) else moe.get("freeze_task_table", False)
-    if finetune == "task_table" and frozen_table:
-        raise UsageError(
-            "model option `finetune` is 'task_table', but moe.freeze_task_table is true: nothing would train"
-        )
-
-
-def require_unused_parameter_detection(trainer, why: str) -> None:
-    """DDP must be told that some parameters (experts, the task table) get no gradient in a step, or it stops
-    with "Expected to have finished reduction in the prior iteration"."""
-    strategy = trainer.strategy
-    plain_ddp = isinstance(strategy, DDPStrategy) and not isinstance(strategy, DeepSpeedStrategy)
-    if plain_ddp and not strategy._ddp_kwargs.get("find_unused_parameters", False):
-        raise UsageError(
-            f"{why}, so some parameters get no gradient in a step; DDP needs to know: use trainer option "
-            "`strategy: ddp_find_unused_parameters_true` (or DDPStrategy(find_unused_parameters=True))"
-        )
-
-
 class MoEMultiTaskModule(LightningModule):
     """Multi-task training of a sparse MoE-BART with task-aware routing (Ye et al. 2022; Gupta et al. 2022).
 
     Training: label-smoothed NLL plus the weighted auxiliary (load-balancing) loss of token routing;
-    AdamW with separate learning rates for backbone, router and task table, warmup then linear decay (each group
-    clipped to its own norm by the `GroupGradientClipping` callback); expert-sparse updates; a NaN policy.
+    AdamW with separate learning rates for backbone, router and task table, warmup then linear decay. The other jobs
+    of a run are callbacks (`moe_mtl.training.callbacks`, always on in the `moe-mtl` command): per-group clipping,
+    the NaN guard, expert-sparse updates, temperature annealing, two-stage training, preemption.
     Validation and test: loss, generation and each task's CrossFit metric, their average, per task in the logger
     and in a CSV and JSON file per evaluation. Predict: generated outputs per task as JSONL.
 
@@ -136,10 +85,6 @@ class MoEMultiTaskModule(LightningModule):
         weight_decay: AdamW weight decay of matrices (none on biases and LayerNorm weights).
         betas: AdamW betas.
         warmup: Warmup before the linear decay: a fraction of the training steps if below 1, else a step count.
-        expert_sparse_updates: An expert that got zero routing weight from every example of the global
-            batch (all ranks, all accumulated micro-batches) is left exactly as it is by the optimizer step.
-        nan_policy: On a non-finite training loss, "stop" with an error naming the step and task, or "skip"
-            the batch (on every rank) and count it.
         num_beams: Beams of generation in validation, test and predict.
         results_dir: Folder of evaluation files, route tables and predictions; None: the logger's run folder.
         init_from: Start from the weights of an upstream `moe-mtl fit` run: its Lightning checkpoint (.ckpt), or its
@@ -182,8 +127,6 @@ class MoEMultiTaskModule(LightningModule):
         weight_decay: float = 0.01,
         betas: tuple[float, float] = (0.9, 0.999),
         warmup: float = 0.06,
-        expert_sparse_updates: bool = True,
-        nan_policy: Literal["stop", "skip"] = "stop",
         num_beams: int = 4,
         results_dir: str | None = None,
         init_from: str | None = None,
@@ -231,32 +174,22 @@ class MoEMultiTaskModule(LightningModule):
         self.task_names = task_names or [f"task{i}" for i in range(num_tasks)]
         self.task_metrics = task_metrics or ["EM"] * num_tasks
         self.task_partitions = task_partitions or ["train"] * num_tasks
-        for option, values, allowed in (
-            ("task_names", self.task_names, None),
-            ("task_metrics", self.task_metrics, METRICS),
-            ("task_partitions", self.task_partitions, PARTITIONS),
-        ):
-            if len(values) != num_tasks:
-                raise UsageError(f"`{option}` names {len(values)} tasks; the model's task table has {num_tasks}")
-            unknown = sorted(set(values) - set(allowed)) if allowed else []
-            if unknown:  # found now rather than at the end of the first validation
-                raise UsageError(f"`{option}` has {unknown}; allowed: {', '.join(map(repr, allowed))}")
+        check_task_lists(num_tasks, self.task_names, self.task_metrics, self.task_partitions)
         positions = self.model.config.max_position_embeddings
         check_lengths(positions, max_input_length=max_input_length, max_target_length=max_target_length)
         self.lr_schedule: WarmupLinearDecay | None = None
-        self.stage = 1  # two-stage training: 2 once routes are fixed (see `enter_stage_two`)
+        # the routing state, saved with the weights (it is theirs: `load_from_checkpoint` restores it): 2 once the
+        # routes are fixed (`enter_stage_two`), with {"routes", "switch_step"}
+        self.stage = 1
         self.stage_info: dict[str, Any] = {}
-        self.skipped_batches = 0
-        self._used: torch.Tensor | None = None  # (L, E) experts used since the last optimizer step
-        self._skip_step = False  # nan_policy "skip": a batch since the last optimizer step had a non-finite loss
+        self.planned_switch_step: int | None = None  # stage two's first step, told by TwoStageTraining beforehand
         self._seed_base = 0  # set at fit start
         self._resumed_seed: int | None = None
-        self._token_routes: dict[str, torch.Tensor] = {}  # token routing: per-task gate sums for `route_table`
         self._evaluation: TaskEvaluation | None = None  # of the running validation or test epoch
         self._predictions: list[dict[str, Any]] = []  # rows of the running predict epoch
         self._run_dir: Path | None = None  # set in `setup`
-        # this step's gradient norms per group before clipping, left by `GroupGradientClipping` (its callback hook
-        # runs just before ours) for the finite check; empty without it
+        # this step's gradient norms per group before clipping, left by `GroupGradientClipping` for the NaN guard's
+        # finite check (`NanGuard`); empty without it
         self.pre_clip_grad_norms: dict[str, torch.Tensor] = {}
         self._checkpoint_step: int | None = None  # the global step of the checkpoint loaded, if any
 
@@ -267,77 +200,14 @@ class MoEMultiTaskModule(LightningModule):
         """Ids of the tasks trained on (partition "train")."""
         return [i for i, p in enumerate(self.task_partitions) if p == "train"]
 
-    @torch.no_grad()
     def route_table(self) -> torch.Tensor:
-        """Current routes (T, L, E) as distributions, one per task and routed layer.
-
-        Learned task routes: the selection probabilities: softmax(logits / τ) for softmax, switch and reinforce,
-        softmax(logits) for gumbel selection (the Gumbel-max probability of each expert), one-hot argmax
-        for argmax selection (stage two). Fixed routes: their table. Overridden tasks
-        (`TaskRouter.set_route_overrides`): their override, normalised. Token routing: the mean gate weight
-        per task over the training batches since the last call (uniform for tasks not seen since).
-        """
-        router = self.model.router
-        if router is None:
-            return self._token_route_table()
-        if not router.learned:
-            table = router.fixed_routes.float() / router.fixed_routes.float().sum(-1, keepdim=True)
-        else:
-            task_ids = torch.arange(self.model.task_table.num_tasks, device=self.device)
-            logits = router.logits(self.model.task_table(task_ids))
-            if router.selection == "argmax":
-                table = hard_top_k(logits, router.top_k)
-            else:
-                sampled_at_tau = router.selection in ("softmax", *SPARSE_SELECTIONS)  # π = softmax(logits / τ)
-                temperature = router.temperature.float() if sampled_at_tau else 1.0
-                table = (logits / temperature).softmax(-1)
-        overrides = router.override_routes.float()  # tasks routed by `set_route_overrides`
-        overrides = overrides / overrides.sum(-1, keepdim=True).clamp_min(torch.finfo(overrides.dtype).tiny)
-        return torch.where(router.override_mask[:, None, None], overrides, table)
-
-    def _record_token_routes(self, routes, task_ids: torch.Tensor) -> None:
-        layers = self.model.routed_layer_names
-        sums = self._token_routes.setdefault(
-            "sums", torch.zeros(self.model.task_table.num_tasks, len(layers), self.model.moe_options.num_experts)
-        )
-        counts = self._token_routes.setdefault("counts", torch.zeros(self.model.task_table.num_tasks))
-        for j, layer in enumerate(layers):
-            weights = routes[layer].weights.detach().float()  # (B, T, E), 0 at padding
-            per_example = weights.sum(1) / weights.sum((1, 2)).clamp_min(1e-9)[:, None]  # (B, E)
-            sums[:, j].index_add_(0, task_ids.cpu(), per_example.cpu())
-        counts.index_add_(0, task_ids.cpu(), torch.ones(len(task_ids)))
-
-    def _token_route_table(self) -> torch.Tensor:
-        num_tasks, num_experts = self.model.task_table.num_tasks, self.model.moe_options.num_experts
-        table = torch.full((num_tasks, len(self.model.routed_layer_names), num_experts), 1.0 / num_experts)
-        if self._token_routes:
-            seen = self._token_routes["counts"] > 0
-            table[seen] = self._token_routes["sums"][seen] / self._token_routes["counts"][seen, None, None]
-            self._token_routes = {}
-        return table
+        """The model's current routes (T, L, E): `moe_mtl.models.routing.route_table`."""
+        return route_table(self.model)
 
     def enter_stage_two(self, routes: Literal["argmax", "softmax"] = "argmax", temperature: float | None = None):
-        """Fix the routes (Ye et al.'s second stage): the router's argmax per task and layer, or its softmax
-        at `temperature`; freeze router and task table. Returns the parameters frozen here."""
-        router = self.model.router
-        if router is None or not router.learned:
-            raise UsageError(
-                "two-stage training needs learned task routes (MoE options routing='task', routes='learned')"
-            )
-        if routes not in STAGE_ROUTES:
-            raise UsageError(f"stage-two routes are {routes!r}; allowed: {', '.join(STAGE_ROUTES)}")
-        router.selection = routes
-        if temperature is not None:
-            router.set_temperature(temperature)
-        frozen = [*router.parameters(), *self.model.task_table.parameters()]
-        router.freeze(True)
-        self.model.task_table.freeze(True)
-        self.model.config.moe = {
-            **self.model.config.moe,
-            "selection": routes,
-            "freeze_task_table": True,
-            "freeze_router": True,
-        }
+        """Fix the routes (Ye et al.'s second stage, `fix_routes`) and record it in the routing state. Returns the
+        parameters frozen."""
+        frozen = fix_routes(self.model, routes, temperature)
         self.stage = 2
         self.stage_info = {"routes": routes, "switch_step": self.trainer.global_step if self._trainer else 0}
         return frozen
@@ -374,8 +244,6 @@ class MoEMultiTaskModule(LightningModule):
         if out.aux_loss is not None:
             loss = loss + self.hparams.aux_loss_weight * out.aux_loss
             self.log("train/aux_loss", out.aux_loss, batch_size=size)
-        # logged before the NaN policy: a step that skips its batch shows its own non-finite loss, not the
-        # previous step's (Lightning logs the last value again for a key that a step does not log)
         balance = self._route_balance()
         if balance is not None:
             loss = loss + self.hparams.route_balance_weight * balance
@@ -389,23 +257,15 @@ class MoEMultiTaskModule(LightningModule):
             # only learned task routes have a τ and two stages: fixed routes are neither learned nor "stage one"
             self.log("train/temperature", self.model.router.temperature.float(), batch_size=size)
             self.log("train/stage", float(self.stage), batch_size=size)
+        self._log_learning_rates(size)
+        return loss
+
+    def _log_learning_rates(self, batch_size: int) -> None:
         for group in self.trainer.optimizers[0].param_groups if self._trainer else []:
             if not group["name"].endswith("no_decay"):
                 # what the step applies: a frozen group (router, task table in stage two) moves nothing
                 applied = group["lr"] if any(p.requires_grad for p in group["params"]) else 0.0
-                self.log(f"lr/{group['name']}", applied, batch_size=size)
-        if not self._loss_is_finite(loss, batch):
-            # not None: Lightning refuses a skipped training_step under DDP. A zero loss through every trainable
-            # parameter keeps each rank's backward and all-reduce; `on_before_optimizer_step` then drops all
-            # grads, so the optimizer leaves every parameter (and its Adam state) as it is
-            self._skip_step = True
-            return torch.stack([p.sum() for p in self.parameters() if p.requires_grad]).sum() * 0.0
-        if out.routes:
-            used = expert_usage(self.model, out.expert_mask)
-            self._used = used if self._used is None else self._used | used
-            if self.model.router is None:
-                self._record_token_routes(out.routes, batch["task_ids"])
-        return loss
+                self.log(f"lr/{group['name']}", applied, batch_size=batch_size)
 
     def _route_balance(self) -> torch.Tensor | None:
         """The task-level balance term over every seen task's route (None: off, or routes not being learned)."""
@@ -415,68 +275,7 @@ class MoEMultiTaskModule(LightningModule):
         tasks = torch.tensor(self.seen_tasks or range(self.model.task_table.num_tasks), device=self.device)
         return route_balance(router.logits(self.model.task_table(tasks)).softmax(-1))
 
-    def _loss_is_finite(self, loss: torch.Tensor, batch: dict[str, Any]) -> bool:
-        """Apply the NaN policy; every rank takes the same decision (a skip on one rank alone hangs DDP)."""
-        bad = (~torch.isfinite(loss.detach())).float()
-        if self._trainer is not None and self.trainer.world_size > 1:
-            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
-        if bad.item() == 0:
-            return True
-        tasks = sorted(set(batch["task_names"]))
-        where = (
-            f"task {', '.join(tasks)}" if not torch.isfinite(loss.detach()) else f"another rank (this rank: {tasks})"
-        )
-        message = f"non-finite training loss at step {self.global_step} (epoch {self.current_epoch}), {where}"
-        if self.hparams.nan_policy == "stop":
-            raise FloatingPointError(f"{message}; set `nan_policy: skip` to skip such batches")
-        self.skipped_batches += 1
-        log.warning("%s: batch skipped (%d so far)", message, self.skipped_batches)
-        self.log("train/skipped_batches", float(self.skipped_batches), batch_size=len(batch["task_ids"]))
-        return False
-
-    def _grads_are_finite(self, optimizer) -> bool:
-        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:  # 16-mixed: GradScaler skips such steps
-            return True
-        # the clipped groups' norms come from the clipping callback: one read of the grads instead of two (the
-        # check was ~7% of a quick-start step on the CPU as a pair of kernels per tensor)
-        norms = group_grad_norms(optimizer, known=self.pre_clip_grad_norms)
-        return not norms or bool(torch.stack(list(norms.values())).isfinite().all())  # one device sync
-
-    def on_before_optimizer_step(self, optimizer) -> None:
-        # grads are complete here (accumulated, all-reduced), so every rank takes the same decision. Dropping
-        # unrouted experts' grads below leaves them as they are: those grads are zero or absent.
-        if not self._skip_step and not self._grads_are_finite(optimizer):
-            message = f"non-finite gradients at step {self.global_step} (epoch {self.current_epoch}), finite loss"
-            if self.hparams.nan_policy == "stop":
-                raise FloatingPointError(f"{message}; set `nan_policy: skip` to skip such steps")
-            self.skipped_batches += 1
-            log.warning("%s: step skipped (%d so far)", message, self.skipped_batches)
-            self._skip_step = True
-        if self._skip_step:  # a non-finite loss or gradient: the whole step is skipped
-            self._skip_step, self._used = False, None
-            for param in self.parameters():
-                param.grad = None
-            return
-        if self._used is None:
-            return
-        used = self._used.float()
-        if self.trainer.world_size > 1:  # an expert used on any rank was updated there, so keep it
-            used = self.trainer.strategy.reduce(used, reduce_op="sum")
-        self._used = None
-        if self.hparams.expert_sparse_updates:
-            drop_unrouted_expert_grads(self.model, used > 0)
-
     def setup(self, stage: str) -> None:
-        strategy = self.trainer.strategy
-        local_grads = isinstance(strategy, SingleDeviceStrategy | DDPStrategy) and not isinstance(
-            strategy, DeepSpeedStrategy
-        )
-        if stage == "fit" and self.hparams.expert_sparse_updates and not local_grads:
-            raise UsageError(
-                f"expert_sparse_updates cannot keep unrouted experts unchanged under {type(strategy).__name__}: "
-                "it holds the gradients in its own buffers. Set `expert_sparse_updates: false`, or train with "
-                "strategy 'ddp' or one device"
-            )
         # on every rank, here: `Trainer.log_dir` broadcasts, so reading it first in rank-0-only code hangs DDP
         self._run_dir = Path(self.hparams.results_dir or self.trainer.log_dir or self.trainer.default_root_dir)
         if stage == "fit" and self._relearned_routes:  # said at fit only: evaluation does not change routes
@@ -538,11 +337,11 @@ class MoEMultiTaskModule(LightningModule):
         total = total_steps or max(1, int(self.trainer.estimated_stepping_batches) - start)
         self.lr_schedule.restart(start, total, warmup_steps_for(self.hparams.warmup, total))
         for config in self.trainer.lr_scheduler_configs:  # this step's lr was set already: recompute it
-            scheduler = config.scheduler
-            groups = scheduler.optimizer.param_groups
-            for group, base_lr, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
-                group["lr"] = base_lr * factor(scheduler.last_epoch)
-            scheduler._last_lr = [group["lr"] for group in groups]  # what get_last_lr() reports
+            # `LRScheduler.step` computes the lr of step `last_epoch + 1`, sets it and what `get_last_lr()` reports
+            config.scheduler.last_epoch -= 1
+            with warnings.catch_warnings():  # at fit start no optimizer step has run yet, which it would warn about
+                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()`", UserWarning)
+                config.scheduler.step()
 
     # --- checkpoints ------------------------------------------------------------------------------
 
@@ -550,25 +349,16 @@ class MoEMultiTaskModule(LightningModule):
         checkpoint["moe_mtl"] = {
             "stage": self.stage,
             "stage_info": self.stage_info,
-            "skipped": self.skipped_batches,
             "seed": self._seed_base,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # runs before the weights load: re-fix stage-two routes so the run goes on in stage two
-        saved_tasks = checkpoint.get("hyper_parameters", {}).get("task_names")
-        if saved_tasks is not None and list(saved_tasks) != list(self.task_names):
-            pairs = zip(saved_tasks, self.task_names, strict=False)
-            first = next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(saved_tasks), len(self.task_names)))
-            raise UsageError(
-                f"the checkpoint's {len(saved_tasks)} tasks differ from the data's {len(self.task_names)} from task id "
-                f"{first} on; task ids index the task table, so use the data options (source, partition) of training"
-            )
+        check_checkpoint_tasks(checkpoint.get("hyper_parameters", {}).get("task_names"), self.task_names)
         state = checkpoint.get("moe_mtl", {})
         if state.get("stage") == 2:
             self.enter_stage_two(state["stage_info"]["routes"])
             self.stage_info = state["stage_info"]
-        self.skipped_batches = state.get("skipped", 0)
         self._resumed_seed = state.get("seed")  # the resumed run keeps drawing the original run's numbers
         self._checkpoint_step = int(checkpoint.get("global_step", 0))
 

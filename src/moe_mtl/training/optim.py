@@ -1,4 +1,4 @@
-"""Parameter groups (backbone / router / task table), their gradient norms, and expert-sparse updates."""
+"""Parameter groups (backbone / router / task table), and the expert masks of expert-sparse updates."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from torch import nn
 
 from ..errors import UsageError
 from ..models import MoEBartForConditionalGeneration
-from .clipping import group_grad_norms as norms_of_groups
 
 PARAMETER_GROUPS = ("backbone", "router", "task_table")
 
@@ -67,21 +66,6 @@ def group_parameters(optimizer: torch.optim.Optimizer) -> dict[str, list[torch.T
     for group in optimizer.param_groups:
         params.setdefault(group.get("group", "backbone"), []).extend(group["params"])
     return params
-
-
-def group_grad_norms(
-    optimizer: torch.optim.Optimizer, known: Mapping[str, torch.Tensor] | None = None
-) -> dict[str, torch.Tensor]:
-    """Each parameter group's gradient L2 norm over the grads present, as `clip_grad_norm_` computes it (groups
-    without a grad are left out). A norm is non-finite when a grad holds inf or nan (or overflows the norm).
-
-    `known`: norms of some groups already computed from these grads, by `PARAMETER_GROUPS` name (those that
-    `GroupGradientClipping` leaves in `pre_clip_grad_norms`), taken as they are instead of read again; other keys
-    (e.g. a clipping key "backbone.no_decay", part of a group) are ignored.
-    """
-    norms = {group: norm for group, norm in (known or {}).items() if group in PARAMETER_GROUPS}
-    unread = {group: params for group, params in group_parameters(optimizer).items() if group not in norms}
-    return {**norms, **norms_of_groups(unread)}
 
 
 def routed_experts(model: MoEBartForConditionalGeneration) -> Iterable[tuple[str, int]]:

@@ -12,11 +12,11 @@ import pytest
 import torch
 import yaml
 
-from moe_mtl.training.preemption import exit_code
+from moe_mtl.training.callbacks.preemption import exit_code
 
-from ..conftest import tiny_run_config
+from ...conftest import tiny_run_config
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 MOE_MTL = Path(sys.executable).parent / "moe-mtl"
 MAX_STEPS, SIGNAL_STEP = 4, 3  # stage two from step 2 on, one validation at the end
 
@@ -32,7 +32,12 @@ def fit(folder: Path, version: str, *extra: str, signal_name: str | None = None,
     path = folder / f"{version}.yaml"
     path.write_text(yaml.safe_dump(config))
     outside = {name: value for name, value in os.environ.items() if not name.startswith("SLURM_")}
-    environment = {**outside, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
+    environment = {
+        **outside,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
+        "OMP_NUM_THREADS": "1",
+        **(env or {}),
+    }
     command = [str(MOE_MTL), "fit", "--config", str(path), *extra]
     return subprocess.run(command, cwd=folder, env=environment, capture_output=True, text=True, timeout=300)
 

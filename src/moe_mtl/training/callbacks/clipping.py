@@ -23,7 +23,7 @@ from lightning.pytorch.strategies import (
 )
 from lightning.pytorch.utilities import rank_zero_warn
 
-from ..errors import UsageError
+from ...errors import UsageError
 
 # where a LightningModule may declare a dict to receive the norms (`GroupGradientClipping`, "Norms for the module")
 NORMS_ATTRIBUTE = "pre_clip_grad_norms"
@@ -143,8 +143,8 @@ class GroupGradientClipping(Callback):
     every group's norm. DeepSpeed, XLA, hybrid FSDP and `ModelParallelStrategy` are refused at fit start.
 
     Norms for the module: a LightningModule that declares an attribute `pre_clip_grad_norms` (a dict) gets the norms
-    there too, {key: norm before clipping}, from this hook until the end of the training batch, so that its own
-    `on_before_optimizer_step` (which Lightning calls after the callbacks') can check them, e.g. for inf and nan,
+    there too, {key: norm before clipping}, from this hook until the end of the training batch, so that a later
+    `on_before_optimizer_step` (the module's, or `NanGuard`'s after this callback) can check them for inf and nan
     without reading the gradients again. Other modules are left alone.
 
     Args:

@@ -4,9 +4,9 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 
 from moe_mtl.commands.lightning import run_lightning
-from moe_mtl.training.progress import StepProgressBar
+from moe_mtl.training.callbacks.progress import StepProgressBar
 
-from ..conftest import write_config
+from ...conftest import write_config
 
 
 class Line(LightningModule):

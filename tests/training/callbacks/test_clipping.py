@@ -23,7 +23,8 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParalle
 from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel
 
-from moe_mtl.training.clipping import (
+from moe_mtl.training.callbacks import NanGuard
+from moe_mtl.training.callbacks.clipping import (
     GroupGradientClipping,
     clip_to_max_norms,
     clipping_groups,
@@ -31,8 +32,7 @@ from moe_mtl.training.clipping import (
     group_grad_norms,
 )
 
-from .conftest import tiny_module, tiny_trainer
-from .test_module import MetricsLogger, PoisonGrad
+from ..conftest import MetricsLogger, PoisonGrad, tiny_module, tiny_trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 
@@ -343,4 +343,4 @@ def test_moe_module_groups_are_clipped_and_its_nan_check_takes_their_norms(data,
 def test_moe_nan_check_still_stops_on_non_finite_grads_of_a_clipped_group(data):
     # the poisoned grad is the shared embedding's, in the backbone: its norm comes from the clipping callback
     with pytest.raises(FloatingPointError, match=r"non-finite gradients at step 1 .*finite loss"):
-        fit(tiny_module(data, nan_policy="stop"), {"backbone": 1.0}, callbacks=[PoisonGrad(1)], datamodule=data)
+        fit(tiny_module(data), {"backbone": 1.0}, callbacks=[PoisonGrad(1), NanGuard("stop")], datamodule=data)
