@@ -325,6 +325,7 @@ def test_fit_help_lists_options_but_not_the_linked_ones(capsys):
     assert "Experts per routed layer (E). 1 gives vanilla" in " ".join(text.split())
 
 
+@pytest.mark.slow
 def test_python_dash_m_runs_the_command():
     result = subprocess.run([sys.executable, "-m", "moe_mtl", "--help"], capture_output=True, text=True, check=True)
     assert result.stdout.startswith(

@@ -26,6 +26,7 @@ def test_family_scores_average_each_family_over_its_tasks(family_scores):
     assert result["output_type"] == {"number": (0.75, 2), "sequence": (0.0, 1)}
 
 
+@pytest.mark.slow
 def test_the_skill_suite_table_runs_every_step_end_to_end_and_resumes(tmp_path):
     spec = importlib.util.spec_from_file_location("skill_suite_table", SCRIPT.with_name("skill_suite_table.py"))
     table = importlib.util.module_from_spec(spec)
@@ -47,6 +48,7 @@ def test_the_skill_suite_table_runs_every_step_end_to_end_and_resumes(tmp_path):
     assert (learned / "checkpoints" / "last.ckpt").stat().st_mtime_ns == stamp
 
 
+@pytest.mark.slow
 def test_the_skill_suite_table_takes_overrides_for_every_run_and_can_train_seen_tasks_only(tmp_path):
     spec = importlib.util.spec_from_file_location("skill_suite_table", SCRIPT.with_name("skill_suite_table.py"))
     table = importlib.util.module_from_spec(spec)

@@ -1,5 +1,6 @@
 """MoE-BART under real DDP (2 gloo processes) and under bf16 autocast on the CPU."""
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -38,12 +39,14 @@ def run_ddp(tmp_path, options: dict) -> tuple[dict, dict]:
     return rank0, rank1
 
 
+@pytest.mark.distributed
 def test_ddp_averages_expert_router_and_task_table_gradients(tmp_path):
     rank0, _ = run_ddp(tmp_path, {})
     for name in ("model.encoder.task_table.embedding.weight", "model.encoder.router.network.layers.0.0.weight"):
         assert name in rank0["grads"] and rank0["grads"][name].abs().sum() > 0
 
 
+@pytest.mark.distributed
 def test_ddp_with_hard_fixed_routes_gives_unrouted_experts_no_gradient(tmp_path):
     # task 1 routes every layer to expert 2: experts 0 and 1 never run, and DDP leaves their grad None
     rank0, _ = run_ddp(tmp_path, {"routes": "given", "given_routes": [[0] * 4, [2] * 4, [0] * 4, [0] * 4]})

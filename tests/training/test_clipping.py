@@ -249,6 +249,7 @@ class RankRecorder(Callback):
         torch.save(state, Path(self.out) / f"rank{trainer.global_rank}.pt")
 
 
+@pytest.mark.distributed
 def test_under_ddp_every_rank_clips_with_the_norm_of_the_global_batch(tmp_path):
     single = NamedGroups()
     logger, probe = fit(single, LIMITS)  # one process, the whole batch
@@ -306,6 +307,7 @@ def run_ranks(target, out: Path, timeout_s: float = 240) -> None:
             pytest.fail(f"the 2 ranks still ran after {timeout_s} s")
 
 
+@pytest.mark.distributed
 def test_under_fsdp_each_group_norm_sums_the_shards_of_every_rank(tmp_path):
     logger, _ = fit(NamedGroups(), LIMITS)  # one process, whole gradients
     run_ranks(fsdp_rank, tmp_path)

@@ -246,6 +246,7 @@ class DDPExpertRecorder(Callback):
         torch.save(state, f"{self.out}/rank{trainer.global_rank}.pt")
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize(
     ("routes", "strategy"),
     [("learned", "ddp_spawn"), ("given", "ddp_spawn_find_unused_parameters_true")],
@@ -455,6 +456,7 @@ class RankPoison(Callback):
         torch.save(result, Path(self.out_dir) / f"rank{trainer.global_rank}.pt")
 
 
+@pytest.mark.distributed
 def test_nan_policy_skip_under_ddp_skips_the_step_on_every_rank(tmp_path):
     """Two gloo processes; only rank 1's batch 1 is non-finite: both ranks skip that optimizer step."""
     data = make_data(tmp_path / "data", skills={**SIZES, "train_size": 4}, sync_tasks=False)
@@ -725,6 +727,7 @@ class ParameterRecorder(Callback):
         torch.save(state, f"{self.out}/rank{trainer.global_rank}.pt")
 
 
+@pytest.mark.distributed
 def test_reinforce_stage_one_under_ddp_keeps_the_ranks_equal_and_trains_the_router(tmp_path):
     """Two gloo processes, each drawing its own routes per example: the all-reduced router and experts stay
     equal on both ranks, and the router learns from the score-function term."""
