@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 # The exact versions the suite was tested with (`make lock` writes it); torch is TORCH_SPEC's.
 LOCK := requirements.lock
 STAMP := $(VENV)/.installed
-SOURCES := src tests benchmarks experiments
+SOURCES := src tests benchmarks scripts
 # `make compat`: a venv of the newest releases the pyproject ranges admit, COMPAT_PINS on top
 # (e.g. COMPAT_PINS="transformers==5.23.0" COMPAT_VENV=.venv-oldest for the oldest transformers supported).
 COMPAT_VENV ?= .venv-newest
