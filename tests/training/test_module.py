@@ -249,7 +249,7 @@ class DDPExpertRecorder(Callback):
 @pytest.mark.distributed
 @pytest.mark.parametrize(
     ("routes", "strategy"),
-    [("learned", "ddp_spawn"), ("given", "ddp_spawn_find_unused_parameters_true")],
+    [("learned", "ddp_fork"), ("given", "ddp_fork_find_unused_parameters_true")],
     ids=["pinned-gumbel_st", "given"],
 )
 def test_expert_sparse_updates_under_ddp_keep_experts_used_on_any_rank(tmp_path, routes, strategy):
@@ -462,7 +462,7 @@ def test_nan_policy_skip_under_ddp_skips_the_step_on_every_rank(tmp_path):
     data = make_data(tmp_path / "data", skills={**SIZES, "train_size": 4}, sync_tasks=False)
     data.prepare_data()
     module = make_module(data, nan_policy="skip", max_target_length=2)
-    trainer = make_trainer(devices=2, strategy="ddp_spawn", max_steps=3, callbacks=[RankPoison(1, 1, str(tmp_path))])
+    trainer = make_trainer(devices=2, strategy="ddp_fork", max_steps=3, callbacks=[RankPoison(1, 1, str(tmp_path))])
     trainer.fit(module, datamodule=data)
 
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
@@ -736,7 +736,7 @@ def test_reinforce_stage_one_under_ddp_keeps_the_ranks_equal_and_trains_the_rout
     module = make_module(data, moe={"num_experts": 3, "selection": "reinforce"}, max_target_length=2)
     recorder = ParameterRecorder(str(tmp_path))
     trainer = make_trainer(
-        devices=2, strategy="ddp_spawn_find_unused_parameters_true", max_steps=3, callbacks=[recorder]
+        devices=2, strategy="ddp_fork_find_unused_parameters_true", max_steps=3, callbacks=[recorder]
     )
     trainer.fit(module, datamodule=data)
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
