@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 # The exact versions the suite was tested with (`make lock` writes it); torch is TORCH_SPEC's.
 LOCK := requirements.lock
 STAMP := $(VENV)/.installed
-SOURCES := src tests benchmarks experiments
+SOURCES := src tests benchmarks scripts
 # `make compat`: a venv of the newest releases the pyproject ranges admit, COMPAT_PINS on top
 # (e.g. COMPAT_PINS="transformers==5.23.0" COMPAT_VENV=.venv-oldest for the oldest transformers supported).
 COMPAT_VENV ?= .venv-newest
@@ -15,7 +15,7 @@ COMPAT_PINS ?=
 # Packages of the torch build, which TORCH_SPEC chooses and the lock leaves alone.
 TORCH_BUILD := ^(torch|triton|nvidia-[a-z0-9-]+|cuda-[a-z0-9-]+)==
 
-.PHONY: install quickstart test bench lint format lock compat clean
+.PHONY: install quickstart test test-fast bench lint format lock compat clean
 
 install: $(STAMP)
 
@@ -31,6 +31,10 @@ quickstart: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# During development: all but the subprocess runs of the real command and the 2-process DDP tests.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow and not distributed"
 
 # MoE-BART against dense BART: time, FLOPs and memory ratios (benchmarks/results/results.md; ~8 min on 2 cores).
 bench: $(STAMP)

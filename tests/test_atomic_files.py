@@ -49,6 +49,7 @@ FAILING_WRITE = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_a_write_that_fails_midway_leaves_the_previous_file_whole(tmp_path):
     done = subprocess.run([sys.executable, "-c", FAILING_WRITE, str(tmp_path)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]

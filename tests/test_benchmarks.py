@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from benchmarks.__main__ import QUICK
 from benchmarks.cases import STAGE_TWO, Bench
@@ -14,6 +15,7 @@ from benchmarks.measure import count_flops
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_the_benchmark_runs_every_case_and_writes_json_and_markdown(tmp_path):
     command = [sys.executable, "-m", "benchmarks", "--quick", "--out", str(tmp_path), "--tasks", "3", "30"]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 HEAVY = {"torch", "lightning", "transformers"}
 
 
@@ -19,6 +21,7 @@ def imported_modules(*args: str, cwd: Path | None = None) -> set[str]:
     return {line.rsplit("|", 1)[1].strip() for line in lines[1:]}  # the first line is the header
 
 
+@pytest.mark.slow
 def test_python_dash_m_runs_the_command():
     result = subprocess.run([sys.executable, "-m", "moe_mtl", "--help"], capture_output=True, text=True, check=True)
     assert result.stdout.startswith(

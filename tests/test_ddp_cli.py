@@ -29,6 +29,8 @@ MOE_MTL = Path(sys.executable).parent / "moe-mtl"  # the console script installe
 TIMEOUT_S = 300  # a command running longer has hung (each takes under a minute on 2 idle cores)
 WORLD_SIZE = 2
 
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]  # 2 ranks of the real command
+
 
 def distributed(shrunk: dict, strategy: str | None) -> dict:
     """A `shrink`-ed config on 2 CPU ranks: the file's own DDP `strategy`, else (a one-device config) one that lets

@@ -70,6 +70,7 @@ def run(tmp_path_factory) -> dict[str, Path]:
     }
 
 
+@pytest.mark.slow
 def test_exported_folders_reproduce_predict_with_plain_transformers(run):
     rows = {
         str(run["out"] / task): [json.loads(line) for line in (run["predictions"] / f"{task}.jsonl").open()]

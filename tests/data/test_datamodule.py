@@ -376,6 +376,7 @@ class RankRecorder(Recorder):
         torch.save({"train": self.seen, "val": self.validated}, f"{self.out}/rank{self.global_rank}.pt")
 
 
+@pytest.mark.distributed
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_ddp_ranks_get_disjoint_examples_of_the_same_task(tmp_path, small_skills):
     """Two gloo processes under Lightning's DDP with use_distributed_sampler=False."""
@@ -385,7 +386,7 @@ def test_ddp_ranks_get_disjoint_examples_of_the_same_task(tmp_path, small_skills
     L.Trainer(
         accelerator="cpu",
         devices=2,
-        strategy="ddp_spawn",
+        strategy="ddp_fork",
         use_distributed_sampler=False,
         max_epochs=1,
         logger=False,

@@ -114,6 +114,7 @@ def fewshot_run(fewshot_config, upstream, tmp_path_factory) -> tuple[Path, dict]
     return out, events
 
 
+@pytest.mark.slow
 def test_each_cell_fine_tunes_the_upstream_model_on_one_seeds_k_shot_split(fewshot_run, upstream):
     out, _ = fewshot_run
     seen = [row["task"] for row in json.loads(next((upstream / "evaluation").glob("val-*.json")).read_text())["tasks"]]
@@ -133,6 +134,7 @@ def test_each_cell_fine_tunes_the_upstream_model_on_one_seeds_k_shot_split(fewsh
             assert (saved["dev_score"], saved["test_score"]) == (val["score"], test["score"])
 
 
+@pytest.mark.slow
 def test_the_table_has_one_row_per_task_and_seed_with_the_lr_of_the_best_dev_score(fewshot_run):
     out, _ = fewshot_run
     rows = read_csv(out / "fewshot.csv")
@@ -152,6 +154,7 @@ def test_the_table_has_one_row_per_task_and_seed_with_the_lr_of_the_best_dev_sco
     assert f"| {TASK} | 2 |" in (out / "fewshot_summary.md").read_text()
 
 
+@pytest.mark.slow
 def test_a_second_run_skips_finished_cells_and_reruns_a_half_finished_one_from_scratch(
     fewshot_run, fewshot_config, upstream
 ):
@@ -174,6 +177,7 @@ def test_a_second_run_skips_finished_cells_and_reruns_a_half_finished_one_from_s
     assert all(torch.equal(rerun[name], weights[name]) for name in weights)
 
 
+@pytest.mark.slow
 def test_a_failed_cell_is_recorded_the_next_still_runs_and_the_row_is_incomplete(
     fewshot_config, upstream, tmp_path, capsys
 ):

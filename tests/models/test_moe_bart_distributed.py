@@ -1,5 +1,6 @@
 """MoE-BART under real DDP (2 gloo processes) and under bf16 autocast on the CPU."""
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -28,7 +29,8 @@ def _train_one_step(rank: int, world_size: int, init_file: str, out_dir: str, op
 
 
 def run_ddp(tmp_path, options: dict) -> tuple[dict, dict]:
-    mp.spawn(_train_one_step, args=(2, str(tmp_path / "init"), str(tmp_path), options), nprocs=2, join=True)
+    # forked, not spawned: the ranks inherit the imported torch and transformers (seconds per test)
+    mp.start_processes(_train_one_step, (2, str(tmp_path / "init"), str(tmp_path), options), 2, start_method="fork")
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert rank0["grads"].keys() == rank1["grads"].keys()
     for name, grad in rank0["grads"].items():
@@ -38,12 +40,14 @@ def run_ddp(tmp_path, options: dict) -> tuple[dict, dict]:
     return rank0, rank1
 
 
+@pytest.mark.distributed
 def test_ddp_averages_expert_router_and_task_table_gradients(tmp_path):
     rank0, _ = run_ddp(tmp_path, {})
     for name in ("model.encoder.task_table.embedding.weight", "model.encoder.router.network.layers.0.0.weight"):
         assert name in rank0["grads"] and rank0["grads"][name].abs().sum() > 0
 
 
+@pytest.mark.distributed
 def test_ddp_with_hard_fixed_routes_gives_unrouted_experts_no_gradient(tmp_path):
     # task 1 routes every layer to expert 2: experts 0 and 1 never run, and DDP leaves their grad None
     rank0, _ = run_ddp(tmp_path, {"routes": "given", "given_routes": [[0] * 4, [2] * 4, [0] * 4, [0] * 4]})

@@ -364,6 +364,7 @@ class ParameterRecorder(Callback):
         torch.save(state, f"{self.out}/rank{trainer.global_rank}.pt")
 
 
+@pytest.mark.distributed
 def test_reinforce_stage_one_under_ddp_keeps_the_ranks_equal_and_trains_the_router(tmp_path):
     """Two gloo processes, each drawing its own routes per example: the all-reduced router and experts stay
     equal on both ranks, and the router learns from the score-function term."""
@@ -372,7 +373,7 @@ def test_reinforce_stage_one_under_ddp_keeps_the_ranks_equal_and_trains_the_rout
     module = make_module(data, moe={"num_experts": 3, "selection": "reinforce"}, max_target_length=2)
     recorder = ParameterRecorder(str(tmp_path))
     trainer = make_trainer(
-        devices=2, strategy="ddp_spawn_find_unused_parameters_true", max_steps=3, callbacks=[recorder]
+        devices=2, strategy="ddp_fork_find_unused_parameters_true", max_steps=3, callbacks=[recorder]
     )
     trainer.fit(module, datamodule=data)
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]

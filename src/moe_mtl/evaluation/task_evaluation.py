@@ -1,13 +1,15 @@
 """Per-task bookkeeping of one evaluation epoch (validation or test) and of one predict epoch.
 
 `TaskEvaluation` collects what each batch gives: token NLL sums and counts per task id, and every generated
-output with its references. `finish` reduces the sums over ranks, gathers the outputs of every rank, scores
-each task by its CrossFit metric and returns the rows and the logged metrics. The module only calls it from
-its Lightning hooks; the files are written by `moe_mtl.runs` (`write_evaluation`, `write_predictions`).
+output with its references. `finish` reduces the sums over ranks, gathers the outputs of every rank (a
+torchmetrics `GeneratedOutputs` state), scores each task by its CrossFit metric and returns the rows and the
+logged metrics. The module only calls it from its Lightning hooks; the files are written by `moe_mtl.runs`
+(`write_evaluation`, `write_predictions`).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -15,20 +17,40 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.distributed as dist
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
 
 from .metrics import score
 
 ROW_FIELDS = ("task", "partition", "metric", "score", "loss", "examples")
 
 
-def gather_objects(obj: Any) -> list[Any]:
-    """`obj` of every rank (a list with only `obj` outside distributed runs)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [obj]
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, obj)
-    return gathered
+class GeneratedOutputs(Metric):
+    """JSON records (generated outputs with what identifies them) of one epoch, gathered from every rank.
+
+    `compute()` returns the records of every rank, rank by rank, each rank's in the order it added them.
+    """
+
+    # States must be tensors: each `update` appends its records as one uint8 chunk of JSON lines. One list state
+    # of one dtype, reduced by "cat", is one padded all-gather per epoch; JSON keeps any text and the references'
+    # nesting exact, where token ids would not survive a tokenizer round trip.
+    full_state_update = False
+    is_differentiable = False
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.add_state("jsonl", default=[], dist_reduce_fx="cat")
+
+    def update(self, records: Sequence[Any]) -> None:
+        """Append `records` (JSON-serialisable); an empty update still appends a chunk: see `TaskEvaluation`."""
+        text = "".join(json.dumps(record) + "\n" for record in records)  # ASCII: json escapes "\n" and the rest
+        data = bytearray(text.encode("ascii"))
+        chunk = torch.frombuffer(data, dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8)
+        self.jsonl.append(chunk.to(self.device))
+
+    def compute(self) -> list[Any]:
+        data = dim_zero_cat(self.jsonl).cpu().numpy().tobytes()
+        return [json.loads(line) for line in data.split(b"\n") if line]
 
 
 @dataclass
@@ -52,7 +74,7 @@ class TaskEvaluation:
     def __init__(self, num_tasks: int, device: torch.device | str = "cpu"):
         self.nll = torch.zeros(num_tasks, dtype=torch.float64, device=device)
         self.tokens = torch.zeros(num_tasks, dtype=torch.float64, device=device)
-        self.records: list[tuple[int, int, str, list[str]]] = []  # (task id, example id, prediction, references)
+        self.outputs = GeneratedOutputs().to(device)  # [task id, example id, prediction, references] records
 
     def add(
         self,
@@ -66,10 +88,8 @@ class TaskEvaluation:
         """One batch: per-example NLL sums and target token counts (B,), and the generated outputs."""
         self.nll.index_add_(0, task_ids, nll.double())
         self.tokens.index_add_(0, task_ids, tokens.double())
-        for task, example, prediction, refs in zip(
-            task_ids.tolist(), list(example_ids), predictions, references, strict=True
-        ):
-            self.records.append((task, example, prediction, list(refs)))
+        records = zip(task_ids.tolist(), list(example_ids), predictions, map(list, references), strict=True)
+        self.outputs.update(list(records))
 
     def finish(
         self,
@@ -81,10 +101,12 @@ class TaskEvaluation:
     ) -> EvaluationResult:
         """Reduce over ranks (`reduce_sum`, e.g. the strategy's sum), gather the outputs and score every task."""
         nll, tokens = reduce_sum(self.nll), reduce_sum(self.tokens)
+        # a rank without batches still sends a uint8 chunk (torchmetrics would send a float one for an empty
+        # list state) and compute() knows the epoch was seen
+        self.outputs.update([])
         by_task: dict[int, list[tuple]] = defaultdict(list)
-        for records in gather_objects(self.records):
-            for task, example, prediction, references in records:
-                by_task[task].append((example, prediction, references))
+        for task, example, prediction, references in self.outputs.compute():
+            by_task[task].append((example, prediction, references))
         rows = []
         for task in sorted(by_task):
             examples = sorted(by_task[task])
@@ -107,10 +129,14 @@ class TaskEvaluation:
         return EvaluationResult(stage, rows, mean_loss, average, metrics)
 
 
-def gather_predictions(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """Predict rows of every rank, by task, each task's rows in example order."""
+def gather_predictions(
+    rows: list[dict[str, Any]], device: torch.device | str = "cpu"
+) -> dict[str, list[dict[str, Any]]]:
+    """Predict rows of every rank, by task, each task's rows in example order (`device`: where the collective
+    runs, the module's device)."""
+    outputs = GeneratedOutputs().to(device)
+    outputs.update(rows)
     by_task: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for records in gather_objects(rows):
-        for row in records:
-            by_task[row["task"]].append(row)
+    for row in outputs.compute():
+        by_task[row["task"]].append(row)
     return {task: sorted(task_rows, key=lambda r: r["example_id"]) for task, task_rows in by_task.items()}

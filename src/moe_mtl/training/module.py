@@ -476,7 +476,7 @@ class MoEMultiTaskModule(LightningModule):
 
     def on_predict_epoch_end(self) -> None:
         """Write `<run dir>/predictions/<task>.jsonl`, rows in example order, all ranks' rows gathered."""
-        by_task = gather_predictions(self._predictions)
+        by_task = gather_predictions(self._predictions, self.device)
         self._predictions = []
         if not self.trainer.is_global_zero:
             return

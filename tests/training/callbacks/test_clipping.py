@@ -249,10 +249,11 @@ class RankRecorder(Callback):
         torch.save(state, Path(self.out) / f"rank{trainer.global_rank}.pt")
 
 
+@pytest.mark.distributed
 def test_under_ddp_every_rank_clips_with_the_norm_of_the_global_batch(tmp_path):
     single = NamedGroups()
     logger, probe = fit(single, LIMITS)  # one process, the whole batch
-    fit(NamedGroups(), LIMITS, devices=2, strategy="ddp_spawn", callbacks=[RankRecorder(str(tmp_path))])
+    fit(NamedGroups(), LIMITS, devices=2, strategy="ddp_fork", callbacks=[RankRecorder(str(tmp_path))])
 
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
     for rank in ranks:
@@ -296,8 +297,11 @@ class ShardRecorder(Callback):
 
 
 def run_ranks(target, out: Path, timeout_s: float = 240) -> None:
-    """`target(rank, out, port)` in 2 spawned processes; fails if one raises or they run past `timeout_s`."""
-    context = mp.start_processes(target, (str(out), find_free_network_port()), nprocs=2, join=False)
+    """`target(rank, out, port)` in 2 forked processes (they inherit the imports: seconds less than spawned ones);
+    fails if one raises or they run past `timeout_s`."""
+    context = mp.start_processes(
+        target, (str(out), find_free_network_port()), nprocs=2, join=False, start_method="fork"
+    )
     deadline = time.monotonic() + timeout_s
     while not context.join(timeout=1):
         if time.monotonic() > deadline:
@@ -306,6 +310,7 @@ def run_ranks(target, out: Path, timeout_s: float = 240) -> None:
             pytest.fail(f"the 2 ranks still ran after {timeout_s} s")
 
 
+@pytest.mark.distributed
 def test_under_fsdp_each_group_norm_sums_the_shards_of_every_rank(tmp_path):
     logger, _ = fit(NamedGroups(), LIMITS)  # one process, whole gradients
     run_ranks(fsdp_rank, tmp_path)

@@ -86,9 +86,10 @@ class DDPExpertRecorder(Callback):
         torch.save(state, f"{self.out}/rank{trainer.global_rank}.pt")
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize(
     ("routes", "strategy"),
-    [("learned", "ddp_spawn"), ("given", "ddp_spawn_find_unused_parameters_true")],
+    [("learned", "ddp_fork"), ("given", "ddp_fork_find_unused_parameters_true")],
     ids=["pinned-gumbel_st", "given"],
 )
 def test_expert_sparse_updates_under_ddp_keep_experts_used_on_any_rank(tmp_path, routes, strategy):

@@ -109,13 +109,14 @@ class RankPoison(Callback):
         torch.save(result, Path(self.out_dir) / f"rank{trainer.global_rank}.pt")
 
 
+@pytest.mark.distributed
 def test_nan_policy_skip_under_ddp_skips_the_step_on_every_rank(tmp_path):
     """Two gloo processes; only rank 1's batch 1 is non-finite: both ranks skip that optimizer step."""
     data = make_data(tmp_path / "data", skills={**SIZES, "train_size": 4}, sync_tasks=False)
     data.prepare_data()
     module = make_module(data, max_target_length=2)
     callbacks = [RankPoison(1, 1, str(tmp_path)), NanGuard("skip")]
-    trainer = make_trainer(devices=2, strategy="ddp_spawn", max_steps=3, callbacks=callbacks)
+    trainer = make_trainer(devices=2, strategy="ddp_fork", max_steps=3, callbacks=callbacks)
     trainer.fit(module, datamodule=data)
 
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]

@@ -16,6 +16,8 @@ from moe_mtl.training.callbacks.preemption import exit_code
 
 from ...conftest import tiny_run_config
 
+pytestmark = pytest.mark.slow  # each test runs the real `moe-mtl fit` in subprocesses
+
 ROOT = Path(__file__).resolve().parents[3]
 MOE_MTL = Path(sys.executable).parent / "moe-mtl"
 MAX_STEPS, SIGNAL_STEP = 4, 3  # stage two from step 2 on, one validation at the end

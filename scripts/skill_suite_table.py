@@ -8,7 +8,7 @@ the learned runs (route–skill correlation and agreement against the suite's gr
 `moe-mtl summarize` of every run into one table (seen-task dev average, unseen zero-/few-shot averages and ARG
 against vanilla, mean ± std over seeds).
 
-    python experiments/skill_suite_table.py --out runs/skill_table --jobs 2 --docs docs/skill_suite
+    python scripts/skill_suite_table.py --out runs/skill_table --jobs 2 --docs docs/skill_suite
 
 Every step is skipped when its result exists, so an interrupted run resumes. `--preset tiny` shrinks everything
 to seconds (the test suite runs it).

@@ -2,7 +2,7 @@
 
 A task counts in every family its skills come from, so the family rows overlap.
 
-    python experiments/family_scores.py runs/quickstart/version_0/evaluation/val-epoch7-step4500.json
+    python scripts/family_scores.py runs/quickstart/version_0/evaluation/val-epoch7-step4500.json
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The scripts in experiments/ compute what they say."""
+"""scripts/skill_suite_table.py: the table's whole pipeline on the tiny preset, its resume and its overrides."""
 
 import importlib.util
 import json
@@ -7,29 +7,19 @@ from pathlib import Path
 import pytest
 import yaml
 
-SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "family_scores.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "skill_suite_table.py"
 
 
-@pytest.fixture(scope="module")
-def family_scores():
-    spec = importlib.util.spec_from_file_location("family_scores", SCRIPT)
+def load_script():
+    spec = importlib.util.spec_from_file_location("skill_suite_table", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.family_scores
+    return module
 
 
-def test_family_scores_average_each_family_over_its_tasks(family_scores):
-    rows = [{"task": "max", "score": 1.0}, {"task": "reverse", "score": 0.0}, {"task": "evens-sum", "score": 0.5}]
-    result = family_scores({"tasks": rows, "average": {"score": 0.5}})
-    # max: aggregate → number; reverse: order → sequence; evens-sum: filter + aggregate → number
-    assert result["family"] == {"aggregate": (0.75, 2), "filter": (0.5, 1), "order": (0.0, 1)}
-    assert result["output_type"] == {"number": (0.75, 2), "sequence": (0.0, 1)}
-
-
+@pytest.mark.slow
 def test_the_skill_suite_table_runs_every_step_end_to_end_and_resumes(tmp_path):
-    spec = importlib.util.spec_from_file_location("skill_suite_table", SCRIPT.with_name("skill_suite_table.py"))
-    table = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(table)
+    table = load_script()
     args = ["--preset", "tiny", "--out", str(tmp_path / "runs"), "--docs", str(tmp_path / "docs"), "--seeds", "0"]
     args += ["--kshot_seeds", "100", "--methods", "vanilla", "learned", "--fewshot_tasks", "odds-sum"]
     table.main([*args, "--jobs", "2"])  # each (method, seed) pipeline in a worker process, two at a time
@@ -47,10 +37,9 @@ def test_the_skill_suite_table_runs_every_step_end_to_end_and_resumes(tmp_path):
     assert (learned / "checkpoints" / "last.ckpt").stat().st_mtime_ns == stamp
 
 
+@pytest.mark.slow
 def test_the_skill_suite_table_takes_overrides_for_every_run_and_can_train_seen_tasks_only(tmp_path):
-    spec = importlib.util.spec_from_file_location("skill_suite_table", SCRIPT.with_name("skill_suite_table.py"))
-    table = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(table)
+    table = load_script()
     out = tmp_path / "runs"
     args = ["--preset", "tiny", "--out", str(out), "--seeds", "0", "--methods", "learned", "--seen_only"]
     table.main([*args, "--steps", "6", "--set=--two_stage.switch_step=3"])
