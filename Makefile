@@ -43,6 +43,7 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check $(SOURCES)
 	$(BIN)/ruff format --check $(SOURCES)
+	$(BIN)/lint-imports .importlinter  # the layer rule: each package imports only those below it
 	$(BIN)/hadolint docker/Dockerfile
 
 format: $(STAMP)
