@@ -383,7 +383,7 @@ def test_the_model_reads_no_representation_file(tmp_path):
 
 
 def test_tensor_task_vectors_must_have_a_row_per_task(dense):
-    with pytest.raises(ValueError, match=r"task vectors have shape \(3, 5\); expected \(num_tasks=4, dim\)"):
+    with pytest.raises(ValueError, match=r"task representations have shape \(3, 5\); expected \(num_tasks=4, dim\)"):
         MoEBartForConditionalGeneration.from_dense(dense, task_vectors=torch.randn(3, 5), num_experts=2, num_tasks=4)
 
 

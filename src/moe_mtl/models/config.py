@@ -69,11 +69,12 @@ class MoEOptions:
     task_dim: int = 128
     """Width of a task representation (ignored when `task_embeddings` gives the vectors)."""
     task_embeddings: str | None = None
-    """File of precomputed task vectors (.pt tensor, .npy or .json list), shape (num_tasks, task_dim). None: random."""
+    """A task-representation file (`moe-mtl represent`: .pt, .npy or .json), shape (num_tasks, task_dim): the task
+    table's initial rows. None: random rows."""
     freeze_task_table: bool = False
     """Keep the task table fixed during training."""
     router: Literal["mlp", "lstm", "gru", "transformer"] = "mlp"
-    """Router network from a task vector to per-layer expert logits ("task" routing)."""
+    """Router network from a task representation (a task-table row) to per-layer expert logits ("task" routing)."""
     router_hidden: int = 64
     """Hidden width of the router network."""
     selection: Literal["softmax", "gumbel", "gumbel_st", "argmax", "switch", "reinforce"] = "gumbel_st"

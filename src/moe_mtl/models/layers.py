@@ -30,7 +30,7 @@ class RouteRecord:
 
 @dataclass
 class LayerRoute:
-    """What a routed layer needs: task routes (B, E), or task vectors (B, t) for its token gate."""
+    """What a routed layer needs: task routes (B, E), or task representations (B, t) for its token gate."""
 
     weights: torch.Tensor | None = None
     task_vectors: torch.Tensor | None = None

@@ -155,7 +155,7 @@ class MoEBartEncoder(MoEBartStack):
         )
 
     def route(self, task_ids: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Task routes (B, L_enc + L_dec, E) for task routing, else task vectors (B, t) for the token gates."""
+        """Task routes (B, L_enc + L_dec, E) for task routing, else task representations (B, t) for the token gates."""
         sample, task_vectors = self.sample_routes(task_ids)
         return (None if sample is None else sample.weights), task_vectors
 
@@ -392,7 +392,8 @@ class MoEBartForConditionalGeneration(PreTrainedModel, GenerationMixin):
             return None
         if task_vectors.dim() != 2 or task_vectors.shape[0] != options.num_tasks:
             raise UsageError(
-                f"task vectors have shape {tuple(task_vectors.shape)}; expected (num_tasks={options.num_tasks}, dim)"
+                f"task representations have shape {tuple(task_vectors.shape)}; expected "
+                f"(num_tasks={options.num_tasks}, dim)"
             )
         config.moe = {**config.moe, "task_dim": task_vectors.shape[1], "task_embeddings": None}
         return task_vectors.float()
@@ -408,7 +409,7 @@ class MoEBartForConditionalGeneration(PreTrainedModel, GenerationMixin):
 
     def _init_weights(self, module):
         if getattr(module, TORCH_INIT, False):
-            # the task table and router: PyTorch's initialisation (task vectors N(0, 1)), not BART's std 0.02, with
+            # the task table and router: PyTorch's initialisation (rows N(0, 1)), not BART's std 0.02, with
             # which every task's router logits are ~1e-4 apart and routes stay uniform for hundreds of steps
             # (docs/routing_investigation.md). transformers' guarded init functions leave loaded weights alone.
             module.reset_parameters()

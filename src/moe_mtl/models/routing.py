@@ -139,7 +139,7 @@ class RecurrentRouter(nn.Module):
 
 
 class TransformerRouter(nn.Module):
-    """A small transformer encoder over one token per routed layer, each seeded with the task vector."""
+    """A small transformer encoder over one token per routed layer, each seeded with the task representation."""
 
     def __init__(self, task_dim: int, hidden: int, num_layers: int, num_experts: int, depth: int = 2, heads: int = 4):
         super().__init__()

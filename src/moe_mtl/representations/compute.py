@@ -82,7 +82,7 @@ def uniform_routing(model: MoEBartForConditionalGeneration, batch_size: int) -> 
     """Encoder keywords that route every example the same way, independent of any task's route.
 
     Task routing: weight 1/E on every expert of every routed layer (the paper's "average" routing). Token
-    routing: the mean row of the task table as every example's task vector, the gates' input for no task
+    routing: the mean row of the task table as every example's task representation, the gates' input for no task
     in particular.
     """
     encoder = model.model.encoder
