@@ -1,9 +1,15 @@
-"""Step schedules: the routing temperature (Ye et al.'s annealing) and the learning-rate warmup/decay."""
+"""Step schedules: the routing temperature (Ye et al.'s annealing), the learning-rate warmup/decay and the random
+seed of each training micro-batch."""
 
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Iterable
 from typing import Literal
+
+import numpy as np
+from torch.optim.lr_scheduler import LRScheduler
 
 from ..errors import UsageError
 
@@ -72,3 +78,21 @@ def warmup_steps_for(warmup: float, total_steps: int) -> int:
         raise UsageError(f"`warmup` is {warmup}; give a fraction of the steps in [0, 1) or a step count >= 1")
     steps = round(warmup * total_steps) if warmup < 1 else int(warmup)
     return min(steps, total_steps)
+
+
+def recompute_learning_rates(schedulers: Iterable[LRScheduler]) -> None:
+    """Set this step's learning rates again after the schedules' factors changed (a restart): each scheduler had
+    set them already."""
+    for scheduler in schedulers:
+        # `LRScheduler.step` computes the lr of step `last_epoch + 1`, sets it and what `get_last_lr()` reports
+        scheduler.last_epoch -= 1
+        with warnings.catch_warnings():  # at fit start no optimizer step has run yet, which it would warn about
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()`", UserWarning)
+            scheduler.step()
+
+
+def step_seed(seed: int, step: int, micro_batch: int, rank: int) -> int:
+    """The torch seed of one training micro-batch: a hash of the run's seed, the optimizer step, the micro-batch
+    in the accumulation window and the rank, so the draws are fresh everywhere and a resume repeats them."""
+    state = np.random.SeedSequence([seed % 2**64, step, micro_batch, rank]).generate_state(2, np.uint64)
+    return int(state[0]) % 2**63
