@@ -10,7 +10,7 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.plugins.precision import MixedPrecision
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.optim.lr_scheduler import LambdaLR
 
 from ..data import MODEL_INPUTS, load_tokenizer
@@ -35,7 +35,7 @@ from .options import (
     module_options,
     task_lists,
 )
-from .schedules import WarmupLinearDecay, recompute_learning_rates, step_seed, warmup_steps_for
+from .schedules import StepSeeds, WarmupLinearDecay, recompute_learning_rates, warmup_steps_for
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +111,7 @@ class MoEMultiTaskModule(LightningModule):
         self.stage = 1
         self.stage_info: dict[str, Any] = {}
         self.planned_switch_step: int | None = None  # stage two's first step, told by TwoStageTraining beforehand
-        self._seed_base = 0  # set at fit start
-        self._resumed_seed: int | None = None
+        self._seeds = StepSeeds()
         self._epoch_evaluation: TaskEvaluation | None = None  # of the running validation or test epoch
         self._predictions: list[dict[str, Any]] = []  # rows of the running predict epoch
         self._run_dir: Path | None = None  # set in `setup`
@@ -140,16 +139,6 @@ class MoEMultiTaskModule(LightningModule):
         self.stage_info = {"routes": routes, "switch_step": self.trainer.global_step if self._trainer else 0}
         return frozen
 
-    # --- starting from an upstream run (init_from) ------------------------------------------------
-
-    def assign_unseen_routes(self, datamodule=None) -> None:
-        """Give the unseen tasks of an `init_from` run the routes still due (`setup` calls it): those of
-        computed representations ("text", "fisher"), which need the data module's tasks."""
-        if self._unseen is not None:
-            source, representation = self.transfer.unseen_routes, self.transfer.representation
-            self._unseen.assign(self.model, source, representation, self.task_names, datamodule, self.tokenizer)
-            self._unseen = None
-
     # --- training ---------------------------------------------------------------------------------
 
     def forward(self, batch: dict[str, Any]):
@@ -162,7 +151,7 @@ class MoEMultiTaskModule(LightningModule):
         # the random draws of a step (Gumbel noise, dropout) depend only on the run's seed and the step, so a run
         # resumed from any checkpoint (mid-epoch or at an epoch end) continues exactly as an uninterrupted one
         micro = batch_idx % self.trainer.accumulate_grad_batches
-        torch.manual_seed(step_seed(self._seed_base, self.trainer.global_step, micro, self.global_rank))
+        self._seeds.seed(self.trainer.global_step, micro, self.global_rank)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int):
         out = self(batch)
@@ -197,18 +186,13 @@ class MoEMultiTaskModule(LightningModule):
             rank_zero_warn(self._relearned_routes)
         # init_from: unseen routes that need the data's tasks (a checkpoint about to be loaded brings its own)
         if self._unseen is not None and not self.trainer.ckpt_path:
-            self.assign_unseen_routes(datamodule=getattr(self.trainer, "datamodule", None))
+            source, representation = self.transfer.unseen_routes, self.transfer.representation
+            data = getattr(self.trainer, "datamodule", None)
+            self._unseen.assign(self.model, source, representation, self.task_names, data, self.tokenizer)
+            self._unseen = None
 
     def on_train_start(self) -> None:
-        # after every restore (FSDP and DeepSpeed restore after `on_fit_start`): the checkpoint's seed when resuming,
-        # else the run's (`seed_everything`; rank 0's, so all ranks agree even without it)
-        seed = self._resumed_seed
-        if seed is None:
-            seed = self.trainer.strategy.broadcast(torch.initial_seed(), src=0)
-        elif seed != torch.initial_seed():
-            rank_zero_info(f"resumed: random draws continue the checkpoint's seed {seed}, not {torch.initial_seed()}")
-        self._seed_base = int(seed)
-        self._resumed_seed = None
+        self._seeds.start(self.trainer.strategy)  # after every restore (FSDP and DeepSpeed restore after fit start)
 
     def on_train_end(self) -> None:
         self._checkpoint_step = None  # the weights are now the fit's own, at the trainer's step
@@ -237,7 +221,7 @@ class MoEMultiTaskModule(LightningModule):
     # --- checkpoints ------------------------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["moe_mtl"] = {"stage": self.stage, "stage_info": self.stage_info, "seed": self._seed_base}
+        checkpoint["moe_mtl"] = {"stage": self.stage, "stage_info": self.stage_info, "seed": self._seeds.base}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # runs before the weights load: re-fix stage-two routes so the run goes on in stage two
@@ -246,7 +230,7 @@ class MoEMultiTaskModule(LightningModule):
         if state.get("stage") == 2:
             self.enter_stage_two(state["stage_info"]["routes"])
             self.stage_info = state["stage_info"]
-        self._resumed_seed = state.get("seed")  # the resumed run keeps drawing the original run's numbers
+        self._seeds.resumed = state.get("seed")  # the resumed run keeps drawing the original run's numbers
         self._checkpoint_step = int(checkpoint.get("global_step", 0))
 
     @property

@@ -9,6 +9,9 @@ from collections.abc import Iterable
 from typing import Literal
 
 import numpy as np
+import torch
+from lightning.pytorch.strategies import Strategy
+from lightning.pytorch.utilities import rank_zero_info
 from torch.optim.lr_scheduler import LRScheduler
 
 from ..errors import UsageError
@@ -96,3 +99,25 @@ def step_seed(seed: int, step: int, micro_batch: int, rank: int) -> int:
     in the accumulation window and the rank, so the draws are fresh everywhere and a resume repeats them."""
     state = np.random.SeedSequence([seed % 2**64, step, micro_batch, rank]).generate_state(2, np.uint64)
     return int(state[0]) % 2**63
+
+
+class StepSeeds:
+    """The random draws of training (Gumbel noise, dropout): each micro-batch seeds torch with `step_seed` of the
+    run's seed, so a run resumed from any checkpoint continues exactly as an uninterrupted one."""
+
+    def __init__(self) -> None:
+        self.base = 0  # the run's seed, set at train start; saved in checkpoints
+        self.resumed: int | None = None  # a checkpoint's seed, until train start takes it
+
+    def start(self, strategy: Strategy) -> None:
+        """The checkpoint's seed when resuming, else the run's (`seed_everything`; rank 0's, so all ranks agree
+        even without it)."""
+        seed = self.resumed
+        if seed is None:
+            seed = strategy.broadcast(torch.initial_seed(), src=0)
+        elif seed != torch.initial_seed():
+            rank_zero_info(f"resumed: random draws continue the checkpoint's seed {seed}, not {torch.initial_seed()}")
+        self.base, self.resumed = int(seed), None
+
+    def seed(self, step: int, micro_batch: int, rank: int) -> None:
+        torch.manual_seed(step_seed(self.base, step, micro_batch, rank))
