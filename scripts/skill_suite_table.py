@@ -2,7 +2,7 @@
 
 For each routing method (vanilla multi-task BART, random task-level routes, average routing, learned routing) and
 each seed: a `moe-mtl fit` of the quick-start model with the method's overlay (`configs/baselines/`), a zero-shot
-`moe-mtl test` on the unseen tasks (`--model.init_from` the run, unseen tasks routed by the method's own route
+`moe-mtl test` on the unseen tasks (`--model.transfer.init_from` the run, unseen tasks routed by the method's own route
 source), and `moe-mtl fewshot` on the unseen tasks (one k-shot seed per upstream seed). Then `moe-mtl analyze` of
 the learned runs (route–skill correlation and agreement against the suite's ground-truth skills) and
 `moe-mtl summarize` of every run into one table (seen-task dev average, unseen zero-/few-shot averages and ARG
@@ -145,9 +145,9 @@ def zeroshot(method: str, folder: Path, preset: dict, data_dir: Path) -> None:
             "test",
             *configs(method, preset),
             *DOWNSTREAM.get(method, []),
-            f"--model.init_from={folder}",
-            f"--model.unseen_routes={UNSEEN_ROUTES[method]}",
-            f"--model.results_dir={folder / 'zeroshot'}",
+            f"--model.transfer.init_from={folder}",
+            f"--model.transfer.unseen_routes={UNSEEN_ROUTES[method]}",
+            f"--model.evaluation.results_dir={folder / 'zeroshot'}",
             "--data.test_partitions=test",
             f"--data.output_dir={data_dir}",
             "--trainer.logger=false",

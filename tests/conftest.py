@@ -194,7 +194,12 @@ def tiny_run_config(**trainer) -> dict:
         ),
         "temperature": {"rate": 0.1},
         "two_stage": {"switch_step": 2},
-        "model": {"bart": TINY_BART, "moe": {"num_experts": 2, "task_dim": 8}, "lr": 1e-3, "num_beams": 1},
+        "model": {
+            "bart": TINY_BART,
+            "moe": {"num_experts": 2, "task_dim": 8},
+            "optim": {"lr": 1e-3},
+            "evaluation": {"num_beams": 1},
+        },
         "data": {
             "skills": {"train_size": 4, "dev_size": 2, "test_size": 2, "shots": 2},
             "vocab_size": 300,

@@ -163,7 +163,7 @@ ABLATIONS = {
     "gumbel, heterogeneous batches, one lr, and the callback groups' flags": [
         "--model.moe.selection=gumbel",
         "--data.batching=heterogeneous",
-        "--model.two_speed_lr=false",
+        "--model.optim.two_speed_lr=false",
         "--two_stage.switch_step=2",
         "--temperature.start=3.0",
         "--temperature.rate=0.5",
@@ -181,10 +181,10 @@ def test_ablation_overrides_take_effect(overrides, crossfit, tmp_path, monkeypat
     assert trainer.global_step == 3
     assert module.hparams.moe["selection"] == flags["--model.moe.selection"]  # stage one's
     lrs = {group["group"]: group["initial_lr"] for group in trainer.optimizers[0].param_groups}  # before the schedule
-    if "--model.two_speed_lr" in flags:  # every group at `lr`
-        assert lrs["router"] == lrs["task_table"] == lrs["backbone"] == module.hparams.lr
-    else:  # the config's router_lr and task_lr, faster than `lr`
-        assert (lrs["router"], lrs["task_table"]) == (module.hparams.router_lr, module.hparams.task_lr)
+    if "--model.optim.two_speed_lr" in flags:  # every group at `optim.lr`
+        assert lrs["router"] == lrs["task_table"] == lrs["backbone"] == module.optim.lr
+    else:  # the config's router_lr and task_lr, faster than `optim.lr`
+        assert (lrs["router"], lrs["task_table"]) == (module.optim.router_lr, module.optim.task_lr)
         assert lrs["router"] > lrs["backbone"]
     if "--data.batching" in flags:  # tasks mixed within a batch, and learned routes train on them
         assert any(len(set(batch["task_ids"].tolist())) > 1 for batch in cli.datamodule.train_dataloader())

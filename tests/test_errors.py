@@ -85,8 +85,8 @@ def test_options_the_parser_refuses_name_the_option(folder, capsys, command, mes
 
 
 def test_debug_shows_the_traceback(folder):
-    with pytest.raises(ValueError, match=r"model option `lr` is -0.001"):
-        main(["fit", "--config", "configs/quickstart.yaml", "--model.lr=-1e-3", "--debug"])
+    with pytest.raises(ValueError, match=r"model option `optim.lr` is -0.001"):
+        main(["fit", "--config", "configs/quickstart.yaml", "--model.optim.lr=-1e-3", "--debug"])
 
 
 def unwritable_folder() -> Path | None:
@@ -103,8 +103,10 @@ def unwritable_folder() -> Path | None:
 @pytest.mark.skipif(unwritable_folder() is None, reason="no folder here refuses writes to this user")
 def test_a_results_folder_that_cannot_be_written_is_refused_before_training(folder, capsys):
     results = unwritable_folder() / "moe_mtl_results"
-    command = f"moe-mtl fit --config configs/quickstart.yaml --model.results_dir={results}"
+    command = f"moe-mtl fit --config configs/quickstart.yaml --model.evaluation.results_dir={results}"
     lines = run_documented(command, capsys)
-    assert lines[-1].startswith(f"moe-mtl fit: error: model.results_dir is {results}, which cannot be written (")
+    assert lines[-1].startswith(
+        f"moe-mtl fit: error: model.evaluation.results_dir is {results}, which cannot be written ("
+    )
     assert lines[-1].endswith("); give a writable folder")
     assert written(folder) == []

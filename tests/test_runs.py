@@ -1,4 +1,4 @@
-"""`moe_mtl.runs`: the checkpoint of a run, the upstream run of `MoEMultiTaskModule(init_from=...)` (its weights
+"""`moe_mtl.runs`: the checkpoint of a run, the upstream run of the model option `transfer.init_from` (its weights
 mapped by task name, the options that apply, the errors of a run that cannot start from it), route-table files."""
 
 import json
@@ -39,20 +39,22 @@ def upstream(tmp_path_factory) -> Path:
     return root / "upstream.ckpt"
 
 
-def downstream(upstream: Path, names: list[str], **options) -> MoEMultiTaskModule:
-    """A module over the tasks `names` started from `upstream` (the options the CLI would link, set by hand)."""
+def downstream(
+    upstream: Path, names: list[str], moe: dict | None = None, bart: dict | None = None, **transfer
+) -> MoEMultiTaskModule:
+    """A module over the tasks `names` started from `upstream` (the options the CLI would link, set by hand);
+    `transfer`: `TransferOptions` fields besides init_from."""
     hparams = read_upstream(upstream).hparams
-    moe = MoEOptions(**{**options.pop("moe", {}), "num_tasks": len(names)})
     return MoEMultiTaskModule(
-        moe=moe,
-        init_from=str(upstream),
+        bart=bart,
+        moe=MoEOptions(**{**(moe or {}), "num_tasks": len(names)}),
+        transfer={"init_from": str(upstream), **transfer},
         task_names=names,
         task_partitions=["test"] * len(names),
         task_metrics=["EM"] * len(names),
         tokenizer_size=hparams["tokenizer_size"],
         pad_token_id=hparams["pad_token_id"],
         tokenizer_path=hparams["tokenizer_path"],
-        **options,
     )
 
 
@@ -211,11 +213,18 @@ def test_runs_that_cannot_start_from_the_upstream_one_are_errors(upstream):
         downstream(upstream, trained[:2], moe={"num_experts": 4})
     with pytest.raises(ValueError, match="init_from with a mismatched vocabulary: the data's tokenizer has 301"):
         MoEMultiTaskModule(
-            moe=MoEOptions(num_tasks=1), init_from=str(upstream), task_names=trained[:1], tokenizer_size=301
+            moe=MoEOptions(num_tasks=1),
+            transfer={"init_from": str(upstream)},
+            task_names=trained[:1],
+            tokenizer_size=301,
         )
-    with pytest.raises(ValueError, match=r"`bart` is .*with `init_from` the architecture is the upstream run's"):
+    with pytest.raises(
+        ValueError, match=r"`bart` is .*with `transfer.init_from` the architecture is the upstream run's"
+    ):
         downstream(upstream, trained[:2], bart={"d_model": 32})
-    with pytest.raises(ValueError, match=r"`task_embeddings` is 'vectors.pt', but with `init_from` the task table"):
+    with pytest.raises(
+        ValueError, match=r"`task_embeddings` is 'vectors.pt', but with `transfer.init_from` the task table"
+    ):
         downstream(upstream, trained[:2], moe={"task_embeddings": "vectors.pt"})
 
 

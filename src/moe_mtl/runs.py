@@ -1,5 +1,5 @@
 """Run folders and the files in them: checkpoints, evaluation files, route tables, and the upstream run of
-`--model.init_from`.
+`--model.transfer.init_from`.
 
 A run folder (`runs/<name>/version_N/`, the logger's folder of one `moe-mtl fit`) holds:
 
@@ -21,7 +21,7 @@ from __future__ import annotations
 import csv
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -86,11 +86,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if path.is_file():
         if path.suffix != ".ckpt":
-            raise UsageError(f"model option `init_from` {str(path)!r} is not a Lightning checkpoint (.ckpt)")
+            raise UsageError(f"model option `transfer.init_from` {str(path)!r} is not a Lightning checkpoint (.ckpt)")
         return path
     if not path.is_dir():
         raise UsageError(
-            f"model option `init_from` {str(path)!r} does not exist; give a .ckpt file or the folder of a "
+            f"model option `transfer.init_from` {str(path)!r} does not exist; give a .ckpt file or the folder of a "
             "`moe-mtl fit` run (with checkpoints/best-step*.ckpt or checkpoints/last.ckpt)"
         )
     checkpoint = run_checkpoint(path)
@@ -101,7 +101,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     found = sorted(p.name for p in folder.glob("*.ckpt"))
     why = f"{len(best)} best checkpoints" if best else "no best-step*.ckpt and no last.ckpt"
     raise UsageError(
-        f"model option `init_from` {str(path)!r}: {why} in {folder} (found: {found or 'no .ckpt file'}); "
+        f"model option `transfer.init_from` {str(path)!r}: {why} in {folder} (found: {found or 'no .ckpt file'}); "
         "give the .ckpt file to start from"
     )
 
@@ -170,11 +170,11 @@ class UpstreamRun:
 def read_upstream(init_from: str | Path) -> UpstreamRun:
     """The checkpoint of `init_from` (see `resolve_checkpoint`), read on the CPU with weights only."""
     path = resolve_checkpoint(init_from)
-    checkpoint = read_checkpoint(path, "model option `init_from`")
+    checkpoint = read_checkpoint(path, "model option `transfer.init_from`")
     hparams = checkpoint.get("hyper_parameters") or {}
     if "moe" not in hparams or "task_names" not in hparams:
         raise UsageError(
-            f"model option `init_from`: {path} is not a checkpoint of a `moe-mtl fit` run (no MoE-BART "
+            f"model option `transfer.init_from`: {path} is not a checkpoint of a `moe-mtl fit` run (no MoE-BART "
             "hyper-parameters and weights)"
         )
     state = {
@@ -189,11 +189,12 @@ def read_upstream(init_from: str | Path) -> UpstreamRun:
 
 
 @dataclass
-class UpstreamStart:
-    """A new run's start from an upstream run (`start_from_upstream`)."""
+class RunStart:
+    """The model a run starts from (`start_run_model`), and what is still due once the data are known."""
 
     model: MoEBartForConditionalGeneration  # in train mode
-    architecture: dict[str, Any]  # {"pretrained", "bart"} of the upstream run: the new run's hyper-parameters
+    # {"pretrained", "bart"} of an upstream run (`init_from`), the new run's hyper-parameters; {} otherwise
+    architecture: dict[str, Any]
     unseen: UnseenTasks | None  # unseen tasks whose routes need the data's tasks (computed representations)
     relearned_routes: str | None  # the warning for a fit that would learn the upstream's fixed routes again
 
@@ -208,7 +209,7 @@ def start_from_upstream(
     tokenizer_size: int | None,
     unseen_routes: str,
     representation: str,
-) -> UpstreamStart:
+) -> RunStart:
     """A new run from the upstream run `init_from` (`read_upstream`) over the tasks `task_names`: its MoE-BART
     (`models.build.build_from_upstream`: architecture and weights, rows mapped by task name, the `configured`
     non-shape options); unseen tasks get `unseen_routes` (see `representations.unseen_routes`).
@@ -231,15 +232,15 @@ def start_from_upstream(
         if given is not None and given != kept:
             raise UsageError(
                 f"model option `{option}` is {given!r}, but {upstream.describe()} has {kept!r}: with "
-                f"`init_from` the architecture is the upstream run's; leave `{option}` unset"
+                f"`transfer.init_from` the architecture is the upstream run's; leave `{option}` unset"
             )
         architecture[option] = kept
     check_vocabulary(upstream, tokenizer_size)
     if configured.task_embeddings is not None:
         raise UsageError(
-            f"MoE option `task_embeddings` is {configured.task_embeddings!r}, but with `init_from` the task table "
-            "is the upstream run's (rows by task name; unseen tasks: `unseen_routes`, e.g. 'representation' with "
-            "`representation: <file>`); set it to null"
+            f"MoE option `task_embeddings` is {configured.task_embeddings!r}, but with `transfer.init_from` the task "
+            "table is the upstream run's (rows by task name; unseen tasks: `transfer.unseen_routes`, e.g. "
+            "'representation' with `transfer.representation: <file>`); set it to null"
         )
     options = adopt_saved_shape(configured, upstream.options, upstream.describe())
     check_source(unseen_routes, representation, options.routing)
@@ -269,13 +270,13 @@ def start_from_upstream(
     if unseen_routes == "learned":
         if options.freeze_task_table:
             raise UsageError(
-                "model option `unseen_routes` is 'learned', but moe.freeze_task_table is true: the new rows "
+                "model option `transfer.unseen_routes` is 'learned', but moe.freeze_task_table is true: the new rows "
                 "could not be trained; set moe.freeze_task_table false"
             )
         if options.selection == "argmax":
             raise UsageError(
-                "model option `unseen_routes` is 'learned', but moe.selection 'argmax' passes no gradient to the "
-                "new rows; allowed: softmax, gumbel, gumbel_st, switch, reinforce"
+                "model option `transfer.unseen_routes` is 'learned', but moe.selection 'argmax' passes no gradient to "
+                "the new rows; allowed: softmax, gumbel, gumbel_st, switch, reinforce"
             )
         if model.router is not None and model.router.learned:
             for param in model.router.parameters():  # the router stays as trained, the new rows learn
@@ -283,7 +284,54 @@ def start_from_upstream(
     if unseen_routes not in NEEDS_REPRESENTATIONS or Path(representation).is_file():
         unseen.assign(model, unseen_routes, representation, task_names)  # needs no data: routes set from the start
         unseen = None
-    return UpstreamStart(model, architecture, unseen, relearned)
+    return RunStart(model, architecture, unseen, relearned)
+
+
+def start_run_model(
+    options: MoEOptions,
+    task_names: list[str] | None,
+    *,
+    pretrained: str | None,
+    bart: dict[str, Any] | None,
+    tokenizer_size: int | None,
+    pad_token_id: int | None,
+    tokenizer: Callable[[], Any] | None,
+    init_from: str | None,
+    unseen_routes: str,
+    representation: str,
+    finetune: str,
+) -> RunStart:
+    """The model a run starts from: the upstream run's (`init_from`, `start_from_upstream`), else the model of
+    `pretrained` or a new one of the `bart` sizes (`models.build.build_model`, task representations of the MoE
+    option `task_embeddings`); with `finetune` "task_table", only the task table trains.
+
+    `tokenizer` loads the data's tokenizer (None: none is linked): a new model takes its special token ids."""
+    from .models.build import build_model, special_token_ids
+    from .models.conversion import TASK_TABLE_KEY
+    from .representations.files import configured_representations
+
+    if init_from is not None:
+        names = task_names or [f"task{i}" for i in range(options.num_tasks)]
+        start = start_from_upstream(
+            init_from,
+            options,
+            names,
+            pretrained=pretrained,
+            bart=bart,
+            tokenizer_size=tokenizer_size,
+            unseen_routes=unseen_routes,
+            representation=representation,
+        )
+    else:
+        special = {}
+        if pretrained is None:
+            special = special_token_ids(tokenizer() if tokenizer else None, pad_token_id)
+        vectors = configured_representations(options, task_names)
+        start = RunStart(build_model(pretrained, bart, options, tokenizer_size, special, vectors), {}, None, None)
+    if finetune == "task_table":
+        for name, param in start.model.named_parameters():
+            param.requires_grad_(name == TASK_TABLE_KEY)
+    return start
 
 
 def run_tokenizer_path(upstream: UpstreamRun, tokenizer: str | None) -> str:

@@ -65,7 +65,7 @@ def test_the_router_overrides_are_back_as_they_were_after_disabling(data):
 
 def test_expert_disabling_of_a_tiny_trained_run_reports_the_drop_of_the_tasks_that_used_the_expert(data, tmp_path):
     # random one-hot routes: each expert of a layer serves some tasks; a few steps make the experts differ
-    module = tiny_module(data, moe={"routes": "random"}, lr=1e-2)
+    module = tiny_module(data, moe={"routes": "random"}, optim={"lr": 1e-2})
     trainer = Trainer(**tiny_trainer(tmp_path, max_steps=4), callbacks=[])
     trainer.fit(module, datamodule=data)
     intact = evaluation_routes(module)

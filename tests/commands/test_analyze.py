@@ -43,9 +43,8 @@ def run(tmp_path_factory, skill_data_dir) -> Path:
         "model": {
             "bart": TINY_BART,
             "moe": {"num_experts": 2, "task_dim": 8, "selection": "softmax"},
-            "lr": 1e-2,
-            "router_lr": 1e-1,
-            "num_beams": 1,
+            "optim": {"lr": 1e-2, "router_lr": 1e-1},
+            "evaluation": {"num_beams": 1},
         },
         "data": {
             "skills": TINY_SKILLS,

@@ -54,7 +54,7 @@ def run(tmp_path_factory) -> dict[str, Path]:
         # a large init: after 2 steps, predictions still differ by input, task and expert
         config["model"]["bart"] = {**TINY_BART, "init_std": 0.5}
         (root / "tiny.yaml").write_text(yaml.safe_dump(config))
-        common = ["--config", str(root / "tiny.yaml"), f"--model.num_beams={NUM_BEAMS}"]
+        common = ["--config", str(root / "tiny.yaml"), f"--model.evaluation.num_beams={NUM_BEAMS}"]
         main(["fit", *common, "--two_stage.switch_step=1"])
         ckpt = root / "runs/tiny/version_0/checkpoints/last.ckpt"
         main(["predict", *common, "--ckpt_path", str(ckpt)])

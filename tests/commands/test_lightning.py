@@ -248,7 +248,7 @@ def test_fit_help_lists_options_but_not_the_linked_ones(capsys):
         main(["fit", "--help"])
     assert shown.value.code == 0
     text = capsys.readouterr().out
-    for option in ("--model.lr", "--model.moe.num_experts", "--data.batch_size", "--checkpoint.monitor"):
+    for option in ("--model.optim.lr", "--model.moe.num_experts", "--data.batch_size", "--checkpoint.monitor"):
         assert f"{option} " in text
     for linked in (
         "--model.task_names",
@@ -260,6 +260,13 @@ def test_fit_help_lists_options_but_not_the_linked_ones(capsys):
     assert "data.task_names --> model.task_names" in text  # listed as links instead
     # MoEOptions' help comes from its attribute docstrings, read only when help is printed
     assert "Experts per routed layer (E). 1 gives vanilla" in " ".join(text.split())
+    # so does the module's option groups' (training.options): one flag per field, its docstring the help
+    for option in ("--model.optim.lr", "--model.loss.label_smoothing", "--model.evaluation.num_beams"):
+        assert f"{option} " in text
+    assert "--model.transfer.init_from " in text and "--model.lr " not in text
+    flat = " ".join(text.split())
+    assert "Learning rate of the backbone (experts and every other BART weight)." in flat
+    assert "Beams of generation in validation, test and predict." in flat
 
 
 @pytest.mark.parametrize("selection", ["switch", "reinforce"])

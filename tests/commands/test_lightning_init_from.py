@@ -1,5 +1,5 @@
-"""`moe-mtl` with `--model.init_from`: a new run from an upstream run's weights (few-shot fit, zero-shot test), and
-the `fit --ckpt_path` misuse it replaces."""
+"""`moe-mtl` with `--model.transfer.init_from`: a new run from an upstream run's weights (few-shot fit, zero-shot
+test), and the `fit --ckpt_path` misuse it replaces."""
 
 import csv
 from pathlib import Path
@@ -25,8 +25,8 @@ def run_config() -> dict:
         "model": {
             "bart": {**TINY_BART, "encoder_layers": 1, "decoder_layers": 1},
             "moe": {"num_experts": 2, "task_dim": 8},
-            "lr": 1e-3,
-            "num_beams": 1,
+            "optim": {"lr": 1e-3},
+            "evaluation": {"num_beams": 1},
         },
         "data": {
             "skills": TINY_SKILLS,
@@ -60,7 +60,9 @@ def test_fit_from_an_upstream_run_trains_a_new_run_on_its_unseen_tasks(upstream,
     main(
         [
             "fit",
-            *downstream(upstream, "fewshot", "--model.init_from", str(run), "--model.unseen_routes", "learned"),
+            *downstream(
+                upstream, "fewshot", "--model.transfer.init_from", str(run), "--model.transfer.unseen_routes", "learned"
+            ),
             "--data.train_partitions",
             "test",
             "--data.val_partitions",
@@ -90,7 +92,9 @@ def test_fit_from_an_upstream_run_trains_a_new_run_on_its_unseen_tasks(upstream,
 def test_zero_shot_test_from_an_upstream_run_writes_scores_of_the_unseen_tasks(upstream, monkeypatch):
     monkeypatch.chdir(upstream)
     run = upstream / "runs/upstream/version_0"
-    args = downstream(upstream, "zeroshot", "--model.init_from", str(run), "--model.unseen_routes", "nearest")
+    args = downstream(
+        upstream, "zeroshot", "--model.transfer.init_from", str(run), "--model.transfer.unseen_routes", "nearest"
+    )
     main(["test", *args, "--data.test_partitions", "test", "--trainer.limit_test_batches", "3"])
     (scores,) = (upstream / "runs/zeroshot/version_0/evaluation").glob("test-*.csv")
     rows = [row for row in csv.DictReader(scores.open()) if row["task"] != "average"]
@@ -109,7 +113,7 @@ def test_fit_ckpt_path_on_other_tasks_is_a_usage_error_pointing_to_init_from(ups
     assert stopped.value.code == 2
     error = capsys.readouterr().err
     assert "data option `train_partitions` is ['test'], but the checkpoint's run has ['train']" in error
-    assert f"--model.init_from {last}" in error  # (a resume at max_steps already: tests/test_runs.py)
+    assert f"--model.transfer.init_from {last}" in error  # (a resume at max_steps already: tests/test_runs.py)
 
 
 def test_init_from_with_a_mismatched_vocabulary_is_a_usage_error(upstream, monkeypatch, capsys):
@@ -117,7 +121,7 @@ def test_init_from_with_a_mismatched_vocabulary_is_a_usage_error(upstream, monke
     other = upstream / "other_tokenizer"
     train_tokenizer(["a few words of other text", "and some more"] * 20, vocab_size=280).save_pretrained(other)
     run = upstream / "runs/upstream/version_0"
-    args = downstream(upstream, "vocab", "--model.init_from", str(run), "--data.tokenizer", str(other))
+    args = downstream(upstream, "vocab", "--model.transfer.init_from", str(run), "--data.tokenizer", str(other))
     with pytest.raises(SystemExit) as stopped:
         main(["test", *args, "--data.test_partitions", "test"])
     assert stopped.value.code == 2

@@ -20,7 +20,7 @@ def tiny_config(root: Path, **trainer) -> dict:
     return {
         "seed_everything": 1,
         "trainer": quiet_cpu_trainer(**trainer),
-        "model": {"bart": SMALL, "moe": {"num_experts": 2, "task_dim": 8}, "num_beams": 1},
+        "model": {"bart": SMALL, "moe": {"num_experts": 2, "task_dim": 8}, "evaluation": {"num_beams": 1}},
         "data": {
             "skills": SKILLS,
             "vocab_size": 300,
@@ -39,7 +39,7 @@ def write_yaml(path: Path, config: dict) -> str:
 @pytest.fixture(scope="session")
 def upstream(tmp_path_factory) -> Path:
     """The run folder of a 2-step upstream fit (validated on 3 seen tasks at step 2) with `zeroshot/`: its test on
-    3 unseen tasks through `--model.init_from` (nearest routes)."""
+    3 unseen tasks through `--model.transfer.init_from` (nearest routes)."""
     root = tmp_path_factory.mktemp("upstream")
     logger = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": str(root)}}
     trainer = {"max_steps": 2, "val_check_interval": 2, "check_val_every_n_epoch": None, "limit_val_batches": 3}
@@ -51,10 +51,10 @@ def upstream(tmp_path_factory) -> Path:
             "test",
             "--config",
             config,
-            f"--model.init_from={run}",
-            "--model.unseen_routes=nearest",
+            f"--model.transfer.init_from={run}",
+            "--model.transfer.unseen_routes=nearest",
             "--data.test_partitions=test",
-            f"--model.results_dir={run / 'zeroshot'}",
+            f"--model.evaluation.results_dir={run / 'zeroshot'}",
             "--trainer.limit_test_batches=3",
         ]
     )

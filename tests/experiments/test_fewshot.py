@@ -71,7 +71,12 @@ def test_a_batch_size_grid_selects_the_batch_size_too_and_names_its_cells():
     assert Cell("a", 13, 2e-5, 8).folder(Path("out")) == Path("out/cells/a/seed13/lr2e-05-bs8")
     args = cell_args(["--config", "c.yaml"], Cell("a", 13, 2e-5, 8), Path("f"), "test", "up", None, None)
     assert args[:3] == ["fit", "--config", "c.yaml"]
-    assert {"--data.fewshot_seed=13", "--model.lr=2e-05", "--data.batch_size=8", "--model.init_from=up"} <= set(args)
+    assert {
+        "--data.fewshot_seed=13",
+        "--model.optim.lr=2e-05",
+        "--data.batch_size=8",
+        "--model.transfer.init_from=up",
+    } <= set(args)
 
 
 # --- the command ----------------------------------------------------------------------------------------
@@ -122,8 +127,8 @@ def test_each_cell_fine_tunes_the_upstream_model_on_one_seeds_k_shot_split(fewsh
         for lr in LRS:
             folder = cell_folder(out, seed, lr)
             config = yaml.safe_load((folder / "config.yaml").read_text())
-            assert config["data"]["fewshot_seed"] == seed and config["model"]["lr"] == lr
-            assert config["model"]["init_from"] == str(upstream)
+            assert config["data"]["fewshot_seed"] == seed and config["model"]["optim"]["lr"] == lr
+            assert config["model"]["transfer"]["init_from"] == str(upstream)
             partition = json.loads((folder / "partition.json").read_text())
             assert partition["test"] == [TASK] and partition["dev"] == [] and set(seen) <= set(partition["train"])
             # validated on the task's 2-shot dev split, tested on its test split, nothing else
@@ -200,7 +205,7 @@ def test_a_failed_cell_is_recorded_the_next_still_runs_and_the_row_is_incomplete
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--model.lr", "0.1"], "--model.lr is set by the runner for each cell; use --lrs"),
+        (["--model.optim.lr", "0.1"], "--model.optim.lr is set by the runner for each cell; use --lrs"),
         (["--tasks", "nope"], "--tasks names ['nope'], not tasks of partition 'test'"),
         (["--unseen_routes", "learned"], "--unseen_routes learned needs --init_from"),
         ([], "without --init_from, give the fit option data.tokenizer"),

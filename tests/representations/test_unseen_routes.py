@@ -30,9 +30,11 @@ def test_average_and_random_routes():
 
 
 def test_sources_are_checked(tmp_path):
-    with pytest.raises(ValueError, match="`unseen_routes` is 'closest'; allowed: representation, nearest"):
+    with pytest.raises(ValueError, match=r"`transfer\.unseen_routes` is 'closest'; allowed: representation, nearest"):
         check_source("closest", "text", "task")
-    with pytest.raises(ValueError, match=r"`representation` is 'bert': neither a kind .text, fisher. nor an existing"):
+    with pytest.raises(
+        ValueError, match=r"`transfer.representation` is 'bert': neither a kind .text, fisher. nor an existing"
+    ):
         check_source("nearest", "bert", "task")
     with pytest.raises(ValueError, match=r"'random', but token routing .* allowed with token routing: representation"):
         check_source("random", "text", "token")

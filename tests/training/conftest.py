@@ -1,7 +1,7 @@
 """Fixtures of the training tests: a tiny skill-suite data module and tiny MoE multi-task modules over it.
 
     def test_something(data, tmp_path):
-        module = tiny_module(data, moe={"selection": "softmax"}, lr=1e-2)
+        module = tiny_module(data, moe={"selection": "softmax"}, optim={"lr": 1e-2})
         Trainer(**tiny_trainer(tmp_path, max_steps=3)).fit(module, datamodule=data)
 
 `data` is a fresh `MultiTaskDataModule` per test (the skill suite's 48 tasks, 34 of them trained on; 4
@@ -42,6 +42,8 @@ def tiny_module(
     moe: dict[str, Any] | None = None,
     bart: dict[str, Any] | None = None,
     seed: int | None = 0,
+    optim: dict[str, Any] | None = None,
+    evaluation: dict[str, Any] | None = None,
     **hparams: Any,
 ) -> MoEMultiTaskModule:
     """A `MoEMultiTaskModule` over `data` with `TINY_BART` sizes.
@@ -49,14 +51,20 @@ def tiny_module(
     moe: `MoEOptions` fields over num_experts=2, task_dim=8 (num_tasks comes from the data).
     bart: `BartConfig` fields over `TINY_BART`.
     seed: `seed_everything` right before building, so two calls give the same weights (None: no seeding).
-    hparams: module options over lr=1e-3 and num_beams=1 (greedy generation keeps validation fast).
+    optim, evaluation: option-group fields over optim.lr=1e-3 and evaluation.num_beams=1 (greedy generation keeps
+        validation fast).
+    hparams: other module options (e.g. loss, transfer).
     """
     if seed is not None:
         seed_everything(seed, verbose=False)
     options = MoEOptions(**{"num_experts": 2, "task_dim": 8, **(moe or {}), "num_tasks": data.num_tasks})
-    defaults = dict(lr=1e-3, num_beams=1)
     return MoEMultiTaskModule(
-        bart={**TINY_BART, **(bart or {})}, moe=options, **linked_options(data), **{**defaults, **hparams}
+        bart={**TINY_BART, **(bart or {})},
+        moe=options,
+        optim={"lr": 1e-3, **(optim or {})},
+        evaluation={"num_beams": 1, **(evaluation or {})},
+        **linked_options(data),
+        **hparams,
     )
 
 
@@ -175,17 +183,22 @@ def make_data(output_dir, **overrides) -> MultiTaskDataModule:
     return MultiTaskDataModule(**{**options, **overrides})
 
 
-def make_module(data: MultiTaskDataModule, moe: dict | None = None, **overrides) -> MoEMultiTaskModule:
-    """A tiny module over `data`, its data facts linked by hand as the CLI would."""
+def make_module(
+    data: MultiTaskDataModule,
+    moe: dict | None = None,
+    optim: dict | None = None,
+    evaluation: dict | None = None,
+    **overrides,
+) -> MoEMultiTaskModule:
+    """A tiny module over `data`, its data facts linked by hand as the CLI would; `optim` and `evaluation` fields
+    over lr=1e-2, weight_decay=0.1, warmup=0 and num_beams=1."""
     options = {"num_experts": 2, "task_dim": 8, "router_hidden": 8, "num_tasks": data.num_tasks, **(moe or {})}
     hparams = dict(
         bart=TINY_BART,
         moe=MoEOptions(**options),
+        optim={"lr": 1e-2, "weight_decay": 0.1, "warmup": 0, **(optim or {})},
+        evaluation={"num_beams": 1, **(evaluation or {})},
         **linked_options(data),
-        num_beams=1,
-        lr=1e-2,
-        weight_decay=0.1,
-        warmup=0,
     )
     return MoEMultiTaskModule(**{**hparams, **overrides})
 

@@ -50,13 +50,15 @@ class LossProbe(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         with torch.no_grad():
             logits = pl_module(batch).logits
-        self.expected.append(label_smoothed_nll(logits, batch["labels"], pl_module.hparams.label_smoothing).item())
+        self.expected.append(label_smoothed_nll(logits, batch["labels"], pl_module.loss.label_smoothing).item())
         self.unsmoothed.append(F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten()).item())
 
 
 def test_training_step_logs_the_label_smoothed_loss_learning_rates_and_temperature(two_tasks):
     # softmax selection and no dropout: the training forward pass is deterministic
-    module = make_module(two_tasks, moe={"selection": "softmax"}, label_smoothing=0.2, warmup=0.5, router_lr=3e-3)
+    module = make_module(
+        two_tasks, moe={"selection": "softmax"}, loss={"label_smoothing": 0.2}, optim={"warmup": 0.5, "router_lr": 3e-3}
+    )
     logger, probe = MetricsLogger(), LossProbe()
     annealing = TemperatureAnnealing(start=2.0, end=0.5, rate=0.5)
     make_trainer(logger=logger, log_every_n_steps=1, callbacks=[annealing, probe]).fit(module, datamodule=two_tasks)
@@ -147,7 +149,7 @@ def expected_evaluation(module: MoEMultiTaskModule, loader) -> dict[str, dict[st
 
 @pytest.mark.parametrize("stage", ["val", "test"])
 def test_evaluation_logs_scores_and_loss_and_writes_csv_and_json(two_tasks, tmp_path, stage):
-    module = make_module(two_tasks, results_dir=str(tmp_path / "results"), max_target_length=2)
+    module = make_module(two_tasks, evaluation={"results_dir": str(tmp_path / "results")}, max_target_length=2)
     always_yes(module)
     trainer = make_trainer(limit_val_batches=None)
     run = trainer.validate if stage == "val" else trainer.test
@@ -184,7 +186,7 @@ def test_evaluation_logs_scores_and_loss_and_writes_csv_and_json(two_tasks, tmp_
 
 def test_predict_writes_one_jsonl_per_task_in_example_order(data_dir, tmp_path):
     data = make_data(data_dir, eval_batch_size=3)  # batches that split a task
-    module = make_module(data, results_dir=str(tmp_path), max_target_length=2)
+    module = make_module(data, evaluation={"results_dir": str(tmp_path)}, max_target_length=2)
     always_yes(module)
     make_trainer().predict(module, datamodule=data)
 
@@ -299,7 +301,10 @@ def test_step_checkpoints_are_named_by_their_own_step_after_a_validation(two_tas
     trainer = make_trainer(
         max_steps=4, enable_checkpointing=True, callbacks=[checkpoints], limit_val_batches=1, val_check_interval=2
     )
-    trainer.fit(make_module(two_tasks, num_beams=1, results_dir=str(tmp_path / "results")), datamodule=two_tasks)
+    trainer.fit(
+        make_module(two_tasks, evaluation={"num_beams": 1, "results_dir": str(tmp_path / "results")}),
+        datamodule=two_tasks,
+    )
     for step in range(1, 5):
         saved = torch.load(tmp_path / "ckpt" / f"step={step}.ckpt", weights_only=True)
         assert saved["global_step"] == step
@@ -326,7 +331,7 @@ def test_route_balance_weight_adds_the_balance_term_while_routes_are_learned(two
     two_tasks.setup("fit")
     batch = next(iter(two_tasks.train_dataloader()))
     base = module.training_step(batch, 0)
-    module.hparams.route_balance_weight = 2.0
+    module.loss.route_balance_weight = 2.0
     tasks = torch.tensor(module.seen_tasks)
     probs = module.model.router.logits(module.model.task_table(tasks)).softmax(-1)
     torch.testing.assert_close(module.training_step(batch, 0), base + 2.0 * route_balance(probs))

@@ -155,12 +155,12 @@ def validation_metrics(
         callbacks=[],
         default_root_dir=str(results_dir),
     )
-    saved = module.hparams.results_dir
-    module.hparams.results_dir = str(results_dir)  # read in `setup`: where this evaluation's files go
+    saved = module.evaluation.results_dir
+    module.evaluation.results_dir = str(results_dir)  # read in `setup`: where this evaluation's files go
     try:
         (metrics,) = Trainer(**{**options, **trainer}).validate(module, dataloaders=loader, verbose=False)
     finally:
-        module.hparams.results_dir = saved
+        module.evaluation.results_dir = saved
     tasks = [key.removeprefix("val/score/") for key in metrics if key.startswith("val/score/")]
     return {
         task: {"score": float(metrics[f"val/score/{task}"]), "loss": float(metrics[f"val/loss/{task}"])}

@@ -48,12 +48,12 @@ def build_export_parser() -> ArgumentParser:
     return parser
 
 
-def prediction_generation_config(base: GenerationConfig, hparams: Any) -> GenerationConfig:
+def prediction_generation_config(base: GenerationConfig, module: MoEMultiTaskModule) -> GenerationConfig:
     """`base` with what `MoEMultiTaskModule.generate` passes to `generate` on top of it (`moe-mtl predict`): the
     run's beams and its maximum target length as the most new tokens."""
     config = copy.deepcopy(base)
-    config.num_beams = hparams.num_beams
-    config.max_new_tokens = hparams.max_target_length
+    config.num_beams = module.evaluation.num_beams
+    config.max_new_tokens = module.hparams.max_target_length
     return config
 
 
@@ -88,7 +88,7 @@ def export_run(
         experts = {task: task_experts(model, ids[task], task) for task in dict.fromkeys(tasks)}
     except ValueError as err:
         raise UsageError(f"{err}; --all exports the whole MoE-BART instead") from err
-    generation = prediction_generation_config(model.generation_config, module.hparams)
+    generation = prediction_generation_config(model.generation_config, module)
     tokenizer = module.tokenizer
     if data.get("max_input_length") is not None:  # `tokenizer(text, truncation=True)` cuts inputs as the data did
         tokenizer.model_max_length = data["max_input_length"]

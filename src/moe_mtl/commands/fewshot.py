@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--batch_sizes", nargs="+", type=int, help="training batch sizes (default: the config's; the paper's: 2 4 8)"
     )
-    parser.add_argument("--unseen_routes", help="`--model.unseen_routes` of the cells (with --init_from)")
+    parser.add_argument("--unseen_routes", help="`--model.transfer.unseen_routes` of the cells (with --init_from)")
     parser.add_argument("--max_steps", type=int, help="training steps per cell (default: the config's)")
     return parser
 

@@ -27,7 +27,7 @@ from ..representations.files import read_task_embeddings
 from ..runs import checkpoint_run_folder, read_checkpoint, read_upstream, resume_mismatch, run_tokenizer_path
 from ..training import MoEMultiTaskModule
 from ..training.callbacks import CALLBACK_GROUPS
-from ..training.options import check_module_options
+from ..training.options import OPTION_GROUPS, module_options
 from . import read_option_docs
 
 # datamodule fact → model option, set when the datamodule is instantiated
@@ -40,8 +40,8 @@ DATA_LINKS = {
     "pad_token_id": "pad_token_id",
     "tokenizer_path": "tokenizer_path",
 }
-# model options a checkpoint decides (the shape of its weights); the rest (num_beams, results_dir, learning rates,
-# …) stay as the command gives them, and the linked ones come from the data (the module checks the tasks match)
+# model options a checkpoint decides (the shape of its weights); the rest (evaluation, learning rates, …) stay as
+# the command gives them, and the linked ones come from the data (the module checks the tasks match)
 CHECKPOINT_OPTIONS = ("pretrained", "bart", "moe")
 # of `moe`, those that shape the weights (the rest, e.g. top_k or capacity_factor, may change at test time)
 CHECKPOINT_MOE_OPTIONS = SHAPE_OPTIONS
@@ -79,8 +79,8 @@ class MoEMTLCLI(LightningCLI):
             "--allow_untrained",
             type=bool,
             default=False,
-            help="validate / test / predict without --ckpt_path, --model.pretrained or --model.init_from: evaluate "
-            "the untrained initial weights (refused otherwise)",
+            help="validate / test / predict without --ckpt_path, --model.pretrained or --model.transfer.init_from: "
+            "evaluate the untrained initial weights (refused otherwise)",
         )
         parser.set_defaults(
             {
@@ -102,8 +102,8 @@ class MoEMTLCLI(LightningCLI):
 
     def _parse_ckpt_path(self) -> None:
         """With `--ckpt_path`, take the model's architecture options from the checkpoint, as LightningCLI does, but
-        only those: LightningCLI would also override evaluation options given on the command line (`--model.num_beams`,
-        `--model.results_dir`) with the checkpoint's values, silently."""
+        only those: LightningCLI would also override evaluation options given on the command line
+        (`--model.evaluation.num_beams`, `--model.evaluation.results_dir`) with the checkpoint's values, silently."""
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         self.ckpt_contents = None  # read once here: `_check_transfer` looks at it again
@@ -171,14 +171,15 @@ class MoEMTLCLI(LightningCLI):
         """What the module, its MoE options, the callback groups and the model's positions check when built, now:
         LightningCLI builds them after the data module has prepared the data (the model's vocabulary is the data's)."""
         model = config.model.as_dict()
-        check_module_options(model)
+        module_options(**{group: model.get(group) for group in ("moe", *OPTION_GROUPS)})
         moe = {key: value for key, value in (model.get("moe") or {}).items() if key != "num_tasks"}  # linked
         options = MoEOptions.from_dict(moe)
         if options.task_embeddings is not None:
             read_task_embeddings(options.task_embeddings, None)
         for group, callback in CALLBACK_GROUPS.items():  # built again later (cheap, no side effects): their checks
             callback(**config[group].as_dict())
-        if not config.model.get("init_from"):  # (an upstream run brings its own architecture: checked when built)
+        # (an upstream run brings its own architecture: checked when built)
+        if not config.get("model.transfer.init_from"):
             try:
                 positions = model_positions(config.model.get("pretrained"), config.model.get("bart"))
             except OSError:  # a hub name offline, a folder without config.json: building the model says which
@@ -207,7 +208,7 @@ class MoEMTLCLI(LightningCLI):
         logger = folder_logger(config)
         if logger is not None:
             folders["trainer.logger.init_args.save_dir"] = logger.init_args.save_dir
-        for option in ("model.results_dir", "data.output_dir"):
+        for option in ("model.evaluation.results_dir", "data.output_dir"):
             value = config.get(option)
             if value:
                 folders[option] = value
@@ -234,11 +235,11 @@ class MoEMTLCLI(LightningCLI):
         checkpoint's run folder, under a folder named for it (`runs/x/version_0/best-step60/`)."""
         ckpt_path = config.get("ckpt_path")
         if not ckpt_path:
-            if not (config.model.get("pretrained") or config.model.get("init_from") or config.allow_untrained):
+            if not (config.model.get("pretrained") or config.get("model.transfer.init_from") or config.allow_untrained):
                 raise UsageError(
                     f"{self.subcommand} has no weights to evaluate: give --ckpt_path (a checkpoint of `moe-mtl "
-                    "fit`), --model.pretrained (a dense BART, zero-shot) or --model.init_from (an upstream run); "
-                    "--allow_untrained true runs on the untrained initial weights"
+                    "fit`), --model.pretrained (a dense BART, zero-shot) or --model.transfer.init_from (an upstream "
+                    "run); --allow_untrained true runs on the untrained initial weights"
                 )
             return
         folder = checkpoint_run_folder(Path(ckpt_path)) / Path(ckpt_path).stem
@@ -256,18 +257,18 @@ class MoEMTLCLI(LightningCLI):
             config.trainer.default_root_dir = str(folder)
 
     def _check_transfer(self, config) -> None:
-        """`--model.init_from`: the data use the upstream run's tokenizer. `fit --ckpt_path` that is no resume (other
-        tasks, or nothing left to train): a usage error pointing to `--model.init_from`."""
+        """`--model.transfer.init_from`: the data use the upstream run's tokenizer. `fit --ckpt_path` that is no
+        resume (other tasks, or nothing left to train): a usage error pointing to `--model.transfer.init_from`."""
         ckpt_path = config.get("ckpt_path")
         if self.subcommand == "fit" and self.ckpt_contents is not None:
             why = resume_mismatch(self.ckpt_contents, config.data.as_dict(), config.trainer.max_steps)
             if why is not None:
                 raise UsageError(
                     f"fit --ckpt_path {ckpt_path} resumes that run, but {why}. To train a new run from its weights "
-                    f"(other tasks, few-shot), use --model.init_from {ckpt_path} without --ckpt_path"
+                    f"(other tasks, few-shot), use --model.transfer.init_from {ckpt_path} without --ckpt_path"
                 )
-        if config.model.get("init_from"):
-            upstream = read_upstream(config.model.init_from)
+        if config.get("model.transfer.init_from"):
+            upstream = read_upstream(config.model.transfer.init_from)
             config.data.tokenizer = run_tokenizer_path(upstream, config.data.tokenizer)
 
 

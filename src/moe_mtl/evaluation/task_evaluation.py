@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -140,3 +140,27 @@ def gather_predictions(
     for row in outputs.compute():
         by_task[row["task"]].append(row)
     return {task: sorted(task_rows, key=lambda r: r["example_id"]) for task, task_rows in by_task.items()}
+
+
+def prediction_rows(
+    batch: Mapping[str, Any], inputs: Sequence[str], predictions: Sequence[str], task_names: Sequence[str]
+) -> list[dict[str, Any]]:
+    """One predict row per example of `batch` (its "task_ids", "example_ids" and "references"): the task's name,
+    the example id, the decoded input and the generated prediction, as `moe-mtl predict` writes them."""
+    return [
+        {
+            "task": task_names[task],
+            "example_id": example,
+            "input": text,
+            "prediction": prediction,
+            "references": list(references),
+        }
+        for task, example, text, prediction, references in zip(
+            batch["task_ids"].tolist(),
+            batch["example_ids"].tolist(),
+            inputs,
+            predictions,
+            batch["references"],
+            strict=True,
+        )
+    ]

@@ -55,10 +55,10 @@ SUMMARY_FIELDS = ("task", "seeds", "missing_seeds", "dev_mean", "dev_std", "test
 AVERAGE_ROW = "average"
 # fit options each cell sets itself: the runner's own flags say them, so a pass-through copy would be ignored or clash
 RUNNER_OPTIONS = {
-    "--model.lr": "--lrs",
+    "--model.optim.lr": "--lrs",
     "--data.batch_size": "--batch_sizes",
-    "--model.init_from": "--init_from",
-    "--model.unseen_routes": "--unseen_routes",
+    "--model.transfer.init_from": "--init_from",
+    "--model.transfer.unseen_routes": "--unseen_routes",
     "--data.fewshot_seed": "--seeds",
     "--data.partition": "--partition and --tasks",
     "--data.train_partitions": "--partition",
@@ -67,7 +67,7 @@ RUNNER_OPTIONS = {
     "--trainer.max_steps": "--max_steps",
     "--trainer.logger": "--out",
     "--trainer.default_root_dir": "--out",
-    "--model.results_dir": "--out",
+    "--model.evaluation.results_dir": "--out",
     "--checkpoint.dirpath": "--out",
     "--last_checkpoint.dirpath": "--out",
     "--checkpoint.monitor": "(selection is by val/score)",
@@ -168,20 +168,20 @@ def cell_args(
         f"--data.train_partitions={partition}",
         f"--data.val_partitions={partition}",
         f"--data.test_partitions={partition}",
-        f"--model.lr={cell.lr!r}",
+        f"--model.optim.lr={cell.lr!r}",
         *([f"--data.batch_size={cell.batch_size}"] if cell.batch_size is not None else []),
         "--checkpoint.monitor=val/score",  # the dev score that selects the checkpoint and the lr
         "--checkpoint.mode=max",
-        f"--model.results_dir={folder}",
+        f"--model.evaluation.results_dir={folder}",
         f"--trainer.logger={json.dumps(logger)}",
         f"--trainer.default_root_dir={folder}",
         f"--checkpoint.dirpath={folder / 'checkpoints'}",
         f"--last_checkpoint.dirpath={folder / 'checkpoints'}",
     ]
     if init_from is not None:
-        args.append(f"--model.init_from={init_from}")
+        args.append(f"--model.transfer.init_from={init_from}")
     if unseen_routes is not None:
-        args.append(f"--model.unseen_routes={unseen_routes}")
+        args.append(f"--model.transfer.unseen_routes={unseen_routes}")
     if max_steps is not None:
         args.append(f"--trainer.max_steps={max_steps}")
     return args
@@ -342,8 +342,8 @@ def fewshot(
             f"--unseen_routes {unseen_routes} needs --init_from (routes of tasks new to an upstream model)"
         )
     # with the cells' model options, so that a bad --init_from or --unseen_routes is a usage error before any cell
-    transfer = [f"--model.init_from={init_from}"] if init_from is not None else []
-    transfer += [f"--model.unseen_routes={unseen_routes}"] if unseen_routes is not None else []
+    transfer = [f"--model.transfer.init_from={init_from}"] if init_from is not None else []
+    transfer += [f"--model.transfer.unseen_routes={unseen_routes}"] if unseen_routes is not None else []
     datamodule = load_datamodule([*config_args, *transfer])
     all_tasks = datamodule.tasks
     chosen = unseen_tasks(all_tasks, partition, tasks)

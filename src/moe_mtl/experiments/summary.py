@@ -9,8 +9,9 @@ several seeds of one method):
     seen dev   evaluation/val-*.json at the best checkpoint's step (checkpoints/best-step<N>.ckpt, selected by
                val/score), averaged over the tasks of partition "train"; without a best checkpoint, the
                validation with the highest average score (earliest on ties), and a note says so.
-    zero-shot  <zeroshot>/evaluation/test-*.json (exactly one; default folder "zeroshot": the run of
-               `moe-mtl test --model.init_from RUN --model.results_dir RUN/zeroshot ...`), tasks of `--partition`.
+    zero-shot  <zeroshot>/evaluation/test-*.json (exactly one; default folder "zeroshot": the run of `moe-mtl test
+               --model.transfer.init_from RUN --model.evaluation.results_dir RUN/zeroshot ...`), tasks of
+               `--partition`.
     few-shot   <fewshot>/fewshot_summary.csv (default folder "fewshot": `moe-mtl fewshot --init_from RUN
                --out RUN/fewshot`), each task's mean test score over its k-shot seeds.
 

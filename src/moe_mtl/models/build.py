@@ -1,5 +1,5 @@
 """Every way of building the MoE-BART a run trains: a new small BART, a dense BART upcycled, a saved MoE-BART
-(`build_model`), or an upstream run's MoE-BART over other tasks (`build_from_upstream`, `--model.init_from`).
+(`build_model`), or an upstream run's MoE-BART over other tasks (`build_from_upstream`, `--model.transfer.init_from`).
 
 Models read no files of task representations: a caller reads the MoE option `task_embeddings` through
 `moe_mtl.representations` and passes the tensor (`task_vectors`).

@@ -1,6 +1,6 @@
 """Routes of unseen tasks: tasks a trained model has no trained task-table row for (Ye et al. 2022, §6).
 
-Sources (`MoEMultiTaskModule(unseen_routes=...)`):
+Sources (model option `transfer.unseen_routes`):
     representation  the task's representation (text, Fisher, or from a file) as its task-table row, through the
                     trained router: meaningful when the table was trained on representations of that kind.
     nearest         the row of the seen task nearest by cosine similarity of representations (so the router gives
@@ -62,16 +62,18 @@ def check_source(unseen_routes: str, representation: str, routing: str) -> None:
     """Options of the unseen routes: a known source, a representation kind or an existing file, and a source the
     routing supports (token routing has no task router: no route override)."""
     if unseen_routes not in UNSEEN_ROUTES:
-        raise UsageError(f"model option `unseen_routes` is {unseen_routes!r}; allowed: {', '.join(UNSEEN_ROUTES)}")
+        raise UsageError(
+            f"model option `transfer.unseen_routes` is {unseen_routes!r}; allowed: {', '.join(UNSEEN_ROUTES)}"
+        )
     if representation not in REPRESENTATION_KINDS and not Path(representation).is_file():
         raise UsageError(
-            f"model option `representation` is {representation!r}: neither a kind ({', '.join(REPRESENTATION_KINDS)}) "
-            "nor an existing representation file"
+            f"model option `transfer.representation` is {representation!r}: neither a kind "
+            f"({', '.join(REPRESENTATION_KINDS)}) nor an existing representation file"
         )
     if routing == "token" and unseen_routes == "random":
         raise UsageError(
-            "model option `unseen_routes` is 'random', but token routing (moe.routing='token') has no task routes to "
-            "fix; allowed with token routing: representation, nearest, average, learned"
+            "model option `transfer.unseen_routes` is 'random', but token routing (moe.routing='token') has no task "
+            "routes to fix; allowed with token routing: representation, nearest, average, learned"
         )
 
 

@@ -6,6 +6,8 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy, Strategy
 
 from ..errors import UsageError
+from ..models import MoEBartForConditionalGeneration
+from ..models.routing import SPARSE_SELECTIONS
 
 
 def require_unused_parameter_detection(trainer: Trainer, why: str) -> None:
@@ -21,6 +23,20 @@ def require_unused_parameter_detection(trainer: Trainer, why: str) -> None:
             f"{why}, so some parameters get no gradient in a step; DDP needs to know: use trainer option "
             "`strategy: ddp_find_unused_parameters_true` (or DDPStrategy(find_unused_parameters=True))"
         )
+
+
+def check_unused_parameters(trainer: Trainer, model: MoEBartForConditionalGeneration) -> None:
+    """`require_unused_parameter_detection` where the model's routing leaves parameters without a gradient in a
+    step: token routing, hard routes (random, given, argmax or sparse selections) and average routes over a task
+    table that trains. Called at fit start: the routes of a run resumed in stage two are restored after `setup`."""
+    options, router = model.moe_options, model.router
+    if options.routing == "token":
+        require_unused_parameter_detection(trainer, "token routing sends a rank's tokens to some experts")
+    elif options.routes in ("random", "given") or router.selection in ("argmax", *SPARSE_SELECTIONS):
+        hard = f"{router.selection} selection" if options.routes == "learned" else f"{options.routes} routes"
+        require_unused_parameter_detection(trainer, f"routes are hard ({hard}), unchosen experts idle")
+    elif options.routes == "average" and not options.freeze_task_table:
+        require_unused_parameter_detection(trainer, "average routes leave the task table unused")
 
 
 def gradients_are_local(strategy: Strategy) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +42,16 @@ def route_balance(probs: torch.Tensor) -> torch.Tensor:
     stage one should) settle on one expert, as long as different tasks settle on different ones."""
     mean = probs.float().mean(0)  # (L, E)
     return (mean * (mean.clamp_min(1e-9).log() + math.log(probs.shape[-1]))).sum(-1).mean()
+
+
+def task_route_balance(model, tasks: Sequence[int]) -> torch.Tensor | None:
+    """`route_balance` of the routes of `tasks` (all of the table's if empty) from softmax(router logits), while
+    the model's routes are learned (None otherwise: fixed routes or a frozen router)."""
+    router = model.router
+    if router is None or not router.learned or router.frozen:
+        return None
+    rows = model.task_table(torch.tensor(list(tasks) or range(model.task_table.num_tasks), device=model.device))
+    return route_balance(router.logits(rows).softmax(-1))
 
 
 def leave_one_out_advantage(losses: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:

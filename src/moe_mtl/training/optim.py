@@ -60,6 +60,30 @@ def build_param_groups(model: nn.Module, lrs: Mapping[str, float], weight_decay:
     return groups
 
 
+def build_optimizer(
+    model: nn.Module, lrs: Mapping[str, float], weight_decay: float, betas: tuple[float, float], mixed_precision: bool
+) -> torch.optim.AdamW:
+    """AdamW over `build_param_groups(model, lrs, weight_decay)`, fused on the CPU unless under mixed precision."""
+    groups = build_param_groups(model, lrs, weight_decay)
+    # fused on the CPU: one vectorised kernel for every tensor, ~4x faster than torch's CPU default (a Python loop
+    # per tensor); about a tenth of a quick-start step. Not under mixed precision: a fused optimizer unscales
+    # 16-mixed grads itself, after `GroupGradientClipping` would have read them scaled, and Lightning's
+    # mixed-precision plugin (bf16 too) refuses `gradient_clip_val` with it. Elsewhere torch's default (foreach)
+    on_cpu = all(param.device.type == "cpu" for group in groups for param in group["params"])
+    fused = True if on_cpu and not mixed_precision else None
+    return torch.optim.AdamW(groups, lr=lrs["backbone"], betas=tuple(betas), fused=fused)
+
+
+def applied_learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """The learning rate each parameter group's step applies, by group name (its decayed half's, from
+    `build_param_groups`): 0 for a frozen group (router, task table in stage two), which moves nothing."""
+    return {
+        group["name"]: group["lr"] if any(p.requires_grad for p in group["params"]) else 0.0
+        for group in optimizer.param_groups
+        if not group["name"].endswith("no_decay")
+    }
+
+
 def group_parameters(optimizer: torch.optim.Optimizer) -> dict[str, list[torch.Tensor]]:
     """Parameters per `PARAMETER_GROUPS` name, over the optimizer's groups (decayed and not)."""
     params: dict[str, list[torch.Tensor]] = {}

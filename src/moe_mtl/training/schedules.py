@@ -1,9 +1,18 @@
-"""Step schedules: the routing temperature (Ye et al.'s annealing) and the learning-rate warmup/decay."""
+"""Step schedules: the routing temperature (Ye et al.'s annealing), the learning-rate warmup/decay and the random
+seed of each training micro-batch."""
 
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Iterable
 from typing import Literal
+
+import numpy as np
+import torch
+from lightning.pytorch.strategies import Strategy
+from lightning.pytorch.utilities import rank_zero_info
+from torch.optim.lr_scheduler import LRScheduler
 
 from ..errors import UsageError
 
@@ -72,3 +81,43 @@ def warmup_steps_for(warmup: float, total_steps: int) -> int:
         raise UsageError(f"`warmup` is {warmup}; give a fraction of the steps in [0, 1) or a step count >= 1")
     steps = round(warmup * total_steps) if warmup < 1 else int(warmup)
     return min(steps, total_steps)
+
+
+def recompute_learning_rates(schedulers: Iterable[LRScheduler]) -> None:
+    """Set this step's learning rates again after the schedules' factors changed (a restart): each scheduler had
+    set them already."""
+    for scheduler in schedulers:
+        # `LRScheduler.step` computes the lr of step `last_epoch + 1`, sets it and what `get_last_lr()` reports
+        scheduler.last_epoch -= 1
+        with warnings.catch_warnings():  # at fit start no optimizer step has run yet, which it would warn about
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()`", UserWarning)
+            scheduler.step()
+
+
+def step_seed(seed: int, step: int, micro_batch: int, rank: int) -> int:
+    """The torch seed of one training micro-batch: a hash of the run's seed, the optimizer step, the micro-batch
+    in the accumulation window and the rank, so the draws are fresh everywhere and a resume repeats them."""
+    state = np.random.SeedSequence([seed % 2**64, step, micro_batch, rank]).generate_state(2, np.uint64)
+    return int(state[0]) % 2**63
+
+
+class StepSeeds:
+    """The random draws of training (Gumbel noise, dropout): each micro-batch seeds torch with `step_seed` of the
+    run's seed, so a run resumed from any checkpoint continues exactly as an uninterrupted one."""
+
+    def __init__(self) -> None:
+        self.base = 0  # the run's seed, set at train start; saved in checkpoints
+        self.resumed: int | None = None  # a checkpoint's seed, until train start takes it
+
+    def start(self, strategy: Strategy) -> None:
+        """The checkpoint's seed when resuming, else the run's (`seed_everything`; rank 0's, so all ranks agree
+        even without it)."""
+        seed = self.resumed
+        if seed is None:
+            seed = strategy.broadcast(torch.initial_seed(), src=0)
+        elif seed != torch.initial_seed():
+            rank_zero_info(f"resumed: random draws continue the checkpoint's seed {seed}, not {torch.initial_seed()}")
+        self.base, self.resumed = int(seed), None
+
+    def seed(self, step: int, micro_batch: int, rank: int) -> None:
+        torch.manual_seed(step_seed(self.base, step, micro_batch, rank))

@@ -329,7 +329,7 @@ def test_under_fsdp_each_group_norm_sums_the_shards_of_every_rank(tmp_path):
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 def test_moe_module_groups_are_clipped_and_its_nan_check_takes_their_norms(data, precision):
-    module = tiny_module(data, lr=1e-2)
+    module = tiny_module(data, optim={"lr": 1e-2})
     logger, probe = fit(module, {"backbone": 1e-6}, precision=precision, datamodule=data)
 
     # AdamW is fused on the CPU, but not under mixed precision (Lightning refuses `gradient_clip_val` with it there)

@@ -52,7 +52,7 @@ def test_expert_sparse_updates_leave_unrouted_experts_bitwise_unchanged(two_task
     moe = {"num_experts": 3}
     if routes == "given":
         moe |= {"routes": "given", "given_routes": [[0] * 4, [1] * 4]}
-    module = make_module(two_tasks, moe=moe, router_lr=0.0, task_lr=0.0, weight_decay=0.1)
+    module = make_module(two_tasks, moe=moe, optim={"router_lr": 0.0, "task_lr": 0.0, "weight_decay": 0.1})
     if routes == "pinned":
         pin_routes(module, [0, 1])
     probe = ExpertProbe()
@@ -103,7 +103,11 @@ def test_expert_sparse_updates_under_ddp_keep_experts_used_on_any_rank(tmp_path,
     if routes == "given":
         moe |= {"routes": "given", "given_routes": [[0] * 4, [1] * 4]}
     module = make_module(
-        data, moe=moe, router_lr=0.0, task_lr=0.0, max_target_length=2, results_dir=str(tmp_path / "results")
+        data,
+        moe=moe,
+        optim={"router_lr": 0.0, "task_lr": 0.0},
+        max_target_length=2,
+        evaluation={"results_dir": str(tmp_path / "results")},
     )
     if routes == "learned":
         pin_routes(module, [0, 1])
@@ -177,7 +181,9 @@ class PinAfterFirstStep(Callback):
 
 @pytest.mark.parametrize("sparse", [True, False])
 def test_unrouted_experts_keep_their_weights_and_adamw_state_bitwise(two_tasks, sparse):
-    module = make_module(two_tasks, moe={"num_experts": 3, "selection": "softmax"}, router_lr=0.0, task_lr=0.0)
+    module = make_module(
+        two_tasks, moe={"num_experts": 3, "selection": "softmax"}, optim={"router_lr": 0.0, "task_lr": 0.0}
+    )
     probe = PinAfterFirstStep()
     make_trainer(max_steps=3, callbacks=[ExpertSparseUpdates(enabled=sparse), probe]).fit(module, datamodule=two_tasks)
     assert all(state for _, state in probe.before)  # expert 2 was stepped in step 1

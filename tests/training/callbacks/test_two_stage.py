@@ -66,7 +66,7 @@ def test_switch_without_resetting_keeps_every_optimizer_state(data, tmp_path):
 
 
 def test_switch_restarts_the_lr_warmup_and_decay_over_the_remaining_steps(data, tmp_path):
-    module = tiny_module(data, warmup=1, lr=1e-3)
+    module = tiny_module(data, optim={"warmup": 1, "lr": 1e-3})
     recorder = fit(module, data, tmp_path, [TwoStageTraining(switch_step=SWITCH)], max_steps=6)
     lrs = [s.lrs["backbone"] for s in recorder.steps]
     # stage one: warmup 1 step then decay over its 2 steps: factors 1/2, 1; stage two: warmup 1 of its 4 steps
@@ -78,21 +78,21 @@ def test_switch_restarts_the_lr_warmup_and_decay_over_the_remaining_steps(data, 
 
 def test_each_stage_has_its_own_warmup_and_decay(data, tmp_path):
     # warmup 0.5: 2 of stage one's 4 steps, then 2 of stage two's 4; factors (s+1)/3 in warmup, then linear decay
-    module = tiny_module(data, warmup=0.5, lr=1e-3)
+    module = tiny_module(data, optim={"warmup": 0.5, "lr": 1e-3})
     recorder = fit(module, data, tmp_path, [TwoStageTraining(switch_step=4)], max_steps=8)
     factors = [1 / 3, 2 / 3, 1, 1 / 2] * 2
     assert [s.lrs["backbone"] for s in recorder.steps] == pytest.approx([1e-3 * f for f in factors])
 
 
 def test_without_restarts_one_schedule_spans_the_run(data, tmp_path):
-    module = tiny_module(data, warmup=0.25, lr=1e-3)
+    module = tiny_module(data, optim={"warmup": 0.25, "lr": 1e-3})
     recorder = fit(module, data, tmp_path, [TwoStageTraining(switch_step=4, restart_lr_schedule=False)], max_steps=8)
     factors = [1 / 3, 2 / 3, 1, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6]  # warmup 2 of 8 steps, decay over 6
     assert [s.lrs["backbone"] for s in recorder.steps] == pytest.approx([1e-3 * f for f in factors])
 
 
 def test_the_switch_step_itself_runs_at_the_warmup_start(data, tmp_path):
-    module = tiny_module(data, warmup=1, lr=1e-3)
+    module = tiny_module(data, optim={"warmup": 1, "lr": 1e-3})
     recorder = fit(module, data, tmp_path, [TwoStageTraining(switch_step=SWITCH)], max_steps=6)
     assert recorder.steps[SWITCH].lrs["backbone"] == pytest.approx(0.5e-3)
 
