@@ -22,7 +22,7 @@ def build_analyze_parser() -> ArgumentParser:
     parser.add_argument(
         "--ckpt_path",
         default=None,
-        help="checkpoint to analyse; null: the run's single best-*.ckpt, else its last.ckpt",
+        help="checkpoint to analyse; null: the run's checkpoint (its single best-step*.ckpt, else its last.ckpt)",
     )
     parser.add_argument("--output_dir", default=None, help="where the files go; null: <run>/analysis")
     parser.add_argument(
