@@ -14,7 +14,7 @@ def test_token_routing_skips_padding_and_reports_per_token_weights():
     layer = FFNExpertEncoderLayer(config, 0, num_experts=3, gate=gate).eval()
     hidden = torch.randn(2, 5, config.d_model)
     token_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
-    _, record = layer(hidden, None, route=LayerRoute(task_vectors=torch.randn(2, 4), token_mask=token_mask))
+    _, record = layer(hidden, None, route=LayerRoute(task_representations=torch.randn(2, 4), token_mask=token_mask))
     assert record.weights.shape == (2, 5, 3)
     assert torch.equal((record.weights != 0).sum(-1), token_mask)  # one expert per real token, none for padding
     assert record.used.dtype == torch.bool and record.used.shape == (3,)

@@ -256,7 +256,7 @@ def test_save_and_load_give_identical_outputs(batch, tmp_path, options):
         assert loaded.router.temperature.item() == 0.25
 
 
-def test_given_task_vectors_initialise_the_table(tmp_path, batch):
+def test_given_task_representations_initialise_the_table(tmp_path, batch):
     vectors = torch.randn(4, 12)
     torch.save(vectors, tmp_path / "tasks.pt")
     options = MoEOptions(num_experts=2, num_tasks=4, task_embeddings=str(tmp_path / "tasks.pt"))
@@ -324,8 +324,8 @@ def test_plain_encoder_states_are_routed_from_task_ids(batch):
 @pytest.mark.parametrize("options", [dict(), dict(routing="token", expert_unit="ffn")], ids=str)
 def test_the_encoder_takes_given_routes_instead_of_task_ids(batch, options):
     encoder = tiny_moe(num_experts=3, num_tasks=4, **options).eval().model.encoder
-    routes, task_vectors = encoder.route(TASKS)
-    given = {"routes": routes} if routes is not None else {"task_vectors": task_vectors}
+    routes, task_representations = encoder.route(TASKS)
+    given = {"routes": routes} if routes is not None else {"task_representations": task_representations}
     inputs = {key: batch[key] for key in ("input_ids", "attention_mask")}
     out = encoder(**inputs, **given)
     reference = encoder(**inputs, task_ids=TASKS)
@@ -334,7 +334,7 @@ def test_the_encoder_takes_given_routes_instead_of_task_ids(batch, options):
     with pytest.raises(ValueError, match=rf"given `{name}` have shape \(2, .*\); expected \(3, "):
         encoder(**inputs, **{name: value[:2]})
     with pytest.raises(ValueError, match=rf"routing takes given `{name}`"):
-        encoder(**inputs, routes=torch.ones(3, 4, 3), task_vectors=torch.ones(3, 128))
+        encoder(**inputs, routes=torch.ones(3, 4, 3), task_representations=torch.ones(3, 128))
 
 
 def test_layerdrop_is_refused_not_ignored():
@@ -361,7 +361,7 @@ def test_from_pretrained_keeps_the_task_table_frozen(tmp_path):
     assert not loaded.task_table.embedding.weight.requires_grad
 
 
-def test_task_vectors_travel_with_the_checkpoint_not_the_file(dense, batch, tmp_path):
+def test_task_representations_travel_with_the_checkpoint_not_the_file(dense, batch, tmp_path):
     vectors = torch.randn(4, 12)
     torch.save(vectors, tmp_path / "tasks.pt")
     read = read_task_embeddings(tmp_path / "tasks.pt", 4)
@@ -382,9 +382,11 @@ def test_the_model_reads_no_representation_file(tmp_path):
         tiny_moe(num_experts=2, num_tasks=4, task_embeddings=str(tmp_path / "tasks.pt"))
 
 
-def test_tensor_task_vectors_must_have_a_row_per_task(dense):
+def test_tensor_task_representations_must_have_a_row_per_task(dense):
     with pytest.raises(ValueError, match=r"task representations have shape \(3, 5\); expected \(num_tasks=4, dim\)"):
-        MoEBartForConditionalGeneration.from_dense(dense, task_vectors=torch.randn(3, 5), num_experts=2, num_tasks=4)
+        MoEBartForConditionalGeneration.from_dense(
+            dense, task_representations=torch.randn(3, 5), num_experts=2, num_tasks=4
+        )
 
 
 def test_from_dense_keeps_the_generation_defaults(dense):

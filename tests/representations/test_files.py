@@ -1,4 +1,4 @@
-"""Files of task vectors: by task name or as a plain matrix in task order, and their errors."""
+"""Files of task representations: by task name or as a plain matrix in task order, and their errors."""
 
 import json
 import re

@@ -2,7 +2,7 @@
 (`build_model`), or an upstream run's MoE-BART over other tasks (`build_from_upstream`, `--model.transfer.init_from`).
 
 Models read no files of task representations: a caller reads the MoE option `task_embeddings` through
-`moe_mtl.representations` and passes the tensor (`task_vectors`).
+`moe_mtl.representations` and passes the tensor (`task_representations`).
 """
 
 from __future__ import annotations
@@ -39,21 +39,21 @@ def build_model(
     moe: MoEOptions,
     vocab_size: int | None,
     special_tokens: dict[str, int],
-    task_vectors: torch.Tensor | None = None,
+    task_representations: torch.Tensor | None = None,
 ) -> MoEBartForConditionalGeneration:
     """The MoE-BART: a saved MoE-BART loaded as it is, a dense BART upcycled (`from_dense`), or (no
     `pretrained`) a new BART of the `bart` sizes over the data's vocabulary and special token ids.
 
-    task_vectors: (num_tasks, d) task representations as the table's initial rows, in task-id order (the MoE
+    task_representations: (num_tasks, d) task representations as the table's initial rows, in task-id order (the MoE
     option `task_embeddings`, read by `moe_mtl.representations.configured_representations`); a saved MoE-BART
     keeps its own table."""
     if pretrained is not None and bart:
         raise UsageError("model option `bart` sets the sizes of a new model; leave it unset with `pretrained`")
     saved_moe = pretrained is not None and AutoConfig.from_pretrained(pretrained).model_type == MoEBartConfig.model_type
     if saved_moe:
-        task_vectors = None
-    elif task_vectors is not None:
-        moe = replace(moe, task_embeddings=None, task_dim=task_vectors.shape[1])
+        task_representations = None
+    elif task_representations is not None:
+        moe = replace(moe, task_embeddings=None, task_dim=task_representations.shape[1])
     if pretrained is not None:
         config = AutoConfig.from_pretrained(pretrained)
         if config.model_type == MoEBartConfig.model_type:
@@ -69,7 +69,7 @@ def build_model(
             model = MoEBartForConditionalGeneration.from_pretrained(pretrained, moe=asdict(options))
             model.set_temperature(options.temperature)  # the configured one, not the saved buffer's
         else:
-            model = MoEBartForConditionalGeneration.from_dense(pretrained, task_vectors, **asdict(moe))
+            model = MoEBartForConditionalGeneration.from_dense(pretrained, task_representations, **asdict(moe))
         if vocab_size is not None and vocab_size > model.config.vocab_size:
             raise UsageError(
                 f"the tokenizer has {vocab_size} tokens but the model {pretrained} only {model.config.vocab_size}; "
@@ -80,7 +80,7 @@ def build_model(
         raise UsageError("a new model (no `pretrained`) needs `vocab_size` (linked from the data's tokenizer)")
     sizes = {**SMALL_BART, **(bart or {})}
     config = BartConfig(vocab_size=vocab_size, **special_tokens, **sizes)
-    return MoEBartForConditionalGeneration(MoEBartConfig.from_bart_config(config, moe), task_vectors)
+    return MoEBartForConditionalGeneration(MoEBartConfig.from_bart_config(config, moe), task_representations)
 
 
 def upstream_config(

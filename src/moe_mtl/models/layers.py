@@ -33,7 +33,7 @@ class LayerRoute:
     """What a routed layer needs: task routes (B, E), or task representations (B, t) for its token gate."""
 
     weights: torch.Tensor | None = None
-    task_vectors: torch.Tensor | None = None
+    task_representations: torch.Tensor | None = None
     token_mask: torch.Tensor | None = None  # (B, T); 0 marks padding, which is not routed
     run_all: bool = False  # run every expert on every example (task routes with a gradient)
     subset: bool = True  # run an expert only on its own examples (off while a cache without row slots is filled)
@@ -92,10 +92,10 @@ def routed_ffn(
 
     batch, length, width = hidden_states.shape
     flat = hidden_states.reshape(-1, width)
-    task_vectors = route.task_vectors[:, None, :].expand(batch, length, -1).reshape(batch * length, -1)
+    task_representations = route.task_representations[:, None, :].expand(batch, length, -1).reshape(batch * length, -1)
     rows = None if route.token_mask is None else route.token_mask.reshape(-1).nonzero().squeeze(1)
     tokens = _rows(flat, rows)
-    decision = gate(tokens, _rows(task_vectors, rows))
+    decision = gate(tokens, _rows(task_representations, rows))
 
     def run_tokens(e: int, index):
         return experts[e](_rows(tokens, index))

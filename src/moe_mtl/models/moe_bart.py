@@ -46,7 +46,7 @@ class MoEEncoderOutput(BaseModelOutput):
     decoder_routes: torch.Tensor | None = None  # (B, L_dec, E) task routes of the decoder's routed layers
     run_all: bool | None = None  # every expert runs on every example (the routes' gradient needs each one's output)
     route_log_prob: torch.Tensor | None = None  # (B,) selection "reinforce" in training: see `MoESeq2SeqLMOutput`
-    task_vectors: torch.Tensor | None = None  # (B, t) task representations (token routing)
+    task_representations: torch.Tensor | None = None  # (B, t) task representations (token routing)
     routes: dict[str, RouteRecord] | None = None
 
 
@@ -123,11 +123,11 @@ class MoEBartStack(nn.Module):
         return nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
 
     @staticmethod
-    def layer_route(routes, k: int, task_vectors, token_mask, run_all: bool, subset: bool = True) -> LayerRoute:
+    def layer_route(routes, k: int, task_representations, token_mask, run_all: bool, subset: bool = True) -> LayerRoute:
         """The route of the k-th routed layer of this stack; `routes` (B, L, E) are this stack's own."""
         return LayerRoute(
             weights=None if routes is None else routes[:, k],
-            task_vectors=task_vectors,
+            task_representations=task_representations,
             token_mask=token_mask,
             run_all=run_all,
             subset=subset,
@@ -156,8 +156,8 @@ class MoEBartEncoder(MoEBartStack):
 
     def route(self, task_ids: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Task routes (B, L_enc + L_dec, E) for task routing, else task representations (B, t) for the token gates."""
-        sample, task_vectors = self.sample_routes(task_ids)
-        return (None if sample is None else sample.weights), task_vectors
+        sample, task_representations = self.sample_routes(task_ids)
+        return (None if sample is None else sample.weights), task_representations
 
     def sample_routes(self, task_ids: torch.Tensor) -> tuple[RouteSample | None, torch.Tensor | None]:
         """`route`, with the task router's whole `RouteSample`."""
@@ -165,15 +165,17 @@ class MoEBartEncoder(MoEBartStack):
             return self.router.sample(task_ids, self.task_table), None
         return None, self.task_table(task_ids)
 
-    def check_given_routes(self, routes: torch.Tensor | None, task_vectors: torch.Tensor | None, batch: int) -> None:
+    def check_given_routes(
+        self, routes: torch.Tensor | None, task_representations: torch.Tensor | None, batch: int
+    ) -> None:
         """Given routes must be what this model's routing takes, in its shape (see `forward`)."""
         if self.router is not None:
             given, name = routes, "routes"
             shape = (batch, len(self.routed) + len(self.decoder_routed), self.router.num_experts)
         else:
-            given, name = task_vectors, "task_vectors"
+            given, name = task_representations, "task_representations"
             shape = (batch, self.task_table.embedding.embedding_dim)
-        if given is None or (routes is not None and task_vectors is not None):
+        if given is None or (routes is not None and task_representations is not None):
             routing = "task" if self.router is not None else "token"
             raise UsageError(f"{routing} routing takes given `{name}` {shape} alone")
         if tuple(given.shape) != shape:
@@ -189,10 +191,10 @@ class MoEBartEncoder(MoEBartStack):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         routes: torch.Tensor | None = None,
-        task_vectors: torch.Tensor | None = None,
+        task_representations: torch.Tensor | None = None,
     ) -> MoEEncoderOutput:
         """Encode; routes come from `task_ids`, or are given: `routes` (B, L_enc + L_dec, E) for task routing,
-        `task_vectors` (B, t) for token routing, e.g. uniform routes for a task without a trained row."""
+        `task_representations` (B, t) for token routing, e.g. uniform routes for a task without a trained row."""
         if (input_ids is None) == (inputs_embeds is None):
             raise UsageError("You must specify exactly one of input_ids or inputs_embeds")
         if output_attentions or output_hidden_states:
@@ -205,11 +207,11 @@ class MoEBartEncoder(MoEBartStack):
                 f"`attention_mask` has shape {tuple(attention_mask.shape)}; expected {tuple(inputs_embeds.shape[:2])}"
             )
         sample = None
-        if routes is None and task_vectors is None:
+        if routes is None and task_representations is None:
             task_ids = check_task_ids(task_ids, batch_size, self.num_tasks, inputs_embeds.device)
-            sample, task_vectors = self.sample_routes(task_ids)
+            sample, task_representations = self.sample_routes(task_ids)
         else:
-            self.check_given_routes(routes, task_vectors, batch_size)
+            self.check_given_routes(routes, task_representations, batch_size)
         if sample is None:
             sample = None if routes is None else RouteSample(routes, run_all=routes.requires_grad)
         routes = None if sample is None else sample.weights
@@ -224,7 +226,9 @@ class MoEBartEncoder(MoEBartStack):
             if i not in self.routed:
                 hidden_states = layer(hidden_states, mask)
                 continue
-            route = self.layer_route(encoder_routes, self.routed.index(i), task_vectors, attention_mask, run_all)
+            route = self.layer_route(
+                encoder_routes, self.routed.index(i), task_representations, attention_mask, run_all
+            )
             hidden_states, records[f"encoder.{i}"] = layer(hidden_states, mask, route=route)
 
         return MoEEncoderOutput(
@@ -232,7 +236,7 @@ class MoEBartEncoder(MoEBartStack):
             decoder_routes=None if routes is None else routes[:, len(self.routed) :],
             run_all=run_all,
             route_log_prob=None if sample is None else sample.log_prob,
-            task_vectors=task_vectors,
+            task_representations=task_representations,
             routes=records,
         )
 
@@ -260,7 +264,7 @@ class MoEBartDecoder(MoEBartStack):
         input_ids: torch.LongTensor | None,
         encoder_hidden_states: torch.Tensor,
         routes: torch.Tensor | None,
-        task_vectors: torch.Tensor | None,
+        task_representations: torch.Tensor | None,
         attention_mask: torch.Tensor | None = None,
         run_all: bool = False,
         encoder_attention_mask: torch.Tensor | None = None,
@@ -304,7 +308,7 @@ class MoEBartDecoder(MoEBartStack):
                 continue
             # an expert runs on its own rows only, unless its cache slot must hold the whole batch (a plain cache)
             subset = cache is None or isinstance(cache, RoutedCache)
-            route = self.layer_route(routes, self.routed.index(i), task_vectors, token_mask, run_all, subset)
+            route = self.layer_route(routes, self.routed.index(i), task_representations, token_mask, run_all, subset)
             hidden_states, records[f"decoder.{i}"] = layer(
                 hidden_states, mask, encoder_hidden_states, encoder_mask, route=route, **cache_kwargs
             )
@@ -359,23 +363,25 @@ class MoEBartForConditionalGeneration(PreTrainedModel, GenerationMixin):
         "model.decoder.embed_tokens.weight": "model.shared.weight",
     }
 
-    def __init__(self, config: MoEBartConfig, task_vectors: torch.Tensor | None = None):
+    def __init__(self, config: MoEBartConfig, task_representations: torch.Tensor | None = None):
         super().__init__(config)
         for option in ("encoder_layerdrop", "decoder_layerdrop"):
             if getattr(config, option):
                 # skipping layers at random would also make DDP ranks disagree on which experts ran
                 raise UsageError(f"config `{option}` is {getattr(config, option)}; MoE-BART supports only 0.0")
-        task_vectors = self._take_task_vectors(config, task_vectors)
+        task_representations = self._take_task_representations(config, task_representations)
         self.model = MoEBartModel(config)
         self.final_logits_bias = nn.Buffer(torch.zeros((1, config.vocab_size)))
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.post_init()
-        if task_vectors is not None:  # after post_init, which would re-initialise the table
+        if task_representations is not None:  # after post_init, which would re-initialise the table
             with torch.no_grad():
-                self.task_table.embedding.weight.copy_(task_vectors)
+                self.task_table.embedding.weight.copy_(task_representations)
 
     @staticmethod
-    def _take_task_vectors(config: MoEBartConfig, task_vectors: torch.Tensor | None) -> torch.Tensor | None:
+    def _take_task_representations(
+        config: MoEBartConfig, task_representations: torch.Tensor | None
+    ) -> torch.Tensor | None:
         """Given task representations (num_tasks, d), checked against `num_tasks`.
 
         The config then records their width and no file: the table itself is saved with the weights, so a
@@ -383,20 +389,20 @@ class MoEBartForConditionalGeneration(PreTrainedModel, GenerationMixin):
         `task_embeddings` names one needs its tensor (`moe_mtl.representations.read_task_embeddings`).
         """
         options = config.moe_options
-        if task_vectors is None and options.task_embeddings is not None:
+        if task_representations is None and options.task_embeddings is not None:
             raise UsageError(
                 f"MoE option `task_embeddings` is {options.task_embeddings!r}, but the model reads no file: read it "
-                "with moe_mtl.representations.read_task_embeddings and pass the tensor as `task_vectors`"
+                "with moe_mtl.representations.read_task_embeddings and pass the tensor as `task_representations`"
             )
-        if task_vectors is None:
+        if task_representations is None:
             return None
-        if task_vectors.dim() != 2 or task_vectors.shape[0] != options.num_tasks:
+        if task_representations.dim() != 2 or task_representations.shape[0] != options.num_tasks:
             raise UsageError(
-                f"task representations have shape {tuple(task_vectors.shape)}; expected "
+                f"task representations have shape {tuple(task_representations.shape)}; expected "
                 f"(num_tasks={options.num_tasks}, dim)"
             )
-        config.moe = {**config.moe, "task_dim": task_vectors.shape[1], "task_embeddings": None}
-        return task_vectors.float()
+        config.moe = {**config.moe, "task_dim": task_representations.shape[1], "task_embeddings": None}
+        return task_representations.float()
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs) -> MoEBartForConditionalGeneration:
@@ -466,7 +472,7 @@ class MoEBartForConditionalGeneration(PreTrainedModel, GenerationMixin):
     def from_dense(
         cls,
         dense: BartForConditionalGeneration | str | Path,
-        task_vectors: torch.Tensor | None = None,
+        task_representations: torch.Tensor | None = None,
         **moe_options,
     ) -> MoEBartForConditionalGeneration:
         """Upcycle a dense BART: every expert starts as a copy of the dense weights at its position.
@@ -474,14 +480,14 @@ class MoEBartForConditionalGeneration(PreTrainedModel, GenerationMixin):
         `dense` is a `BartForConditionalGeneration` or anything its `from_pretrained` accepts
         ("facebook/bart-base", a local directory). All non-expert weights are copied exactly;
         the task table, router and gates are new (the weight map: `conversion.load_dense_state_dict`).
-        `task_vectors` (num_tasks, d): task representations as the table's initial rows.
+        `task_representations` (num_tasks, d): task representations as the table's initial rows.
         """
         if not isinstance(dense, BartForConditionalGeneration):
             dense = BartForConditionalGeneration.from_pretrained(dense)
         options = MoEOptions.from_dict(moe_options)
         config = MoEBartConfig.from_bart_config(dense.config, options)
         config._attn_implementation = dense.config._attn_implementation
-        model = cls(config, task_vectors=task_vectors)
+        model = cls(config, task_representations=task_representations)
         load_dense_state_dict(model, dense.state_dict())
         model.generation_config = copy.deepcopy(dense.generation_config)  # beams, n-gram blocking, lengths
         return model.to(device=dense.device, dtype=dense.dtype)
@@ -545,14 +551,14 @@ class MoEBartForConditionalGeneration(PreTrainedModel, GenerationMixin):
             # plain encoder states: route from task_ids
             states = encoder_outputs[0]
             ids = check_task_ids(task_ids, states.shape[0], self.model.encoder.num_tasks, states.device)
-            sample, task_vectors = self.model.encoder.sample_routes(ids)
+            sample, task_representations = self.model.encoder.sample_routes(ids)
             routes = None if sample is None else sample.weights[:, len(self.model.encoder.routed) :]
             encoder_outputs = MoEEncoderOutput(
                 last_hidden_state=states,
                 decoder_routes=routes,
                 run_all=sample is not None and sample.run_all,
                 route_log_prob=None if sample is None else sample.log_prob,
-                task_vectors=task_vectors,
+                task_representations=task_representations,
                 routes={},
             )
 
@@ -560,7 +566,7 @@ class MoEBartForConditionalGeneration(PreTrainedModel, GenerationMixin):
             decoder_input_ids,
             encoder_outputs.last_hidden_state,
             encoder_outputs.decoder_routes,
-            encoder_outputs.task_vectors,
+            encoder_outputs.task_representations,
             attention_mask=decoder_attention_mask,
             run_all=bool(encoder_outputs.run_all),
             encoder_attention_mask=attention_mask,

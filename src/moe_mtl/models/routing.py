@@ -284,12 +284,12 @@ class TaskRouter(nn.Module):
             raise UsageError(f"temperature must be > 0, got {value}")
         self.temperature.fill_(value)
 
-    def logits(self, task_vectors: torch.Tensor) -> torch.Tensor:
+    def logits(self, task_representations: torch.Tensor) -> torch.Tensor:
         """Router logits (U, L, E) as fp32. Outside autocast (routing is precision-sensitive), in the
         network's own dtype: fp32 under mixed precision, bf16/fp16 only for a model cast as a whole."""
         dtype = next(self.network.parameters()).dtype
-        with torch.autocast(device_type=task_vectors.device.type, enabled=False):
-            return self.network(task_vectors.to(dtype)).float()
+        with torch.autocast(device_type=task_representations.device.type, enabled=False):
+            return self.network(task_representations.to(dtype)).float()
 
     @property
     def sparse(self) -> bool:

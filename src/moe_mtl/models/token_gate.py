@@ -59,12 +59,12 @@ class TaskAwareTokenGate(nn.Module):
         self.top_k = top_k
         self.capacity_factor = capacity_factor
 
-    def forward(self, tokens: torch.Tensor, task_vectors: torch.Tensor) -> TokenRoutes:
-        """tokens: (N, d); task_vectors: (N, t), the task of each token's example."""
+    def forward(self, tokens: torch.Tensor, task_representations: torch.Tensor) -> TokenRoutes:
+        """tokens: (N, d); task_representations: (N, t), the task of each token's example."""
         num_experts = self.proj.out_features
         # outside autocast, in the gate's own dtype (fp32 unless the whole model was cast)
         with torch.autocast(device_type=tokens.device.type, enabled=False):
-            gate_input = torch.cat([tokens, task_vectors.to(tokens.dtype)], -1).to(self.proj.weight.dtype)
+            gate_input = torch.cat([tokens, task_representations.to(tokens.dtype)], -1).to(self.proj.weight.dtype)
             logits = self.proj(gate_input).float()
         probs = logits.softmax(-1)
         top = probs.topk(self.top_k, dim=-1)

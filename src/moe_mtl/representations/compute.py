@@ -91,7 +91,7 @@ def uniform_routing(model: MoEBartForConditionalGeneration, batch_size: int) -> 
         layers, experts = len(encoder.routed) + len(encoder.decoder_routed), model.router.num_experts
         return {"routes": torch.full((batch_size, layers, experts), 1.0 / experts, device=device)}
     mean = model.task_table.embedding.weight.detach().float().mean(0)
-    return {"task_vectors": mean.expand(batch_size, -1)}
+    return {"task_representations": mean.expand(batch_size, -1)}
 
 
 def encoder_states(model: Model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

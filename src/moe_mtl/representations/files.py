@@ -158,7 +158,7 @@ def read_task_embeddings(path: str | Path, tasks: Sequence[str] | int | None) ->
 
 def configured_representations(moe: MoEOptions, task_names: Sequence[str] | None) -> torch.Tensor | None:
     """The task representations (num_tasks, d) the MoE option `task_embeddings` names, rows of `task_names` (None:
-    task ids `task0`, `task1`, …), for `models.build.build_model(task_vectors=...)`; None when it is unset."""
+    task ids `task0`, `task1`, …), for `models.build.build_model(task_representations=...)`; None when it is unset."""
     if moe.task_embeddings is None:
         return None
     return read_task_embeddings(moe.task_embeddings, task_names or [f"task{i}" for i in range(moe.num_tasks)])
