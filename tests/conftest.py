@@ -218,7 +218,12 @@ def write_config(path: Path, **trainer) -> str:
 def event_values(run_dir: Path) -> tuple[dict[str, list[tuple[int, float]]], set[str]]:
     """(scalar tag → [(step, value)], image tags) of every TensorBoard event file in `run_dir`."""
     scalars, images = {}, set()
-    for events in sorted(run_dir.glob("events.out.tfevents.*")):
+
+    # in the order written: the name's time and writer counter compared as numbers (as text, writer 10 sorts before 9)
+    def written(path: Path) -> tuple:
+        return tuple(int(part) if part.isdigit() else part for part in path.name.split("."))
+
+    for events in sorted(run_dir.glob("events.out.tfevents.*"), key=written):
         accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0, "images": 0})
         accumulator.Reload()
         for tag in accumulator.Tags()["scalars"]:

@@ -86,12 +86,12 @@ class RunFolder:
         return read_checkpoint(self.checkpoint)
 
     def load_module(self):
-        """The model of the checkpoint (`MoEMultiTaskModule.load_from_checkpoint`), on the CPU, in eval mode."""
-        from ..training import MoEMultiTaskModule
+        """The model of the checkpoint (`training.loading.load_module`), on the CPU, in eval mode."""
+        from ..training.loading import load_module
 
         if self.checkpoint is None:
             raise UsageError(f"run: {self.path} has no checkpoint (checkpoints/*.ckpt); name one with --ckpt_path")
-        return MoEMultiTaskModule.load_from_checkpoint(self.checkpoint, map_location="cpu").eval()
+        return load_module(self.checkpoint).eval()
 
     def data_options(self) -> dict[str, Any]:
         """The data module's options: `config.yaml`'s `data`, else the checkpoint's data hyper-parameters."""

@@ -20,7 +20,7 @@ from ..models import MoEBartForConditionalGeneration, MoEOptions
 from ..representations.compute import REPRESENTATION_KINDS, compute_representations
 from ..representations.files import save_representations
 from ..runs import resolve_checkpoint
-from ..training import MoEMultiTaskModule
+from ..training.loading import load_module
 from . import read_option_docs
 
 
@@ -29,7 +29,7 @@ def load_run_model(init_from: str | Path) -> tuple[MoEBartForConditionalGenerati
     folder's best or last one (see `resolve_checkpoint`)."""
     path = resolve_checkpoint(init_from)
     try:
-        module = MoEMultiTaskModule.load_from_checkpoint(path, map_location="cpu")
+        module = load_module(path, option="`init_from`")
     except (OSError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError) as err:
         raise UsageError(f"`init_from`: {path} could not be loaded as a `moe-mtl fit` checkpoint ({err})") from None
     return module.model, module.tokenizer, module.model.moe_options.task_dim

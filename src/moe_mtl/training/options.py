@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Literal, TypeVar
 
 from ..data import METRICS, PARTITIONS
@@ -162,6 +162,18 @@ def module_options(moe: MoEOptions | dict[str, Any] | None, **groups: Any) -> di
             "model option `transfer.finetune` is 'task_table', but moe.freeze_task_table is true: nothing would train"
         )
     return built
+
+
+def grouped_hyperparameters(hparams: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The option groups of a checkpoint's hyper-parameters. A checkpoint written before the groups existed holds
+    their fields at the top level (`lr`, `num_beams`, `init_from`, …): they are put in their groups, so that such a
+    checkpoint loads with its own values, not the defaults (Lightning drops keys the constructor does not name)."""
+    groups = {group: dict(hparams.get(group) or {}) for group in OPTION_GROUPS}
+    for group, cls in OPTION_GROUPS.items():
+        for option in (field.name for field in fields(cls)):
+            if option in hparams:
+                groups[group].setdefault(option, hparams[option])
+    return groups
 
 
 def task_lists(
