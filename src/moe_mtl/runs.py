@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any
 from .atomic_files import atomic_path
 from .errors import UsageError
 
+# torch, models and representations are imported inside the functions that use them: `moe-mtl summarize` reads
+# run folders through this module and must not pay for importing torch
 if TYPE_CHECKING:
     import torch
 

@@ -49,14 +49,14 @@ def build_model(
     keeps its own table."""
     if pretrained is not None and bart:
         raise UsageError("model option `bart` sets the sizes of a new model; leave it unset with `pretrained`")
-    saved_moe = pretrained is not None and AutoConfig.from_pretrained(pretrained).model_type == MoEBartConfig.model_type
+    config = AutoConfig.from_pretrained(pretrained) if pretrained is not None else None
+    saved_moe = config is not None and config.model_type == MoEBartConfig.model_type
     if saved_moe:
         task_representations = None
     elif task_representations is not None:
         moe = replace(moe, task_embeddings=None, task_dim=task_representations.shape[1])
-    if pretrained is not None:
-        config = AutoConfig.from_pretrained(pretrained)
-        if config.model_type == MoEBartConfig.model_type:
+    if config is not None:
+        if saved_moe:
             saved = config.moe_options
             if saved.num_tasks != moe.num_tasks:
                 raise UsageError(

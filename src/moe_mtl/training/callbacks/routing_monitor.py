@@ -55,7 +55,7 @@ class RoutingMonitor(Callback):
     task-averaged route; high = tasks spread over the experts), routing/utilisation/<layer>/expert<e>
     (share of routing mass); the same entropies averaged over layers; and routing/route_map, a
     task × (layer, expert) heatmap of every task's route (with matplotlib: labelled with task names, partitions,
-    layers and experts, and a colour bar; else an unlabelled image). Route tables go to
+    layers and experts, and a colour bar; without matplotlib, a warning and no map). Route tables go to
     `<run dir>/routes/step<N>.json`.
 
     Routes are `moe_mtl.models.routing.route_table` of the model; under token routing, which has no table, the mean
