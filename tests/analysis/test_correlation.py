@@ -1,4 +1,5 @@
-"""Feature–usage correlation on constructed tables with known answers, and the Benjamini–Hochberg correction."""
+"""Feature–usage correlation on constructed tables with known answers, the Benjamini–Hochberg correction, and the
+indicator columns of boolean and categorical features."""
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from moe_mtl.analysis.correlation import (
     expert_usage,
     feature_usage_correlation,
 )
+from moe_mtl.data.tasks import Example, Task, feature_table
 
 
 def test_benjamini_hochberg_matches_a_hand_computation():
@@ -83,3 +85,25 @@ def test_features_with_missing_values_are_counted_not_tested_and_bad_shapes_are_
         feature_usage_correlation(features[:2], ["a", "b"], usage[:2], ["u"])
     with pytest.raises(ValueError, match="alpha"):
         feature_usage_correlation(features, ["a", "b"], usage, ["u"], alpha=1.5)
+
+
+def test_boolean_and_categorical_features_are_correlated_as_indicator_columns():
+    # booleans as a CrossFit suite's tasks.json writes them: some tasks say false, some leave the keyword out
+    features = [
+        {"family": "cls", "binary": True, "english": True},
+        {"family": "cls", "binary": False, "english": True},
+        {"family": "qa", "english": True},
+        {"family": "qa", "binary": True, "english": True},
+        {"family": "gen", "english": True},
+    ]
+    tasks = [Task(f"t{i}", {"train": [Example("in", ("out",))]}, features=f) for i, f in enumerate(features)]
+    names, table = feature_table(tasks)
+    assert names == ["binary=false", "binary=true", "english=true", "family=cls", "family=gen", "family=qa"]
+    np.testing.assert_array_equal(table[:, 1], [1, 0, 0, 1, 0])  # a task without the keyword is in neither column
+    np.testing.assert_array_equal(table[:, 0], [0, 1, 0, 0, 0])
+    usage = np.array([[0.9], [0.2], [0.1], [0.8], [0.3]])
+    result = feature_usage_correlation(table, names, usage, ["encoder.0/expert1"])
+    assert result.skipped == {"constant feature": ["english=true"]}  # true on every task: nothing to correlate
+    by_feature = {row["feature"]: row for row in result.rows}
+    assert by_feature["binary=true"]["r"] == pytest.approx(stats.pearsonr(table[:, 1], usage[:, 0]).statistic)
+    assert set(by_feature) == {"binary=false", "binary=true", "family=cls", "family=gen", "family=qa"}

@@ -1,5 +1,7 @@
 """Route analysis of a trained run (`moe-mtl analyze`): labelled route heatmaps and learning dynamics, the
-correlation of task features with expert usage, route–skill agreement, and expert disabling.
+correlation of task features with expert usage, route–skill agreement, and expert disabling. The task features
+are read as the data wrote them, whatever their names (`features`): the grouping and the shared-skill feature are
+options, chosen from the data when not given.
 
 scipy and matplotlib are the optional extra `analysis` (`pip install moe-mtl[analysis]`); each module imports
 them inside the functions that need them, so `import moe_mtl` works without them. The report and expert

@@ -1,11 +1,12 @@
 """Feature correlation: Pearson r, with p-values, between each task feature and each expert's usage.
 
-Features are the numeric columns of `data.tasks.feature_table` (one indicator per skill, family, output type, …;
-numbers as they are); usage is each task's route weight on each (routed layer, expert). Every (feature, usage)
-pair is tested, and the p-values are corrected for the number of tests: Benjamini–Hochberg (the false discovery
-rate; what decides `significant`) and Bonferroni (the family-wise error, reported beside it). BH decides because
-the tests are many and strongly dependent (skills imply families; a layer's expert usages sum to 1), where
-Bonferroni is so strict that a real skill–expert link rarely survives on a few dozen tasks.
+Features are the numeric columns of `data.tasks.feature_table` (an indicator column per value of a categorical or
+boolean feature and per element of a list feature; numbers as they are); usage is each task's route weight on each
+(routed layer, expert). Every (feature, usage) pair is tested, and the p-values are corrected for the number of
+tests: Benjamini–Hochberg (the false discovery rate; what decides `significant`) and Bonferroni (the family-wise
+error, reported beside it). BH decides because the tests are many and strongly dependent (skills imply families; a
+layer's expert usages sum to 1), where Bonferroni is so strict that a real skill–expert link rarely survives on a
+few dozen tasks.
 """
 
 from __future__ import annotations

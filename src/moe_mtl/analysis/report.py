@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -21,25 +22,11 @@ from ..errors import UsageError
 from ..evaluation.routes import route_heatmap_figure
 from .agreement import route_skill_agreement
 from .correlation import correlation_markdown, expert_usage, feature_usage_correlation
+from .features import Choice, choose_group_by, choose_skill_feature, feature_groups, shared_values, task_features
 from .plots import route_dynamics_figure
 from .run import RunFolder
 
-GROUP_ALIASES = {"family": "families", "skill": "skills"}  # --group_by names → skill-suite feature names
 DPI = 120
-
-
-def feature_groups(tasks: Sequence[Task], group_by: str) -> list[list[str]]:
-    """Each task's groups by the feature `group_by` ("family", "output_type", or any feature name): a list
-    feature gives one group per element, a missing feature the group "(none)"."""
-    feature = GROUP_ALIASES.get(group_by, group_by)
-    if not any(feature in task.features for task in tasks):
-        names = sorted({name for task in tasks for name in task.features} | set(GROUP_ALIASES))
-        raise UsageError(f"group_by: no task has the feature {group_by!r}; available: {names or 'none (no features)'}")
-    groups = []
-    for task in tasks:
-        value = task.features.get(feature, "(none)")
-        groups.append([str(v) for v in value] if isinstance(value, list | tuple) else [str(value)])
-    return groups
 
 
 def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]], fields: Sequence[str]) -> None:
@@ -49,8 +36,10 @@ def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]], fields: Sequence[s
         writer.writerows(rows)
 
 
-def disabling_markdown(rows: Sequence[Mapping[str, Any]], groups: Sequence[Mapping[str, Any]], group_by: str) -> str:
-    """Mean score drop per disabled expert, and per (expert, group)."""
+def disabling_markdown(
+    rows: Sequence[Mapping[str, Any]], groups: Sequence[Mapping[str, Any]], group_by: str | None
+) -> str:
+    """Mean score drop per disabled expert, and per (expert, group) when tasks are grouped (`group_by`)."""
     by_expert: dict[tuple[str, int], list[Mapping[str, Any]]] = {}
     for row in rows:
         by_expert.setdefault((row["layer"], row["expert"]), []).append(row)
@@ -71,6 +60,9 @@ def disabling_markdown(rows: Sequence[Mapping[str, Any]], groups: Sequence[Mappi
             f"| {layer} | {expert} | {len(group)} | {routed} | {sum(drops) / len(drops):+.4f} | {max(drops):+.4f} "
             f"| {rise:+.4f} |"
         )
+    if group_by is None:
+        lines += ["", "Tasks not grouped: no task feature groups them (`moe-mtl analyze` printed why)."]
+        return "\n".join(lines) + "\n"
     lines += ["", f"## Mean drop per {group_by} group", "", "| layer | expert | group | tasks | mean drop |"]
     lines.append("|---|---|---|---|---|")
     for row in groups:
@@ -83,10 +75,10 @@ def disabling_markdown(rows: Sequence[Mapping[str, Any]], groups: Sequence[Mappi
 def analyze(
     run: RunFolder,
     output_dir: str | Path | None = None,
-    group_by: str = "family",
+    group_by: str | None = None,
     step: int | None = None,
     alpha: float = 0.05,
-    skill_feature: str = "skills",
+    skill_feature: str | None = None,
     permutations: int = 10_000,
     disable: bool = False,
     layers: Sequence[str] | None = None,
@@ -96,17 +88,21 @@ def analyze(
 ) -> dict[str, Any]:
     """Write the analysis of `run` to `output_dir` (default `<run>/analysis`); returns a JSON-ready summary.
 
-    group_by: feature that groups tasks in the heatmap and the disabling table.
+    group_by: feature (any) that groups tasks in the heatmap and the disabling table; None: chosen from the seen
+        tasks' features (`features.choose_group_by`).
     step: route table to analyse (None: the named checkpoint's routes, else the last saved table).
     alpha: false discovery rate of the correlation tests.
-    skill_feature: the list feature whose shared elements define "tasks that share skills".
+    skill_feature: the list or categorical feature whose shared values define "tasks that share skills"; None:
+        chosen from the seen tasks' features (`features.choose_skill_feature`). Tasks without it are left out of
+        the agreement (named in skill_agreement.json).
     permutations: permutations of the route–skill agreement test.
     disable: also evaluate every expert disabled (costly: one validation per expert of each of `layers`, on
         each task's first `max_examples` dev examples, of every validated task or only the `tasks` named).
     trainer: Trainer options of those validations.
+
+    The summary says what was read and chosen: `features` (name → kind), `group_by` and the agreement's
+    `feature` with `given` and `reason`.
     """
-    output = Path(output_dir) if output_dir is not None else run.path / "analysis"
-    output.mkdir(parents=True, exist_ok=True)
     record = run.route_record(step)
     tasks_by_name = {task.name: task for task in run.tasks()}
     missing = [name for name in record["tasks"] if name not in tasks_by_name]
@@ -114,17 +110,29 @@ def analyze(
         raise UsageError(f"the route table names tasks the run's data does not have: {missing}")
     seen = [i for i, name in enumerate(record["tasks"]) if tasks_by_name[name].partition == "train"]
     seen_tasks = [tasks_by_name[record["tasks"][i]] for i in seen]
+    # both choices before anything is written: a feature the user named wrongly stops here
+    grouping = choose_group_by(seen_tasks, group_by)
+    sharing = choose_skill_feature(seen_tasks, skill_feature)
+    output = Path(output_dir) if output_dir is not None else run.path / "analysis"
+    output.mkdir(parents=True, exist_ok=True)
     routes = torch.tensor(record["routes"], dtype=torch.float64)[seen]  # (T_seen, L, E)
     names = [task.name for task in seen_tasks]
-    groups = feature_groups(seen_tasks, group_by)
-    summary: dict[str, Any] = {"run": str(run.path), "step": record["step"], "tasks": len(seen_tasks), "files": []}
+    summary: dict[str, Any] = {
+        "run": str(run.path),
+        "step": record["step"],
+        "tasks": len(seen_tasks),
+        "features": {name: feature.kind for name, feature in task_features(seen_tasks).items()},
+        "group_by": asdict(grouping),
+        "files": [],
+    }
 
     def written(name: str) -> Path:
         summary["files"].append(name)
         return output / name
 
     title = f"Routes at step {record['step']} ({len(seen_tasks)} seen tasks)"
-    heatmap = route_heatmap_figure(routes, names, record["layers"], ["+".join(g) for g in groups], group_by, title)
+    groups = ["+".join(g) for g in feature_groups(seen_tasks, grouping.feature)] if grouping.feature else None
+    heatmap = route_heatmap_figure(routes, names, record["layers"], groups, grouping.feature, title)
     heatmap.savefig(written("route_heatmap.png"), dpi=DPI)
     records = run.route_records()
     if records:
@@ -140,29 +148,41 @@ def analyze(
     summary["correlation"] = {
         "tests": len(correlation.rows),
         "significant": len(correlation.significant),
-        "skipped": {reason: len(columns) for reason, columns in correlation.skipped.items()},
+        "skipped": correlation.skipped,
         "top": correlation.significant[:5],
     }
 
-    skills = [task.features.get(skill_feature) for task in seen_tasks]
-    if all(isinstance(s, list | tuple) for s in skills):
-        # also of the argmax routes: what two-stage training fixes, and what a hard router evaluates
-        argmax = F.one_hot(routes.argmax(-1), routes.shape[-1]).double()
-        try:
-            agreement = route_skill_agreement(routes, skills, permutations=permutations)
-            agreement["argmax"] = route_skill_agreement(argmax, skills, permutations=permutations)
-        except ValueError as err:  # e.g. every pair of tasks shares a skill: nothing to compare, said in the file
-            agreement = {"skipped": str(err)}
-    else:
-        lacking = [t.name for t, s in zip(seen_tasks, skills, strict=True) if not isinstance(s, list | tuple)]
-        agreement = {"skipped": f"tasks without a list feature {skill_feature!r}: {lacking}"}
-    written("skill_agreement.json").write_text(json.dumps({"feature": skill_feature, **agreement}, indent=1) + "\n")
+    agreement = _skill_agreement(routes, seen_tasks, sharing, permutations)
+    written("skill_agreement.json").write_text(json.dumps(agreement, indent=1) + "\n")
     summary["skill_agreement"] = agreement
 
     if disable:
         limits = {"layers": layers, "max_examples": max_examples, "tasks": tasks}
-        summary["disabling"] = _disable(run, output, written, group_by, limits, dict(trainer or {}))
+        summary["disabling"] = _disable(run, output, written, grouping.feature, limits, dict(trainer or {}))
     return summary
+
+
+def _skill_agreement(routes: torch.Tensor, tasks: Sequence[Task], sharing: Choice, permutations: int) -> dict[str, Any]:
+    """skill_agreement.json: the feature and why, the tasks left out, and the statistics or why there are none."""
+    head: dict[str, Any] = {"feature": sharing.feature, "given": sharing.given, "reason": sharing.reason}
+    if sharing.feature is None:
+        return {**head, "skipped": sharing.reason}
+    sets = shared_values(tasks, sharing.feature)
+    kept = [i for i, values in enumerate(sets) if values is not None]
+    head["tasks"] = len(kept)
+    head["tasks_without_feature"] = [task.name for task, values in zip(tasks, sets, strict=True) if values is None]
+    if len(kept) < 2:
+        return {**head, "skipped": f"{len(kept)} seen task(s) have the feature {sharing.feature!r}; pairs need 2"}
+    skills = [sets[i] for i in kept]
+    routes = routes[kept]
+    # also of the argmax routes: what two-stage training fixes, and what a hard router evaluates
+    argmax = F.one_hot(routes.argmax(-1), routes.shape[-1]).double()
+    try:
+        statistics = route_skill_agreement(routes, skills, permutations=permutations)
+        statistics["argmax"] = route_skill_agreement(argmax, skills, permutations=permutations)
+    except UsageError as err:  # e.g. every pair of tasks shares a value: nothing to compare, said in the file
+        return {**head, "skipped": str(err)}
+    return {**head, **statistics}
 
 
 def _disable(run, output, written, group_by, limits, trainer) -> dict[str, Any]:
@@ -173,9 +193,10 @@ def _disable(run, output, written, group_by, limits, trainer) -> dict[str, Any]:
     datamodule = run.datamodule()
     loader = validation_loader(datamodule, limits["max_examples"], limits["tasks"])
     rows = expert_disabling(module, loader, output / "disabling", layers=limits["layers"], **trainer)
-    tasks = {task.name: task for task in datamodule.tasks}
-    task_groups = dict(zip(tasks, feature_groups(list(tasks.values()), group_by), strict=True))
-    grouped = group_drops(rows, task_groups)
+    grouped = []
+    if group_by is not None:
+        tasks = {task.name: task for task in datamodule.tasks}
+        grouped = group_drops(rows, dict(zip(tasks, feature_groups(list(tasks.values()), group_by), strict=True)))
     _write_csv(written("disabling.csv"), rows, list(rows[0]))
     written("disabling.md").write_text(disabling_markdown(rows, grouped, group_by))
     worst = max(rows, key=lambda row: row["drop"])

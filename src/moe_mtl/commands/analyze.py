@@ -7,8 +7,10 @@ from typing import Any
 
 from jsonargparse import ArgumentParser
 
+from ..analysis.features import features_by_kind
 from ..analysis.report import analyze
 from ..analysis.run import RunFolder
+from ..data.tasks import shortened
 from . import read_option_docs
 
 
@@ -26,7 +28,11 @@ def build_analyze_parser() -> ArgumentParser:
     )
     parser.add_argument("--output_dir", default=None, help="where the files go; null: <run>/analysis")
     parser.add_argument(
-        "--group_by", default="family", help="task feature that groups tasks: family, output_type or any feature"
+        "--group_by",
+        type=str | None,
+        default=None,
+        help="task feature (any) that groups tasks in the heatmap and the disabling table; null: chosen from the "
+        "seen tasks' features (a categorical, else list, else boolean feature that makes groups; printed)",
     )
     parser.add_argument(
         "--step",
@@ -35,7 +41,13 @@ def build_analyze_parser() -> ArgumentParser:
         help="route table of this step; null: the named checkpoint's routes, else the last saved table",
     )
     parser.add_argument("--alpha", type=float, default=0.05, help="false discovery rate of the correlation tests")
-    parser.add_argument("--skill_feature", default="skills", help="list feature that defines shared skills")
+    parser.add_argument(
+        "--skill_feature",
+        type=str | None,
+        default=None,
+        help="list or categorical task feature whose shared values define tasks that share a skill (route–skill "
+        "agreement); null: chosen from the seen tasks' features (a list, else categorical feature; printed)",
+    )
     parser.add_argument("--permutations", type=int, default=10_000, help="permutations of the agreement test")
     parser.add_argument("--disable", type=bool, default=False, help="evaluate with each expert disabled (costly)")
     parser.add_argument(
@@ -62,8 +74,10 @@ def build_analyze_parser() -> ArgumentParser:
 
 def print_summary(summary: dict[str, Any]) -> None:
     correlation = summary["correlation"]
-    skipped = ", ".join(f"{count} {reason}" for reason, count in correlation["skipped"].items()) or "none"
+    skipped = "; ".join(f"{reason}: {shortened(names)}" for reason, names in correlation["skipped"].items()) or "none"
     print(f"analysed {summary['run']} at step {summary['step']}: {summary['tasks']} seen tasks")
+    print(f"task features: {features_by_kind(summary['features'])}")
+    print(f"group_by: {summary['group_by']['feature'] or 'none'} ({summary['group_by']['reason']})")
     print(
         f"feature correlation: {correlation['tests']} tests, {correlation['significant']} significant "
         f"(BH); columns not tested: {skipped}"
@@ -71,11 +85,15 @@ def print_summary(summary: dict[str, Any]) -> None:
     for row in correlation["top"]:
         print(f"  {row['feature']} ~ {row['usage']}: r={row['r']:+.3f}, q={row['q']:.2e}")
     agreement = summary["skill_agreement"]
+    if agreement["feature"] is not None:  # else the reason is why it was not measured, printed below
+        print(f"skill_feature: {agreement['feature']} ({agreement['reason']})")
+    if agreement.get("tasks_without_feature"):
+        print(f"  left out of the agreement, without {agreement['feature']!r}: {agreement['tasks_without_feature']}")
     if "skipped" in agreement:
         print(f"route–skill agreement: not measured ({agreement['skipped']})")
     else:
         print(
-            f"route–skill agreement: {agreement['sharing']:.3f} for pairs sharing a skill vs "
+            f"route–skill agreement ({agreement['feature']}): {agreement['sharing']:.3f} for pairs sharing a skill vs "
             f"{agreement['not_sharing']:.3f} for pairs sharing none (p={agreement['p_permutation']:.4f}, permutation); "
             f"argmax routes: {agreement['argmax']['sharing']:.3f} vs {agreement['argmax']['not_sharing']:.3f} "
             f"(p={agreement['argmax']['p_permutation']:.4f})"

@@ -349,9 +349,10 @@ def order_by_partition(tasks: Sequence[Task]) -> list[Task]:
 def feature_table(tasks: Sequence[Task]) -> tuple[list[str], np.ndarray]:
     """Task features as a numeric table for correlation with expert usage.
 
-    Returns (columns, table) with table of shape (num_tasks, num_columns). A number or bool feature is
-    one column with its value; a string feature `f` becomes one indicator column `f=value` per value;
-    a list feature becomes one indicator column per element. Missing features are NaN (numbers) or 0.
+    Returns (columns, table) with table of shape (num_tasks, num_columns). A number feature is one
+    column with its value; a string or bool feature `f` becomes one indicator column `f=value` per
+    value (`f=true`, `f=false`: as JSON writes them); a list feature becomes one indicator column per
+    element. Missing features are NaN (numbers) or 0 (indicators: a task without `f` is in none).
     """
     columns: dict[str, None] = {}
     indicators: set[str] = set()
@@ -359,11 +360,12 @@ def feature_table(tasks: Sequence[Task]) -> tuple[list[str], np.ndarray]:
     for task in tasks:
         row = {}
         for name, value in task.features.items():
-            if isinstance(value, bool | int | float):
+            if isinstance(value, str | bool):
+                column = f"{name}={str(value).lower() if isinstance(value, bool) else value}"
+                row[column] = 1.0
+                indicators.add(column)
+            elif isinstance(value, int | float):
                 row[name] = float(value)
-            elif isinstance(value, str):
-                row[f"{name}={value}"] = 1.0
-                indicators.add(f"{name}={value}")
             elif isinstance(value, list | tuple):
                 row.update({f"{name}={item}": 1.0 for item in value})
                 indicators.update(f"{name}={item}" for item in value)
