@@ -227,7 +227,7 @@ def test_a_second_call_loads_from_the_cache_and_a_changed_input_recomputes(folde
     assert len(list(tmp_path.glob("*.pt"))) == 3 and len(calls) > encoded
 
 
-def test_compute_errors_name_the_option(folder, tokenizer):
+def test_compute_errors_name_the_option(folder, tokenizer, tmp_path):
     tasks = make_tasks()
     with pytest.raises(ValueError, match="representation kind is 'task2vec'; allowed: 'text', 'fisher'"):
         compute_representations("task2vec", tasks, encoder=str(folder))
@@ -237,8 +237,14 @@ def test_compute_errors_name_the_option(folder, tokenizer):
         compute_representations("text", tasks, model=moe(folder))
     with pytest.raises(ValueError, match="`dim` is 0; it must be a positive integer"):
         compute_representations("text", tasks, encoder=str(folder), dim=0)
-    with pytest.raises(ValueError, match="is not a model folder"):
+    with pytest.raises(ValueError, match=r"`encoder` '.*nowhere': no such folder; give a local model folder"):
         compute_representations("text", tasks, encoder=str(folder / "nowhere"))
+    with pytest.raises(ValueError, match=r"is not a model folder .no config.json."):
+        compute_representations("text", tasks, encoder=str(tmp_path))
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((folder / name).read_bytes())
+    with pytest.raises(ValueError, match=r"`encoder` '.*': its model could not be loaded"):  # no weights
+        compute_representations("text", tasks, encoder=str(tmp_path))
 
 
 # --- moe-mtl represent ----------------------------------------------------------------------------------

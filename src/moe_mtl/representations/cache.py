@@ -17,7 +17,9 @@ from ..data.tokenizer import text_hash, tokenizer_fingerprint
 from ..models import MoEBartForConditionalGeneration
 from ..models.conversion import ROUTING_PARAMETERS
 
-CACHE_VERSION = 1  # bump when the computation changes, so old cache files are not reused
+# bump when the computation changes, so old cache files are not reused (2: encoder-only folders encode with the whole
+# model, sentence-transformers folders pool as they declare)
+CACHE_VERSION = 2
 
 Model = nn.Module  # a MoE-BART, or a Hugging Face model loaded from a folder
 

@@ -1,7 +1,9 @@
 """Computing task representations (Ye et al. 2022): text and Fisher representations of tasks.
 
 - text: the mean, over a task's training inputs, of the mean-pooled last encoder states (padding left out), from
-  the model's own encoder or any local Hugging Face encoder folder.
+  the model's own encoder or any local Hugging Face folder: an encoder-decoder's encoder, or an encoder-only model
+  such as the sentence encoder all-MiniLM-L6-v2 (`representations.pretrained`), whose sentence embeddings are
+  pooled as its sentence-transformers files say (the mean over tokens, then L2 normalisation).
 - fisher: the diagonal Fisher information of the model's layer weights on a task's training examples (squared
   gradients of each target's log-likelihood, averaged over examples), reduced by a seeded count sketch.
 Files of precomputed representations are `representations.files`.
@@ -50,6 +52,7 @@ from ..models import MoEBartConfig, MoEBartForConditionalGeneration
 from ..models.conversion import ROUTING_PARAMETERS
 from .cache import Model, folder_fingerprint, model_fingerprint, representation_fingerprint
 from .files import load_representations, save_representations
+from .pretrained import SentencePooling, sentence_pooling
 
 log = logging.getLogger(__name__)
 
@@ -95,12 +98,13 @@ def uniform_routing(model: MoEBartForConditionalGeneration, batch_size: int) -> 
 
 
 def encoder_states(model: Model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Last encoder states (B, L, d): a MoE-BART's under uniform routing; else the model's encoder (or the
-    model itself, for an encoder-only model)."""
+    """Last encoder states (B, L, d): a MoE-BART's under uniform routing; an encoder-decoder's encoder; else the
+    model itself (an encoder-only model, e.g. a BertModel)."""
     if isinstance(model, MoEBartForConditionalGeneration):
         routing = uniform_routing(model, len(input_ids))
         return model.model.encoder(input_ids=input_ids, attention_mask=attention_mask, **routing).last_hidden_state
-    encoder = model.get_encoder() if hasattr(model, "get_encoder") else model
+    # not `get_encoder` of every model: a BertModel's is its layer stack, which takes embeddings, not token ids
+    encoder = model.get_encoder() if model.config.is_encoder_decoder else model
     return encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
@@ -201,14 +205,21 @@ def _batches(
 
 @torch.no_grad()
 def text_vector(
-    model: Model, tokenizer, examples: Sequence[Example], batch_size: int, lengths: tuple[int, int]
+    model: Model,
+    tokenizer,
+    examples: Sequence[Example],
+    batch_size: int,
+    lengths: tuple[int, int],
+    normalize: bool = False,
 ) -> torch.Tensor:
-    """(d,): the mean over `examples` of their mean-pooled last encoder states."""
+    """(d,): the mean over `examples` of their sentence embeddings: mean-pooled last encoder states, L2-normalised
+    if `normalize` (a sentence encoder's own embedding, as its model card computes it)."""
     device = next(model.parameters()).device
-    pooled = [
-        mean_pooled(encoder_states(model, batch["input_ids"], batch["attention_mask"]), batch["attention_mask"])
-        for batch in _batches(tokenizer, examples, batch_size, lengths, device)
-    ]
+    pooled = []
+    for batch in _batches(tokenizer, examples, batch_size, lengths, device):
+        mask = batch["attention_mask"]
+        sentences = mean_pooled(encoder_states(model, batch["input_ids"], mask), mask)
+        pooled.append(F.normalize(sentences.float(), dim=-1) if normalize else sentences)
     return torch.cat(pooled).double().mean(0).cpu()
 
 
@@ -267,6 +278,8 @@ def read_model_folder(path: str | Path) -> tuple[PretrainedConfig, PreTrainedTok
     """The configuration and tokenizer of a local Hugging Face model folder (the weights are loaded later, and
     only when the cache does not already hold the result)."""
     path = Path(path)
+    if not path.is_dir():
+        raise UsageError(f"`encoder` {str(path)!r}: no such folder; give a local model folder")
     if not (path / "config.json").is_file():
         raise UsageError(
             f"`encoder` {str(path)!r} is not a model folder (no config.json); give a local folder "
@@ -281,10 +294,18 @@ def read_model_folder(path: str | Path) -> tuple[PretrainedConfig, PreTrainedTok
 def load_folder_model(path: str | Path, config: PretrainedConfig, kind: str) -> Model:
     """The model of a folder: a saved MoE-BART, else `AutoModel` for "text" (any encoder, or the encoder of an
     encoder-decoder) and `AutoModelForSeq2SeqLM` for "fisher"; on the GPU if there is one."""
-    if config.model_type == MoEBartConfig.model_type:
-        model = MoEBartForConditionalGeneration.from_pretrained(path)
-    else:
-        model = (AutoModel if kind == "text" else AutoModelForSeq2SeqLM).from_pretrained(path)
+    if kind == "fisher" and not config.is_encoder_decoder:
+        raise UsageError(
+            f"`encoder` {str(path)!r} is an encoder-only {config.model_type} model: fisher representations take "
+            "gradients of a target's likelihood and need an encoder-decoder (e.g. a BART folder); use kind text"
+        )
+    try:
+        if config.model_type == MoEBartConfig.model_type:
+            model = MoEBartForConditionalGeneration.from_pretrained(path)
+        else:
+            model = (AutoModel if kind == "text" else AutoModelForSeq2SeqLM).from_pretrained(path)
+    except (OSError, ValueError) as err:  # e.g. no weights file
+        raise UsageError(f"`encoder` {str(path)!r}: its model could not be loaded ({err})") from None
     return model.to("cuda") if torch.cuda.is_available() else model
 
 
@@ -308,7 +329,8 @@ def compute_representations(
     kind: "text" or "fisher" (see the module docstring).
     model: a model in memory (a `MoEBartForConditionalGeneration`, or any Hugging Face encoder or
         encoder-decoder), with `tokenizer` the tokenizer of its training run.
-    encoder: instead of `model`, a local model folder with its tokenizer (see `load_folder_model`).
+    encoder: instead of `model`, a local model folder with its tokenizer (see `load_folder_model`); a
+        sentence-transformers folder's text is pooled as it declares (`pretrained.sentence_pooling`).
     dim: the width wanted; None keeps the native one (d_model for "text", every weight of
         `fisher_parameters` for "fisher"). Text is reduced by `random_projection`, Fisher by `count_sketch`.
     max_examples: training examples per task (evenly spaced, see `training_examples`).
@@ -337,9 +359,10 @@ def compute_representations(
     if encoder is not None:
         config, folder_tokenizer = read_model_folder(encoder)
         tokenizer = tokenizer or folder_tokenizer
+    pooling = sentence_pooling(encoder) if encoder is not None and kind == "text" else SentencePooling()
     examples = {task.name: training_examples(task, max_examples, fewshot_seed) for task in tasks}
     positions = getattr(config, "max_position_embeddings", None) or tokenizer.model_max_length
-    lengths = (max_input_length or positions, max_target_length or positions)
+    lengths = (min(max_input_length or positions, pooling.max_length or positions), max_target_length or positions)
 
     path = None
     if cache_dir is not None:
@@ -357,7 +380,10 @@ def compute_representations(
     with _evaluation_mode(model):
         if kind == "text":
             vectors = torch.stack(
-                [text_vector(model, tokenizer, chosen, batch_size, lengths) for chosen in examples.values()]
+                [
+                    text_vector(model, tokenizer, chosen, batch_size, lengths, normalize=pooling.normalize)
+                    for chosen in examples.values()
+                ]
             )
             if dim is not None and dim != vectors.shape[1]:
                 vectors = vectors @ random_projection(vectors.shape[1], dim)

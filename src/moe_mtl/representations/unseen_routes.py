@@ -1,6 +1,7 @@
 """Routes of unseen tasks: tasks a trained model has no trained task-table row for (Ye et al. 2022, §6).
 
-Sources (model option `transfer.unseen_routes`):
+Sources (model option `transfer.unseen_routes`; their representations: `transfer.representation`, a kind of the
+model's own encoder, `text:<encoder folder>`, or a file):
     representation  the task's representation (text, Fisher, or from a file) as its task-table row, through the
                     trained router: meaningful when the table was trained on representations of that kind.
     nearest         the row of the seen task nearest by cosine similarity of representations (so the router gives
@@ -35,6 +36,16 @@ NEEDS_REPRESENTATIONS = ("representation", "nearest")
 # width of the representations "nearest" compares: text in its native width (d_model), Fisher sketched (its native
 # width is every weight of the model, per task)
 NEAREST_WIDTH = {"text": None, "fisher": 1024}
+# `transfer.representation: text:<folder>`: text representations from a local encoder folder, not the model's own
+ENCODER_PREFIX = "text:"
+
+
+def representation_encoder(representation: str) -> str | None:
+    """The encoder folder of a representation option `text:<folder>` (e.g. all-MiniLM-L6-v2's,
+    `pretrained.minilm_folder`); None for a kind of the model's own ("text", "fisher") or a file."""
+    if representation.startswith(ENCODER_PREFIX) and not Path(representation).is_file():
+        return representation[len(ENCODER_PREFIX) :]
+    return None
 
 
 def nearest_rows(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -59,16 +70,25 @@ def random_routes(num_tasks: int, num_layers: int, num_experts: int, seed: int, 
 
 
 def check_source(unseen_routes: str, representation: str, routing: str) -> None:
-    """Options of the unseen routes: a known source, a representation kind or an existing file, and a source the
-    routing supports (token routing has no task router: no route override)."""
+    """Options of the unseen routes: a known source; a representation kind, an encoder folder (`text:<folder>`)
+    or an existing file; and a source the routing supports (token routing has no task router: no route override)."""
     if unseen_routes not in UNSEEN_ROUTES:
         raise UsageError(
             f"model option `transfer.unseen_routes` is {unseen_routes!r}; allowed: {', '.join(UNSEEN_ROUTES)}"
         )
-    if representation not in REPRESENTATION_KINDS and not Path(representation).is_file():
+    encoder = representation_encoder(representation)
+    if encoder is not None and not (Path(encoder) / "config.json").is_file():
+        missing = "does not exist" if not Path(encoder).is_dir() else "has no config.json (not a model folder)"
+        raise UsageError(
+            f"model option `transfer.representation` is {representation!r}: the encoder folder {encoder!r} {missing}; "
+            f"give {ENCODER_PREFIX}<a local Hugging Face encoder folder>, e.g. all-MiniLM-L6-v2's "
+            "(moe_mtl.representations.pretrained.minilm_folder)"
+        )
+    if encoder is None and representation not in REPRESENTATION_KINDS and not Path(representation).is_file():
         raise UsageError(
             f"model option `transfer.representation` is {representation!r}: neither a kind "
-            f"({', '.join(REPRESENTATION_KINDS)}) nor an existing representation file"
+            f"({', '.join(REPRESENTATION_KINDS)}), an encoder folder ({ENCODER_PREFIX}<folder>) nor an existing "
+            "representation file"
         )
     if routing == "token" and unseen_routes == "random":
         raise UsageError(
@@ -156,11 +176,13 @@ def representations_of_tasks(
     source: str,
 ) -> torch.Tensor:
     """(T, d) representations of the tasks `task_names` (task-id order) for the unseen-route `source`: read from a
-    representation file (which must hold exactly these tasks), or computed ("text", "fisher") by
-    `representations.compute` from the tasks of `datamodule` with the model's own encoder, cached in
-    `<data output_dir>/representations`: of the table's width `task_dim` for "representation" (the reduction is a
-    fixed projection, as in the files `moe-mtl represent` writes), of `NEAREST_WIDTH` for "nearest"."""
-    if representation not in REPRESENTATION_KINDS:
+    representation file (which must hold exactly these tasks), or computed by `representations.compute` from the
+    tasks of `datamodule` ("text", "fisher": with the model's own encoder and the run's tokenizer; `text:<folder>`:
+    with the folder's encoder and tokenizer), cached in `<data output_dir>/representations`: of the table's width
+    `task_dim` for "representation" (the reduction is a fixed projection, as in the files `moe-mtl represent`
+    writes), of `NEAREST_WIDTH` for "nearest"."""
+    encoder = representation_encoder(representation)
+    if encoder is None and representation not in REPRESENTATION_KINDS:
         return load_representations(representation, task_names)
     if datamodule is None:
         raise UsageError(
@@ -173,12 +195,13 @@ def representations_of_tasks(
             f"({shortened(list(task_names))})"
         )
     hp = datamodule.hparams
+    kind = "text" if encoder is not None else representation
+    own = {"model": model, "tokenizer": tokenizer} if encoder is None else {"encoder": encoder}
     return compute_representations(
-        representation,
+        kind,
         datamodule.tasks,
-        model=model,
-        tokenizer=tokenizer,
-        dim=model.moe_options.task_dim if source == "representation" else NEAREST_WIDTH[representation],
+        **own,
+        dim=model.moe_options.task_dim if source == "representation" else NEAREST_WIDTH[kind],
         cache_dir=Path(hp.output_dir) / "representations",
         max_input_length=hp.max_input_length,
         max_target_length=hp.max_target_length,
@@ -211,8 +234,9 @@ class UnseenTasks:
         datamodule=None,
         tokenizer=None,
     ) -> None:
-        """Route the unseen tasks by `source` (`assign_unseen_routes`); computed representations ("text", "fisher")
-        need the data module's tasks and the run's tokenizer, a representation file neither."""
+        """Route the unseen tasks by `source` (`assign_unseen_routes`); computed representations ("text", "fisher",
+        `text:<folder>`) need the data module's tasks (and the run's tokenizer, but for a folder's encoder), a
+        representation file neither."""
         vectors = None
         if source in NEEDS_REPRESENTATIONS and self.unseen:
             vectors = representations_of_tasks(representation, task_names, datamodule, model, tokenizer, source)
@@ -239,5 +263,6 @@ __all__ = [
     "check_source",
     "nearest_rows",
     "random_routes",
+    "representation_encoder",
     "representations_of_tasks",
 ]

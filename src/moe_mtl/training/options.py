@@ -124,7 +124,9 @@ class TransferOptions:
     router is frozen). See `moe_mtl.representations.unseen_routes`."""
     representation: str = "text"
     """Task representations of "representation" and "nearest": "text" or "fisher" (computed with the model's own
-    encoder, cached in `<data output_dir>/representations`), or a representation file."""
+    encoder), "text:<folder>" (text representations from a local Hugging Face encoder folder and its tokenizer, e.g.
+    the pretrained sentence encoder all-MiniLM-L6-v2: `moe_mtl.representations.pretrained.minilm_folder`), each
+    cached in `<data output_dir>/representations`; or a representation file (`moe-mtl represent`)."""
     finetune: Literal["all", "task_table"] = "all"
     """Which weights train: "all", or "task_table" only (everything else frozen, e.g. with `unseen_routes:
     learned`)."""
