@@ -21,6 +21,7 @@ from transformers import BartForConditionalGeneration
 from moe_mtl import MoEBartForConditionalGeneration, MoEOptions
 from moe_mtl.cli import main
 from moe_mtl.commands.lightning import run_lightning
+from moe_mtl.runs import checkpoint_fixed_routes
 from moe_mtl.training import TemperatureAnnealing, TwoStageTraining
 from moe_mtl.training.callbacks.clipping import GroupGradientClipping
 from moe_mtl.training.schedules import temperature_at
@@ -85,7 +86,7 @@ def test_fit_config_trains_two_steps_into_stage_two(config, crossfit, tmp_path, 
     checkpoint = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
     assert checkpoint["global_step"] == 2
     if two_stage(original):
-        assert checkpoint["moe_mtl"]["stage"] == 2 and checkpoint["moe_mtl"]["stage_info"]["switch_step"] == 1
+        assert checkpoint_fixed_routes(checkpoint) == original["two_stage"].get("routes", "argmax")
         assert checkpoint["callbacks"]["TwoStageTraining"]["switched_at"] == 1
     assert list(run.glob("evaluation/val-epoch*-step2.json"))
     if original["data"].get("source") == "crossfit":  # every task of the partition: seen, then dev, then test
@@ -148,7 +149,7 @@ def test_baseline_overlay_over_a_fit_config_trains_two_steps(config, overlay, cr
     assert asdict(options).items() >= stated["model"]["moe"].items() and trainer.global_step == 2
     switching = only(trainer.callbacks, TwoStageTraining).enabled
     assert switching == (options.routes == "learned")  # the learned baseline keeps the fit config's two stages
-    assert module.stage == (2 if switching else 1)
+    assert only(trainer.callbacks, TwoStageTraining).stage == (2 if switching else 1)
     logged = trainer.logged_metrics
     if options.routes == "learned":
         assert logged["train/stage"] == 2.0
@@ -179,7 +180,9 @@ def test_ablation_overrides_take_effect(overrides, crossfit, tmp_path, monkeypat
     cli = fit(["--config", shrunk_config(QUICKSTART, tmp_path, crossfit), *overrides], max_steps=3)
     module, trainer, flags = cli.model, cli.trainer, dict(flag.split("=") for flag in overrides)
     assert trainer.global_step == 3
-    assert module.hparams.moe["selection"] == flags["--model.moe.selection"]  # stage one's
+    switched = only(trainer.callbacks, TwoStageTraining).switched_at is not None
+    # the options in effect: stage one's selection, then stage two's fixed routes
+    assert module.hparams.moe["selection"] == ("argmax" if switched else flags["--model.moe.selection"])
     lrs = {group["group"]: group["initial_lr"] for group in trainer.optimizers[0].param_groups}  # before the schedule
     if "--model.optim.two_speed_lr" in flags:  # every group at `optim.lr`
         assert lrs["router"] == lrs["task_table"] == lrs["backbone"] == module.optim.lr
@@ -196,11 +199,11 @@ def test_ablation_overrides_take_effect(overrides, crossfit, tmp_path, monkeypat
         assert only(trainer.callbacks, GroupGradientClipping).max_norms == {"router": 0.5}
         assert "grad_norm/router" in trainer.logged_metrics and "grad_norm/backbone" not in trainer.logged_metrics
     if flags["--two_stage.switch_step"] == "null":  # one stage: nothing fixed, nothing frozen, and the log says so
-        assert module.stage == 1 and two_stage_training.switched_at is None
+        assert two_stage_training.stage == 1 and two_stage_training.switched_at is None
         assert all(param.requires_grad for param in module.parameters())
         assert module.model.router.selection == "softmax" and trainer.logged_metrics["train/stage"] == 1.0
     else:  # stage two from step 2; stage one ran at τ(0) = 3.0 and τ(1), and stage two (argmax) keeps τ(1)
-        assert two_stage_training.switched_at == 2 and module.stage_info["switch_step"] == 2
+        assert two_stage_training.switched_at == 2 and module.hparams["moe"]["freeze_router"]
         assert annealing.temperature == temperature_at(1, 3.0, 0.1, "exp", 0.5)
         assert module.model.router.temperature.item() == pytest.approx(annealing.temperature)
 

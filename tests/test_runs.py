@@ -190,9 +190,14 @@ def test_computed_text_representations_route_the_unseen_tasks_when_the_data_is_s
     assert torch.equal(module.model.task_table.embedding.weight, table)
 
 
-def test_a_fit_that_would_learn_an_upstream_runs_fixed_routes_again_is_warned(upstream, tmp_path):
+@pytest.mark.parametrize("kept_by", ["options", "earlier-checkpoint"])
+def test_a_fit_that_would_learn_an_upstream_runs_fixed_routes_again_is_warned(upstream, tmp_path, kept_by):
     checkpoint = torch.load(upstream, map_location="cpu", weights_only=True)
-    checkpoint["moe_mtl"] = {**checkpoint.get("moe_mtl", {}), "stage": 2, "stage_info": {"routes": "argmax"}}
+    if kept_by == "options":  # as TwoStageTraining leaves them at the switch
+        moe = checkpoint["hyper_parameters"]["moe"]
+        moe.update(selection="argmax", freeze_router=True, freeze_task_table=True)
+    else:  # an earlier moe-mtl kept stage two apart from the options
+        checkpoint["moe_mtl"] = {**checkpoint.get("moe_mtl", {}), "stage": 2, "stage_info": {"routes": "argmax"}}
     fixed = tmp_path / "stage_two.ckpt"
     torch.save(checkpoint, fixed)
     assert read_upstream(fixed).stage_routes == "argmax" and read_upstream(upstream).stage_routes is None

@@ -184,10 +184,21 @@ def read_upstream(init_from: str | Path) -> UpstreamRun:
         for key, value in checkpoint["state_dict"].items()
         if key.startswith(MODEL_PREFIX)
     }
-    training = checkpoint.get("moe_mtl") or {}  # MoEMultiTaskModule.on_save_checkpoint's
-    stage_routes = (training.get("stage_info") or {}).get("routes") if training.get("stage") == 2 else None
     data = dict(checkpoint.get("datamodule_hyper_parameters") or {})
-    return UpstreamRun(path, dict(hparams), data, state, stage_routes)
+    return UpstreamRun(path, dict(hparams), data, state, checkpoint_fixed_routes(checkpoint))
+
+
+def checkpoint_fixed_routes(checkpoint: Mapping[str, Any]) -> str | None:
+    """How the learned routes of a checkpoint's model are fixed ("argmax" or "softmax": stage two, or a run that
+    froze its router), else None. Read from its `moe` hyper-parameters; a checkpoint of an earlier moe-mtl kept
+    the stage apart, in "moe_mtl"."""
+    from .models.config import STAGE_ROUTES
+
+    moe = (checkpoint.get("hyper_parameters") or {}).get("moe") or {}
+    if moe.get("freeze_router") and moe.get("selection") in STAGE_ROUTES:  # (freeze_router: learned routes only)
+        return moe["selection"]
+    old = checkpoint.get("moe_mtl") or {}
+    return (old.get("stage_info") or {}).get("routes", "argmax") if old.get("stage") == 2 else None
 
 
 @dataclass

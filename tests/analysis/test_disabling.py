@@ -14,6 +14,7 @@ from moe_mtl.analysis.disabling import (
     validation_loader,
     without_expert,
 )
+from moe_mtl.training.callbacks.two_stage import fix_routes
 
 from ..training.conftest import tiny_module, tiny_trainer
 
@@ -39,7 +40,7 @@ def test_learned_routes_move_to_the_next_best_expert_at_that_layer_only(data):
     assert (disabled[:, 1, 0] == 0).all()
 
     # a frozen softmax router (stage two, softmax routes): its route renormalised over the other experts
-    module.enter_stage_two("softmax", temperature=2.0)
+    fix_routes(module.model, "softmax", temperature=2.0)
     intact = evaluation_routes(module)
     torch.testing.assert_close(routes_without_expert(module, 2, 1)[:, 2], without_expert(intact[:, 2], 1))
 

@@ -161,7 +161,7 @@ def test_nothing_to_export_is_a_usage_error(capsys, tmp_path):
 
 def test_stage_two_softmax_routes_are_refused_but_all_still_exports(run, capsys, tmp_path):
     checkpoint = torch.load(run["ckpt"], map_location="cpu", weights_only=False)
-    checkpoint["moe_mtl"]["stage_info"]["routes"] = "softmax"  # as if TwoStageTraining(routes="softmax") had run
+    checkpoint["hyper_parameters"]["moe"]["selection"] = "softmax"  # as if TwoStageTraining(routes="softmax") ran
     soft = tmp_path / "softmax.ckpt"
     torch.save(checkpoint, soft)
     task = run["tasks"][0]

@@ -278,5 +278,6 @@ def test_fit_runs_a_sparse_stage_one_through_the_two_stage_schedule(tmp_path, mo
     assert [value for _, value in scalars["train/stage"]] == [1.0, 1.0, 2.0, 2.0]
     assert ("train/reinforce_surrogate" in scalars) == (selection == "reinforce")
     checkpoint = torch.load(tmp_path / "runs/tiny/version_0/checkpoints/last.ckpt", weights_only=False)
-    assert checkpoint["hyper_parameters"]["moe"]["selection"] == selection  # as configured
+    assert checkpoint["callbacks"]["TwoStageTraining"]["switched_at"] == 2
+    assert checkpoint["hyper_parameters"]["moe"]["selection"] == "argmax"  # stage two's, after the configured one
     assert checkpoint["state_dict"]["model.model.encoder.router.temperature"] < 2.0  # annealed in stage one

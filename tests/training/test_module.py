@@ -8,6 +8,7 @@ import csv
 import json
 import warnings
 from collections import defaultdict
+from dataclasses import asdict
 
 import lightning as L
 import pytest
@@ -61,7 +62,8 @@ def test_training_step_logs_the_label_smoothed_loss_learning_rates_and_temperatu
     )
     logger, probe = MetricsLogger(), LossProbe()
     annealing = TemperatureAnnealing(start=2.0, end=0.5, rate=0.5)
-    make_trainer(logger=logger, log_every_n_steps=1, callbacks=[annealing, probe]).fit(module, datamodule=two_tasks)
+    callbacks = [annealing, TwoStageTraining(), probe]  # TwoStageTraining logs the stage: one, as the CLI's default
+    make_trainer(logger=logger, log_every_n_steps=1, callbacks=callbacks).fit(module, datamodule=two_tasks)
 
     logged = logger.metrics
     assert logged["train/loss"] == [f32(v) for v in probe.expected]
@@ -102,11 +104,21 @@ def test_fit_start_asks_ddp_for_unused_parameter_detection_where_parameters_idle
     module.on_fit_start()
 
 
-def test_a_run_resumed_in_stage_two_asks_ddp_for_unused_parameter_detection(two_tasks):
+@pytest.mark.parametrize(
+    "checkpoint",
+    [
+        {"callbacks": {"TwoStageTraining": {"switched_at": 3, "routes": "argmax"}}},
+        {"moe_mtl": {"stage": 2, "stage_info": {"routes": "argmax", "switch_step": 3}}},  # an earlier moe-mtl's
+    ],
+    ids=["callback-state", "earlier-checkpoint"],
+)
+def test_a_run_resumed_in_stage_two_asks_ddp_for_unused_parameter_detection(two_tasks, checkpoint):
     # the checkpoint's stage-two routes are restored after `setup`, so the check must see them
     module = make_module(two_tasks)
     module.trainer = make_trainer(strategy=DDPStrategy())
-    module.on_load_checkpoint({"moe_mtl": {"stage": 2, "stage_info": {"routes": "argmax", "switch_step": 3}}})
+    two_stage = TwoStageTraining(switch_step=3)
+    two_stage.on_load_checkpoint(module.trainer, module, checkpoint)
+    assert two_stage.switched_at == 3 and module.hparams["moe"]["selection"] == "argmax"
     with pytest.raises(ValueError, match="argmax selection"):
         module.on_fit_start()
 
@@ -215,14 +227,15 @@ def test_stage_two_survives_a_checkpoint_round_trip(two_tasks, tmp_path, routes,
     switch, guard = TwoStageTraining(switch_step=1, routes=routes, temperature=temperature), NanGuard()
     trainer = make_trainer(max_steps=2, callbacks=[switch, guard])
     trainer.fit(module, datamodule=two_tasks)
-    assert module.stage == 2
+    assert switch.stage == 2
     guard.skipped_batches = 2  # kept with the stage
     trainer.save_checkpoint(tmp_path / "stage2.ckpt")
 
     loaded = MoEMultiTaskModule.load_from_checkpoint(tmp_path / "stage2.ckpt")
-    assert loaded.stage == 2 and loaded.stage_info == {"routes": routes, "switch_step": 1} == module.stage_info
-    saved_callbacks = torch.load(tmp_path / "stage2.ckpt", weights_only=False)["callbacks"]
-    assert saved_callbacks[guard.state_key] == {"skipped_batches": 2}
+    saved = torch.load(tmp_path / "stage2.ckpt", weights_only=False)
+    assert saved["callbacks"][guard.state_key] == {"skipped_batches": 2}
+    assert saved["callbacks"][switch.state_key] == {"switched_at": 1, "routes": routes}
+    assert loaded.hparams["moe"] == saved["hyper_parameters"]["moe"] == asdict(loaded.model.moe_options)
     router = loaded.model.router
     assert router.selection == routes and loaded.model.config.moe["selection"] == routes
     assert not any(p.requires_grad for p in router.parameters())
@@ -239,7 +252,7 @@ def test_stage_two_survives_a_checkpoint_round_trip(two_tasks, tmp_path, routes,
     switch, guard = TwoStageTraining(switch_step=1, routes=routes, temperature=temperature), NanGuard()
     trainer = make_trainer(max_steps=3, callbacks=[switch, guard])
     trainer.fit(resumed, datamodule=two_tasks, ckpt_path=tmp_path / "stage2.ckpt")
-    assert trainer.global_step == 3 and resumed.stage == 2 and resumed.stage_info == module.stage_info
+    assert trainer.global_step == 3 and switch.stage == 2 and switch.switched_at == 1
     assert guard.skipped_batches == 2 and resumed.model.router.selection == routes
     assert torch.equal(resumed.route_table(), module.route_table())
 

@@ -22,9 +22,16 @@ from ..data import MultiTaskDataModule
 from ..errors import UsageError
 from ..models import MoEOptions
 from ..models.build import check_lengths, model_positions
-from ..models.config import SHAPE_OPTIONS
+from ..models.config import SHAPE_OPTIONS, fixed_route_options
 from ..representations.files import read_task_embeddings
-from ..runs import checkpoint_run_folder, read_checkpoint, read_upstream, resume_mismatch, run_tokenizer_path
+from ..runs import (
+    checkpoint_fixed_routes,
+    checkpoint_run_folder,
+    read_checkpoint,
+    read_upstream,
+    resume_mismatch,
+    run_tokenizer_path,
+)
 from ..training import MoEMultiTaskModule
 from ..training.callbacks import CALLBACK_GROUPS
 from ..training.options import OPTION_GROUPS, module_options
@@ -101,9 +108,10 @@ class MoEMTLCLI(LightningCLI):
         )
 
     def _parse_ckpt_path(self) -> None:
-        """With `--ckpt_path`, take the model's architecture options from the checkpoint, as LightningCLI does, but
-        only those: LightningCLI would also override evaluation options given on the command line
-        (`--model.evaluation.num_beams`, `--model.evaluation.results_dir`) with the checkpoint's values, silently."""
+        """With `--ckpt_path`, take the model's architecture options and fixed routes (stage two) from the checkpoint,
+        as LightningCLI does, but only those: LightningCLI would also override evaluation options given on the
+        command line (`--model.evaluation.num_beams`, `--model.evaluation.results_dir`) with the checkpoint's values,
+        silently."""
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         self.ckpt_contents = None  # read once here: `_check_transfer` looks at it again
@@ -114,6 +122,8 @@ class MoEMTLCLI(LightningCLI):
         kept = {key: hparams[key] for key in CHECKPOINT_OPTIONS if key in hparams}
         if "moe" in kept:
             kept["moe"] = {key: value for key, value in kept["moe"].items() if key in CHECKPOINT_MOE_OPTIONS}
+            routes = checkpoint_fixed_routes(checkpoint)  # stage two's routes: the weights were trained with them
+            kept["moe"].update(fixed_route_options(routes) if routes is not None else {})
         if kept:
             try:
                 self.config = self.parser.parse_object({subcommand: {"model": kept}}, self.config)

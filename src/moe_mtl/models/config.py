@@ -20,6 +20,7 @@ ROUTINGS = ("task", "token")
 ROUTERS = ("mlp", "lstm", "gru", "transformer")
 SELECTIONS = ("softmax", "gumbel", "gumbel_st", "argmax", "switch", "reinforce")
 ROUTE_SOURCES = ("learned", "average", "random", "given")
+STAGE_ROUTES = ("argmax", "softmax")  # the selections of fixed learned routes (Ye et al.'s stage two)
 
 
 # options that decide the shape (or the fixed values) of the weights: a saved model or checkpoint decides them
@@ -36,6 +37,11 @@ SHAPE_OPTIONS = (
     "given_routes",
     "route_seed",
 )
+
+
+def fixed_route_options(routes: str) -> dict[str, Any]:
+    """The MoE options of learned routes fixed as `routes` ("argmax" or "softmax"): router and task table frozen."""
+    return {"selection": routes, "freeze_router": True, "freeze_task_table": True}
 
 
 def _check_choice(option: str, value: Any, allowed: tuple) -> None:

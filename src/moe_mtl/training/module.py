@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
@@ -21,7 +21,6 @@ from ..models.build import check_lengths
 from ..models.routing import route_table
 from ..representations.unseen_routes import UnseenTasks
 from ..runs import evaluation_stem, start_run_model, write_evaluation, write_predictions
-from .callbacks.two_stage import fix_routes
 from .distributed import check_unused_parameters
 from .losses import label_smoothed_nll, reinforce_surrogate, sequence_nll, task_route_balance
 from .optim import applied_learning_rates, build_optimizer
@@ -35,7 +34,7 @@ from .options import (
     module_options,
     task_lists,
 )
-from .schedules import StepSeeds, WarmupLinearDecay, recompute_learning_rates, warmup_steps_for
+from .schedules import StepSeeds, WarmupLinearDecay, warmup_steps_for
 
 log = logging.getLogger(__name__)
 
@@ -106,11 +105,6 @@ class MoEMultiTaskModule(LightningModule):
         positions = self.model.config.max_position_embeddings
         check_lengths(positions, max_input_length=max_input_length, max_target_length=max_target_length)
         self.lr_schedule: WarmupLinearDecay | None = None
-        # the routing state, saved with the weights (it is theirs: `load_from_checkpoint` restores it): 2 once the
-        # routes are fixed (`enter_stage_two`), with {"routes", "switch_step"}
-        self.stage = 1
-        self.stage_info: dict[str, Any] = {}
-        self.planned_switch_step: int | None = None  # stage two's first step, told by TwoStageTraining beforehand
         self._seeds = StepSeeds()
         self._epoch_evaluation: TaskEvaluation | None = None  # of the running validation or test epoch
         self._predictions: list[dict[str, Any]] = []  # rows of the running predict epoch
@@ -120,7 +114,7 @@ class MoEMultiTaskModule(LightningModule):
         self.pre_clip_grad_norms: dict[str, torch.Tensor] = {}
         self._checkpoint_step: int | None = None  # the global step of the checkpoint loaded, if any
 
-    # --- routing state, read and changed by the callbacks -----------------------------------------
+    # --- routing, read by the callbacks ---------------------------------------------------------------
 
     @property
     def seen_tasks(self) -> list[int]:
@@ -130,14 +124,6 @@ class MoEMultiTaskModule(LightningModule):
     def route_table(self) -> torch.Tensor:
         """The model's current routes (T, L, E): `moe_mtl.models.routing.route_table`."""
         return route_table(self.model)
-
-    def enter_stage_two(self, routes: Literal["argmax", "softmax"] = "argmax", temperature: float | None = None):
-        """Fix the routes (Ye et al.'s second stage, `fix_routes`) and record it in the routing state. Returns the
-        parameters frozen."""
-        frozen = fix_routes(self.model, routes, temperature)
-        self.stage = 2
-        self.stage_info = {"routes": routes, "switch_step": self.trainer.global_step if self._trainer else 0}
-        return frozen
 
     # --- training ---------------------------------------------------------------------------------
 
@@ -171,9 +157,8 @@ class MoEMultiTaskModule(LightningModule):
             loss = loss + surrogate
             self.log("train/reinforce_surrogate", surrogate, batch_size=size)
         if self.model.router is not None and self.model.router.learned:
-            # only learned task routes have a τ and two stages: fixed routes are neither learned nor "stage one"
+            # only learned task routes have a τ (TwoStageTraining logs their stage)
             self.log("train/temperature", self.model.router.temperature.float(), batch_size=size)
-            self.log("train/stage", float(self.stage), batch_size=size)
         if self._trainer is not None:
             lrs = applied_learning_rates(self.trainer.optimizers[0])
             self.log_dict({f"lr/{name}": lr for name, lr in lrs.items()}, batch_size=size)
@@ -208,29 +193,15 @@ class MoEMultiTaskModule(LightningModule):
         scheduler = LambdaLR(optimizer, self.lr_schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def restart_lr_schedule(self, start_step: int | None = None, total_steps: int | None = None) -> None:
-        """Start a new warmup and linear decay at `start_step` (default: now) lasting `total_steps` (default: the
-        remaining steps); a training stage of its own, as in the paper's two stages."""
-        if self.lr_schedule is None:
-            return
-        start = self.trainer.global_step if start_step is None else start_step
-        total = total_steps or max(1, int(self.trainer.estimated_stepping_batches) - start)
-        self.lr_schedule.restart(start, total, warmup_steps_for(self.optim.warmup, total))
-        recompute_learning_rates(config.scheduler for config in self.trainer.lr_scheduler_configs)
-
     # --- checkpoints ------------------------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["moe_mtl"] = {"stage": self.stage, "stage_info": self.stage_info, "seed": self._seeds.base}
+        checkpoint["moe_mtl"] = {"seed": self._seeds.base}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # runs before the weights load: re-fix stage-two routes so the run goes on in stage two
         check_checkpoint_tasks(checkpoint.get("hyper_parameters", {}).get("task_names"), self.task_names)
-        state = checkpoint.get("moe_mtl", {})
-        if state.get("stage") == 2:
-            self.enter_stage_two(state["stage_info"]["routes"])
-            self.stage_info = state["stage_info"]
-        self._seeds.resumed = state.get("seed")  # the resumed run keeps drawing the original run's numbers
+        # the resumed run keeps drawing the original run's numbers (TwoStageTraining restores the stage)
+        self._seeds.resumed = checkpoint.get("moe_mtl", {}).get("seed")
         self._checkpoint_step = int(checkpoint.get("global_step", 0))
 
     @property

@@ -11,6 +11,7 @@ from lightning.pytorch import Callback, Trainer
 from transformers import BartConfig, BartForConditionalGeneration
 
 from moe_mtl.models.conversion import dense_name
+from moe_mtl.training import TwoStageTraining
 
 from ..conftest import TINY_BART, tiny_trainer
 
@@ -47,7 +48,7 @@ class Recorder(Callback):
             Snapshot(
                 step=trainer.global_step,
                 tasks=batch["task_ids"].unique().tolist(),
-                stage=pl_module.stage,
+                stage=next((c.stage for c in trainer.callbacks if isinstance(c, TwoStageTraining)), 1),
                 selection=None if router is None else router.selection,
                 temperature=None if router is None else router.temperature.item(),
                 lrs={group["name"]: group["lr"] for group in optimizer.param_groups},

@@ -72,8 +72,9 @@ def test_annealing_state_round_trips_and_warns_about_a_changed_schedule():
 def test_fixed_routes_and_token_routing_have_no_temperature_to_anneal_nor_stage_to_log(data, tmp_path, moe):
     module = tiny_module(data, moe={**moe, "temperature": 1.5})
     annealing = TemperatureAnnealing(rate=0.5)
-    recorder = fit(module, data, tmp_path, [annealing, TwoStageTraining()], max_steps=2)
-    assert annealing.temperature is None and module.stage == 1
+    two_stage = TwoStageTraining()
+    recorder = fit(module, data, tmp_path, [annealing, two_stage], max_steps=2)
+    assert annealing.temperature is None and two_stage.stage == 1
     assert [s.temperature for s in recorder.steps] == [None if module.model.router is None else 1.5] * 2
     assert "train/loss" in module.trainer.logged_metrics
     assert not {"train/stage", "train/temperature"} & set(module.trainer.logged_metrics)

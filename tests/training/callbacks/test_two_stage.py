@@ -1,6 +1,7 @@
 """TwoStageTraining in real Lightning Trainer runs on the CPU."""
 
 import logging
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -26,7 +27,10 @@ def test_switch_fixes_argmax_routes_freezes_the_router_and_clears_only_its_optim
 
     assert [s.stage for s in recorder.steps] == [1] * SWITCH + [2] * (STEPS - SWITCH)
     assert [s.selection for s in recorder.steps] == ["gumbel_st"] * SWITCH + ["argmax"] * (STEPS - SWITCH)
-    assert (two_stage.switched_at, module.stage_info) == (SWITCH, {"routes": "argmax", "switch_step": SWITCH})
+    assert (two_stage.switched_at, two_stage.stage) == (SWITCH, 2)
+    # the options in effect, saved with checkpoints: `load_from_checkpoint` builds stage two from them
+    assert module.hparams["moe"] == asdict(module.model.moe_options)
+    assert module.hparams["moe"].items() >= {"selection": "argmax", "freeze_router": True}.items()
     assert routing <= before.trainable and not routing & at_switch.trainable
     assert at_switch.trainable == before.trainable - routing
     # Adam moments: cleared for the frozen router and task table, kept for everything else
@@ -139,7 +143,7 @@ def test_a_run_resumed_in_stage_two_stays_there_and_matches_an_uninterrupted_run
 
     first, original = recorder.steps[0], whole_run.steps[4]
     assert (first.step, first.stage, first.selection) == (4, 2, "argmax")
-    assert resumed_callbacks[1].switched_at == SWITCH and resumed.stage_info["switch_step"] == SWITCH
+    assert resumed_callbacks[1].switched_at == SWITCH and resumed.hparams["moe"]["freeze_task_table"]
     # not switched again: same trainable set, optimizer state kept, weights as saved (no re-initialisation)
     assert first.trainable == original.trainable and not routing_names(resumed) & first.trainable
     assert first.with_state == original.with_state and first.with_state

@@ -10,6 +10,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from ...errors import UsageError
 from ..schedules import TEMPERATURE_SCHEDULES, TemperatureSchedule, temperature_at
+from .two_stage import stage_two_start
 
 
 @dataclass
@@ -43,9 +44,9 @@ class TemperatureAnnealing(Callback):
     Default (the paper's stage one): τ = max(2.0 · exp(−3e-4 · step), 0.1). "linear" and "cosine" go from
     `start` to `end` over `total_steps` (default: the run's training steps). With `stage_two`, a second
     schedule runs from the two-stage switch on (e.g. the paper's softmax τ 300 → 1.0, rate 1e-4); without
-    it, the stage-two temperature set at the switch is kept. Stage two is read from the module's routing state
-    (`stage`, `stage_info`, and `planned_switch_step`, set by `TwoStageTraining` before the switch), so that the switch
-    step runs at the stage-two τ whichever of the two callbacks runs first. The module logs τ as train/temperature. Only
+    it, the stage-two temperature set at the switch is kept. The switch step is the `TwoStageTraining` callback's
+    (`stage_two_start`: planned, then taken), so that the switch step runs at the stage-two τ whichever of the two
+    callbacks runs first. The module logs τ as train/temperature. Only
     learned task routes have a τ: with fixed routes or token routing the callback does nothing. The `moe-mtl`
     command always has it, in its `temperature` group (`--temperature.rate 0` keeps τ at `start`).
 
@@ -74,7 +75,7 @@ class TemperatureAnnealing(Callback):
     def temperature_for(self, trainer: Trainer, pl_module: LightningModule) -> float | None:
         """τ for the coming optimizer step (None: leave the module's τ alone)."""
         total = max(1, int(trainer.estimated_stepping_batches))
-        switch = stage_two_step(pl_module)
+        switch = stage_two_start(trainer)
         if switch is not None and trainer.global_step >= switch:
             if self.stage_two is None:
                 return None
@@ -107,11 +108,3 @@ class TemperatureAnnealing(Callback):
                 "the resumed run follows this run's"
             )
         self.temperature = state_dict["temperature"]
-
-
-def stage_two_step(pl_module: LightningModule) -> int | None:
-    """The optimizer step from which `pl_module` routes in stage two: the switch step once switched, else the one
-    `TwoStageTraining` has planned (`planned_switch_step`); None: one stage (or a module without stages)."""
-    if getattr(pl_module, "stage", 1) == 2:
-        return pl_module.stage_info.get("switch_step", 0)
-    return getattr(pl_module, "planned_switch_step", None)

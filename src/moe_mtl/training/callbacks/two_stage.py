@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any, Literal
 
 import torch
@@ -10,9 +11,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from transformers import AutoConfig, BartForConditionalGeneration
 
 from ...errors import UsageError
+from ...models.config import STAGE_ROUTES, fixed_route_options
+from ...runs import checkpoint_fixed_routes
 from ..distributed import require_unused_parameter_detection
-
-STAGE_ROUTES = ("argmax", "softmax")
+from ..schedules import recompute_learning_rates, warmup_steps_for
 
 
 def fix_routes(model, routes: Literal["argmax", "softmax"] = "argmax", temperature: float | None = None):
@@ -30,7 +32,7 @@ def fix_routes(model, routes: Literal["argmax", "softmax"] = "argmax", temperatu
     frozen: list[torch.nn.Parameter] = [*router.parameters(), *model.task_table.parameters()]
     router.freeze(True)
     model.task_table.freeze(True)
-    model.config.moe = {**model.config.moe, "selection": routes, "freeze_task_table": True, "freeze_router": True}
+    model.config.moe = {**model.config.moe, **fixed_route_options(routes)}
     return frozen
 
 
@@ -46,13 +48,13 @@ class TwoStageTraining(Callback):
     `switch_epoch`): the routes become the router's argmax per task and layer, or its softmax at
     `temperature`; router and task table are frozen; experts (and the other BART weights) are optionally
     re-initialised from a dense checkpoint; optimizer state is cleared for every parameter changed;
-    the learning-rate warmup/decay optionally restarts. A run resumed in stage two stays there: the module
-    restores the fixed routes from its checkpoint and nothing is frozen or re-initialised again.
+    the learning-rate warmup/decay optionally restarts. A run resumed in stage two stays there: this callback
+    fixes the routes again from its checkpoint state, and nothing is frozen or re-initialised again.
 
-    What is whose: the routing state that the weights need is the module's (`stage`, `stage_info`, set by its
-    `enter_stage_two` and saved with its checkpoint, so `load_from_checkpoint` and evaluation restore it without
-    this callback); the plan (when, what else changes) and `switched_at` are this callback's. Before the switch it
-    sets the module's `planned_switch_step`, which `TemperatureAnnealing` reads.
+    The stage is this callback's state (`switched_at`, `stage`; logged as train/stage). The weights need only the
+    fixed-route options, which the switch writes into the module's `moe` hyper-parameters and the model's config:
+    `load_from_checkpoint`, `validate`/`test`/`predict --ckpt_path` and an exported model build stage two from
+    them without this callback. `TemperatureAnnealing` reads the switch step with `stage_two_start`.
 
     Args:
         switch_step: Optimizer step at which stage two begins (None, with `switch_epoch` None: one stage).
@@ -95,7 +97,12 @@ class TwoStageTraining(Callback):
         self.reinit_experts_from = reinit_experts_from
         self.reset_optimizer_state = reset_optimizer_state
         self.restart_lr_schedule = restart_lr_schedule
-        self.switched_at: int | None = None
+        self.switched_at: int | None = None  # the optimizer step of the switch, once switched
+
+    @property
+    def stage(self) -> int:
+        """1 until the switch, 2 after it."""
+        return 1 if self.switched_at is None else 2
 
     @property
     def enabled(self) -> bool:
@@ -144,12 +151,10 @@ class TwoStageTraining(Callback):
             )
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.switch_step is not None and hasattr(pl_module, "planned_switch_step"):
-            pl_module.planned_switch_step = self.switch_step  # read by TemperatureAnnealing
         # the paper's stage one is a run of its own: its warmup and decay span the steps up to the switch
         # (a resumed run then restores its schedule from the checkpoint)
-        if self.switch_step and self.restart_lr_schedule and pl_module.stage == 1:
-            pl_module.restart_lr_schedule(0, self.switch_step)
+        if self.switch_step and self.restart_lr_schedule and self.switched_at is None:
+            self._restart_schedule(trainer, pl_module, 0, self.switch_step)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         window_start = batch_idx % trainer.accumulate_grad_batches == 0  # never mid-accumulation
@@ -160,10 +165,15 @@ class TwoStageTraining(Callback):
         if self.switch_epoch is not None and trainer.current_epoch >= self.switch_epoch:
             self._switch(trainer, pl_module)
 
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
+        router = pl_module.model.router
+        if router is not None and router.learned:  # fixed routes and token routing have no stages
+            pl_module.log("train/stage", float(self.stage), batch_size=len(batch["task_ids"]))
+
     def _switch(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if pl_module.stage == 2:
+        if self.switched_at is not None:
             return
-        changed = pl_module.enter_stage_two(self.routes, self.temperature)
+        changed = self._fix_routes(pl_module)
         if self.reinit_experts_from is not None:
             dense = BartForConditionalGeneration.from_pretrained(self.reinit_experts_from)
             pl_module.model.load_dense_state_dict(dense.state_dict())
@@ -175,7 +185,7 @@ class TwoStageTraining(Callback):
                 for param in changed:
                     cleared += optimizer.state.pop(param, None) is not None
         if self.restart_lr_schedule:
-            pl_module.restart_lr_schedule()
+            self._restart_schedule(trainer, pl_module, trainer.global_step)
         self.switched_at = trainer.global_step
         rank_zero_info(
             f"TwoStageTraining: stage two from step {trainer.global_step} (epoch {trainer.current_epoch}): "
@@ -186,8 +196,47 @@ class TwoStageTraining(Callback):
         for logger in trainer.loggers:
             logger.log_metrics({"train/stage_switch": float(trainer.global_step)}, step=trainer.global_step)
 
+    def _fix_routes(self, pl_module: LightningModule, routes: str | None = None) -> list[torch.nn.Parameter]:
+        """`fix_routes`, and the options in effect into the module's hyper-parameters (saved with checkpoints)."""
+        frozen = fix_routes(pl_module.model, routes or self.routes, self.temperature if routes is None else None)
+        pl_module.hparams["moe"] = asdict(pl_module.model.moe_options)
+        return frozen
+
+    @staticmethod
+    def _restart_schedule(trainer: Trainer, pl_module: LightningModule, start: int, total: int | None = None) -> None:
+        """A new warmup and linear decay of the module's schedule from step `start`, over `total` steps (default:
+        the remaining ones): a training stage of its own, as in the paper's two stages."""
+        schedule = getattr(pl_module, "lr_schedule", None)
+        if schedule is None:
+            return
+        total = total or max(1, int(trainer.estimated_stepping_batches) - start)
+        schedule.restart(start, total, warmup_steps_for(pl_module.optim.warmup, total))
+        recompute_learning_rates(config.scheduler for config in trainer.lr_scheduler_configs)
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        # after the weights load, before the optimizers are built (and DDP wraps the model): a run resumed in
+        # stage two trains with its routes fixed, as the run that saved it did
+        state = (checkpoint.get("callbacks") or {}).get(self.state_key) or {}
+        if state.get("switched_at") is not None:
+            self.switched_at = state["switched_at"]  # (again in `load_state_dict`)
+            self._fix_routes(pl_module, state.get("routes") or checkpoint_fixed_routes(checkpoint) or "argmax")
+            return
+        old = checkpoint.get("moe_mtl") or {}  # earlier checkpoints: the module kept the stage
+        if old.get("stage") == 2:
+            self.switched_at = old["stage_info"].get("switch_step", checkpoint.get("global_step", 0))
+            self._fix_routes(pl_module, old["stage_info"].get("routes", "argmax"))
+
     def state_dict(self) -> dict[str, Any]:
-        return {"switched_at": self.switched_at}
+        return {"switched_at": self.switched_at, "routes": self.routes}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.switched_at = state_dict["switched_at"]
+
+
+def stage_two_start(trainer: Trainer) -> int | None:
+    """The optimizer step from which the run routes in stage two: the switch step once switched, else the planned
+    `switch_step`; None: one stage (no `TwoStageTraining`, or a `switch_epoch` not reached yet)."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, TwoStageTraining):
+            return callback.switched_at if callback.switched_at is not None else callback.switch_step
+    return None
