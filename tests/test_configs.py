@@ -148,11 +148,15 @@ def test_baseline_overlay_over_a_fit_config_trains_two_steps(config, overlay, cr
     options = module.model.moe_options
     assert asdict(options).items() >= stated["model"]["moe"].items() and trainer.global_step == 2
     switching = only(trainer.callbacks, TwoStageTraining).enabled
-    assert switching == (options.routes == "learned")  # the learned baseline keeps the fit config's two stages
+    task_routes = options.routing == "task" and options.routes == "learned"
+    assert switching == task_routes  # the learned baseline keeps the fit config's two stages
     assert only(trainer.callbacks, TwoStageTraining).stage == (2 if switching else 1)
     logged = trainer.logged_metrics
-    if options.routes == "learned":
+    if task_routes:
         assert logged["train/stage"] == 2.0
+    elif options.routing == "token":  # task-aware token gates: no task router, so no stage and no τ
+        assert "train/stage" not in logged and "train/temperature" not in logged
+        assert module.model.router is None and "train/aux_loss" in logged
     else:  # fixed routes: no router network, no stage, no τ, and the annealing left the router's τ alone
         assert "train/stage" not in logged and "train/temperature" not in logged
         assert module.model.router.temperature.item() == options.temperature

@@ -6,8 +6,11 @@ import pytest
 
 from moe_mtl.data.sources.skills import (
     FAMILIES,
+    GLYPHS,
     SKILLS,
     SUITE,
+    UNRELATED,
+    UNRELATED_FAMILIES,
     WORDS,
     SkillSuiteOptions,
     SkillTask,
@@ -33,7 +36,8 @@ def test_suite_shape():
     held_out = [t for t in SUITE if t.partition != "train"]
     used = {name for t in SUITE for name in t.skills}
     assert len(used) >= 8 and len({SKILLS[name].family for name in used}) >= 3
-    assert set(FAMILIES) == {"order", "filter", "map", "aggregate", "predicate"}
+    assert set(FAMILIES) == {"order", "filter", "map", "aggregate", "predicate", *UNRELATED_FAMILIES}
+    assert not {SKILLS[name].family for name in used} & set(UNRELATED_FAMILIES)  # only with `unrelated`
     assert len(seen) >= 24 and len(held_out) >= 8
     assert all(1 <= len(t.skills) <= 3 for t in SUITE)
     assert len({t.name for t in SUITE}) == len(SUITE)
@@ -137,7 +141,7 @@ def test_feature_table_gives_skills_families_and_output_type(suite):
     assert rows["evens-sum"]["output_type=number"] == 1 and rows["evens-sum"]["domain=digits"] == 1
     skill_columns = [i for i, c in enumerate(columns) if c.startswith("skills=")]
     np.testing.assert_array_equal(table[:, skill_columns].sum(1), table[:, columns.index("num_skills")])
-    assert len(skill_columns) == len(SKILLS)
+    assert len(skill_columns) == len({name for spec in SUITE for name in spec.skills})
 
 
 def test_bad_options():
@@ -169,3 +173,68 @@ def test_every_task_computes_a_function_of_its_own():
         signature = (spec.domain, tuple(repr(solve(spec, list(items))) for items in probes[spec.domain]))
         assert signature not in functions, f"{spec.name} computes the same function as {functions[signature]}"
         functions[signature] = spec.name
+
+
+# --- options for the second paper's studies: low-resource tasks and an unrelated family ----------------
+
+
+def test_train_sizes_make_named_tasks_low_resource_and_leave_the_rest_as_they_were():
+    sizes = {"train_size": 40, "dev_size": 4, "test_size": 8}
+    base = {t.name: t for t in skill_tasks(sizes)}
+    low = {t.name: t for t in skill_tasks({**sizes, "train_sizes": {"evens-sum": 16, "upper": 3}})}
+    assert len(low["evens-sum"].splits["train"]) == 16 and len(low["upper"].splits["train"]) == 3
+    # the same draws, fewer of them: a prefix of the full split; dev, test and every other task unchanged
+    assert low["evens-sum"].splits["train"] == base["evens-sum"].splits["train"][:16]
+    assert low["evens-sum"].splits["dev"] == base["evens-sum"].splits["dev"]
+    assert all(low[name].splits == task.splits for name, task in base.items() if name not in ("evens-sum", "upper"))
+
+
+def test_the_unrelated_family_shares_no_skill_family_domain_or_prompt_word_with_the_suite():
+    sizes = {"train_size": 20, "dev_size": 4, "test_size": 8}
+    base, tasks = skill_tasks(sizes), skill_tasks({**sizes, "unrelated": True})
+    assert [t.name for t in tasks] == [t.name for t in base] + [spec.name for spec in UNRELATED]
+    assert all(a.splits == b.splits for a, b in zip(base, tasks, strict=False))  # the suite's tasks unchanged
+    family = tasks[len(base) :]
+    assert {t.partition for t in family} == {"train"} and {t.metric for t in family} == {"EM"}
+
+    def every(key, group):
+        return {
+            value for t in group for value in (t.features[key] if key in ("skills", "families") else [t.features[key]])
+        }
+
+    for key in ("skills", "families", "domain"):
+        assert not every(key, family) & every(key, base), key
+    assert every("families", family) == set(UNRELATED_FAMILIES)
+    prompt = {word for t in family for word in t.splits["test"][0].input.split(": ")[0].split()}
+    assert not prompt & {word for t in base for word in t.splits["test"][0].input.split(": ")[0].split()} - {"|"}
+    alphabet = {item for t in family for e in t.splits["test"] for item in items_of(e)}
+    assert alphabet <= set(GLYPHS) and not alphabet & {c for t in base for e in t.splits["test"] for c in e.input}
+
+
+@pytest.mark.parametrize(
+    ("name", "answer"),
+    [
+        ("pairswap", lambda xs: [x for i in range(0, len(xs), 2) for x in reversed(xs[i : i + 2])]),
+        ("halves", lambda xs: xs[len(xs) // 2 :] + xs[: len(xs) // 2]),
+        ("stutter", lambda xs: [x for x in xs for _ in "ab"]),
+        ("dedupe-halves", lambda xs: (lambda d: d[len(d) // 2 :] + d[: len(d) // 2])(list(dict.fromkeys(xs)))),
+    ],
+)
+def test_unrelated_answers(name, answer):
+    task = next(t for t in skill_tasks({"unrelated": True, "test_size": 30, "dev_size": 2}) if t.name == name)
+    for example in task.splits["test"]:
+        assert example.targets == (" ".join(answer(items_of(example))),), example.input
+
+
+def test_bad_study_options_name_the_task_or_value():
+    with pytest.raises(
+        DataError, match=r"`train_sizes` names 'pairswap', which is not a seen task .*without `unrelated`"
+    ):
+        SkillSuiteOptions(train_sizes={"pairswap": 8})
+    with pytest.raises(DataError, match=r"`train_sizes` names 'odds-sum', which is not a seen task"):
+        SkillSuiteOptions(train_sizes={"odds-sum": 8})  # a held-out task has k-shot splits, not a train split
+    with pytest.raises(DataError, match=r"`train_sizes`: 'sort' is 0; it must be a positive integer"):
+        SkillSuiteOptions(train_sizes={"sort": 0})
+    with pytest.raises(DataError, match="`unrelated` is 'yes'"):
+        SkillSuiteOptions(unrelated="yes")
+    assert SkillSuiteOptions(unrelated=True, train_sizes={"pairswap": 8}).train_sizes == {"pairswap": 8}

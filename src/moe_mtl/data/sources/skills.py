@@ -22,6 +22,7 @@ from ...errors import UsageError
 from ..tasks import DataError, Example, Task, options_from_dict
 
 WORDS = ("apple", "egg", "ice", "owl", "umbrella", "arm", "cat", "dog", "sun", "pen", "box", "hat")
+GLYPHS = ("α", "β", "γ", "δ", "ε", "ζ", "η", "θ")  # the unrelated family's alphabet: no digit, no Latin letter
 VOWELS = "aeiou"
 LABELS = {True: "yes", False: "no"}
 OUTPUT_OF_FAMILY = {"aggregate": "number", "predicate": "label"}  # the other families keep a sequence
@@ -62,9 +63,22 @@ SKILLS = {
         Skill("is_sorted", "predicate", "is sorted", lambda xs: xs == sorted(xs)),
         Skill("has_duplicates", "predicate", "has duplicates", lambda xs: len(set(xs)) < len(xs)),
         Skill("contains_7", "predicate", "contains 7", lambda xs: 7 in xs, ("digits",)),
+        # the unrelated family (option `unrelated`): other operations on another alphabet, so that by construction
+        # its tasks share no skill, family, domain or prompt word with the tasks above (Gupta et al.'s unrelated tasks)
+        Skill(
+            "pairswap",
+            "permute",
+            "swap pairs",
+            lambda xs: [x for i in range(0, len(xs), 2) for x in xs[i : i + 2][::-1]],
+            ("glyphs",),
+        ),
+        Skill("halves", "permute", "swap halves", lambda xs: xs[len(xs) // 2 :] + xs[: len(xs) // 2], ("glyphs",)),
+        Skill("stutter", "rewrite", "stutter", lambda xs: [x for x in xs for _ in range(2)], ("glyphs",)),
+        Skill("dedupe", "rewrite", "dedupe", lambda xs: list(dict.fromkeys(xs)), ("glyphs",)),
     )
 }
 FAMILIES = tuple(dict.fromkeys(skill.family for skill in SKILLS.values()))
+UNRELATED_FAMILIES = ("permute", "rewrite")
 
 
 @dataclass(frozen=True)
@@ -125,6 +139,8 @@ SUITE = (
     *_suite("test", "digits", "above_4-reverse", "double-has_duplicates", "increment-contains_7"),
     *_suite("test", "words", "vowels-upper"),
 )
+# seen tasks added by the option `unrelated` (after the suite's, so the other tasks keep their ids and examples)
+UNRELATED = _suite("train", "glyphs", "pairswap", "halves", "stutter", "dedupe", "pairswap-stutter", "dedupe-halves")
 
 
 @dataclass
@@ -147,6 +163,10 @@ class SkillSuiteOptions:
     """Fewest items in an input sequence."""
     max_items: int = 6
     """Most items in an input sequence."""
+    train_sizes: dict[str, int] = field(default_factory=dict)
+    """Train examples of named seen tasks instead of `train_size`, e.g. {"evens-sum": 32}: low-resource tasks."""
+    unrelated: bool = False
+    """Add the unrelated family: seen tasks on Greek letters whose skills (permute, rewrite) no other task uses."""
 
     def __post_init__(self) -> None:
         sizes = ("train_size", "dev_size", "test_size", "shots", "min_items")
@@ -156,11 +176,27 @@ class SkillSuiteOptions:
                 f"skills options {bad or ['max_items']} are invalid: sizes must be positive integers "
                 f"and max_items >= min_items (got {self})"
             )
+        if not isinstance(self.unrelated, bool):
+            raise DataError(f"skills option `unrelated` is {self.unrelated!r}; it must be true or false")
+        seen = [spec.name for spec in suite_specs(self.unrelated) if spec.partition == "train"]
+        for name, size in dict(self.train_sizes).items():
+            if name not in seen:
+                raise DataError(
+                    f"skills option `train_sizes` names {name!r}, which is not a seen task of the suite"
+                    f"{'' if self.unrelated else ' (without `unrelated`)'}; seen tasks: {', '.join(seen)}"
+                )
+            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+                raise DataError(f"skills option `train_sizes`: {name!r} is {size!r}; it must be a positive integer")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None) -> SkillSuiteOptions:
         """Build from the `skills` option, naming unknown keys."""
         return options_from_dict(cls, values, "skills")
+
+
+def suite_specs(unrelated: bool = False) -> tuple[SkillTask, ...]:
+    """The suite's tasks, and the unrelated family's after them with `unrelated`."""
+    return SUITE + UNRELATED if unrelated else SUITE
 
 
 def solve(task: SkillTask, items: list) -> Any:
@@ -182,7 +218,7 @@ def _render(value: Any) -> str:
 
 
 def _draw(task: SkillTask, rng: random.Random, options: SkillSuiteOptions) -> list:
-    population = range(10) if task.domain == "digits" else WORDS
+    population = {"digits": range(10), "words": WORDS, "glyphs": GLYPHS}[task.domain]
     items = rng.choices(population, k=rng.randint(options.min_items, options.max_items))
     if task.output_type == "label":
         # ordered proposals make both answers of order predicates reachable
@@ -223,7 +259,8 @@ def skill_tasks(options: SkillSuiteOptions | Mapping[str, Any] | None = None) ->
     if not isinstance(options, SkillSuiteOptions):
         options = SkillSuiteOptions.from_dict(options)
     tasks = []
-    for spec, (splits, fewshot) in zip(SUITE, _suite_examples(json.dumps(asdict(options))), strict=True):
+    specs = suite_specs(options.unrelated)
+    for spec, (splits, fewshot) in zip(specs, _suite_examples(json.dumps(asdict(options))), strict=True):
         tasks.append(
             Task(
                 spec.name,
@@ -246,7 +283,7 @@ def _suite_examples(options_json: str) -> tuple[tuple[Splits, dict[int, Splits]]
     """Per task of SUITE, its splits and k-shot splits per seed, for the options (as JSON, a cache key)."""
     options = SkillSuiteOptions(**json.loads(options_json))
     generated = []
-    for spec in SUITE:
+    for spec in suite_specs(options.unrelated):
 
         def rng(*parts, name=spec.name) -> random.Random:
             return random.Random("/".join(map(str, (options.seed, name, *parts))))
@@ -256,7 +293,8 @@ def _suite_examples(options_json: str) -> tuple[tuple[Splits, dict[int, Splits]]
         fewshot = {}
         if spec.partition == "train":
             splits["dev"] = tuple(_examples(spec, options.dev_size, rng("dev"), options, taken))
-            splits["train"] = tuple(_examples(spec, options.train_size, rng("train"), options, taken))
+            size = options.train_sizes.get(spec.name, options.train_size)
+            splits["train"] = tuple(_examples(spec, size, rng("train"), options, taken))
         else:
             for seed in options.fewshot_seeds:
                 shot_taken = set(taken)
