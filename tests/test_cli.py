@@ -45,3 +45,31 @@ def test_summarize_imports_neither_torch_lightning_nor_transformers(tmp_path):
     # (`importlib.import_module`, as the dispatch imports a verb, is not itself listed; what the verb imports is)
     assert "moe_mtl.experiments.summary" in modules and not modules & HEAVY
     assert "| vanilla | 1 | 0.500 |" in (tmp_path / "table.md").read_text()
+
+
+QUICKSTART = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
+
+
+@pytest.mark.parametrize(
+    ("argv", "prefix"),
+    [
+        (["fit", "--config", QUICKSTART, "--trainer.max_step", "60"], "--trainer.max_step"),  # of max_steps
+        (["test", "--config", QUICKSTART, "--seed", "1"], "--seed"),  # of --seed_everything
+        (["fewshot", "--config", QUICKSTART, "--out", "cells", "--seed", "100"], "--seed"),  # a typo of --seeds
+        (["upcycle", "--den", "folder", "--out", "moe"], "--den"),  # of --dense
+        (["represent", "--config", QUICKSTART, "--kin", "text", "--output", "t.pt"], "--kin"),  # of --kind
+        (["analyze", "run", "--group", "family"], "--group"),  # of --group_by
+        (["export", "--ckpt_path", "x.ckpt", "--ou", "exported"], "--ou"),  # of --out
+        (["summarize", "run", "--out", "table", "--base", "vanilla"], "--base"),  # of --baseline
+    ],
+)
+def test_no_verb_takes_a_prefix_of_an_option_for_the_option(argv, prefix, tmp_path, monkeypatch, capsys):
+    from moe_mtl.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err
+    assert f"unrecognized arguments: {prefix}" in error, error
+    assert not list(tmp_path.iterdir())  # refused before anything was written

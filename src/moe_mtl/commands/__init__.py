@@ -15,6 +15,8 @@ and the light verbs (`summarize`) do not import torch. Nothing below this layer 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 
 def read_option_docs(argv: Sequence[str]) -> None:
@@ -23,3 +25,37 @@ def read_option_docs(argv: Sequence[str]) -> None:
     from jsonargparse import set_parsing_settings  # here: the argparse verbs (summarize) need no jsonargparse
 
     set_parsing_settings(docstring_parse_attribute_docstrings=any(arg in ("-h", "--help") for arg in argv))
+
+
+def read_config_file(path: str | Path, option: str = "--config") -> Any:
+    """A YAML config file's contents; a file that is missing or not YAML is a UsageError naming the option, the
+    file, and the line and column of the syntax error (the parser's own message names only "<unicode string>")."""
+    import yaml
+
+    from ..errors import UsageError
+
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise UsageError(f"{option} {path}: cannot be read ({err.strerror or err})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = " ".join(str(getattr(err, "problem", None) or err).split())
+        raise UsageError(f"{option} {path}: not valid YAML{where}: {problem}") from None
+
+
+def check_config_files(argv: Sequence[str]) -> None:
+    """Each `--config FILE` (`-c`, `--config=FILE`) of a command line that names a file is valid YAML, checked
+    before the parser reads it; strings that are not files are left to the parser (it also takes inline YAML)."""
+    for i, arg in enumerate(argv):
+        if arg in ("--config", "-c") and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith("--config="):
+            value = arg.split("=", 1)[1]
+        else:
+            continue
+        if Path(value).is_file():
+            read_config_file(value)

@@ -17,6 +17,7 @@ from . import read_option_docs
 def build_analyze_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="moe-mtl analyze",
+        allow_abbrev=False,
         description="Route analysis of a trained run: heatmap, learning dynamics, feature correlation, route–skill "
         "agreement and (with --disable true) expert disabling, written to <run>/analysis/.",
     )

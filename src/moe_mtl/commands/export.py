@@ -30,6 +30,7 @@ TASK_NAMES_FILE = "task_names.json"  # `--all`: task names by task id, the `task
 def build_export_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="moe-mtl export",
+        allow_abbrev=False,
         description="Export tasks of a trained run as plain transformers BART folders (model, tokenizer and the "
         "generation settings of `moe-mtl predict`) at <out>/<task>/; each computes what the MoE-BART computes for "
         "its task. Tasks with soft routes, and token routing, are refused (docs/export.md).",

@@ -14,7 +14,7 @@ from ..data import MultiTaskDataModule
 from ..experiments import fewshot as runner
 from ..experiments.fewshot import RUNNER_OPTIONS, Cell, fewshot
 from ..training import MoEMultiTaskModule
-from . import read_option_docs
+from . import check_config_files, read_option_docs
 from .lightning import MoEMTLCLI, run_lightning
 
 
@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(args: Sequence[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[Cell]]:
     read_option_docs(args)  # for the fit options of the cells, as `run_lightning` sets it
+    check_config_files(args)
     parser = build_parser()
     options, fit_args = parser.parse_known_args(list(args))
     for arg in fit_args:

@@ -35,7 +35,7 @@ from ..runs import (
 from ..training import MoEMultiTaskModule
 from ..training.callbacks import CALLBACK_GROUPS
 from ..training.options import OPTION_GROUPS, module_options
-from . import read_option_docs
+from . import check_config_files, read_option_docs
 
 # datamodule fact → model option, set when the datamodule is instantiated
 DATA_LINKS = {
@@ -64,6 +64,11 @@ SELECTION_MODES = {"val/score": "max", "val/loss": "min"}
 
 class MoEMTLCLI(LightningCLI):
     """LightningCLI with the data → model links and checkpoint selection by val/score or val/loss."""
+
+    def init_parser(self, **kwargs) -> LightningArgumentParser:
+        # the main parser and each verb's: a prefix must not pass for another option (`--trainer.max_step` for
+        # max_steps, fewshot's `--seed` for `--seed_everything`)
+        return super().init_parser(**{"allow_abbrev": False, **kwargs})
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for source, target in DATA_LINKS.items():
@@ -322,7 +327,9 @@ def callback_group(class_path: str | None) -> str | None:
 
 def run_lightning(args: Sequence[str] | None = None) -> MoEMTLCLI:
     """fit / validate / test / predict through LightningCLI (`args` None: the command line)."""
-    read_option_docs(sys.argv[1:] if args is None else args)
+    argv = sys.argv[1:] if args is None else args
+    read_option_docs(argv)
+    check_config_files(argv)
     return MoEMTLCLI(
         MoEMultiTaskModule,
         MultiTaskDataModule,

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from jsonargparse import ArgumentParser
 from transformers import PreTrainedTokenizerBase
 
@@ -21,7 +20,7 @@ from ..representations.compute import REPRESENTATION_KINDS, compute_representati
 from ..representations.files import save_representations
 from ..runs import resolve_checkpoint
 from ..training.loading import load_module
-from . import read_option_docs
+from . import read_config_file, read_option_docs
 
 
 def load_run_model(init_from: str | Path) -> tuple[MoEBartForConditionalGeneration, PreTrainedTokenizerBase, int]:
@@ -37,10 +36,7 @@ def load_run_model(init_from: str | Path) -> tuple[MoEBartForConditionalGenerati
 
 def config_section(path: str | Path, section: str) -> dict[str, Any]:
     """One section (`data`, `model`) of a `moe-mtl fit` YAML config, in its plain or class_path/init_args form."""
-    try:
-        config = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise UsageError(f"`--config` {str(path)!r} could not be read: {err}") from None
+    config = read_config_file(path) or {}
     value = config.get(section) or {}
     return dict(value.get("init_args", value)) if isinstance(value, dict) else {}
 
@@ -48,6 +44,7 @@ def config_section(path: str | Path, section: str) -> dict[str, Any]:
 def build_represent_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="moe-mtl represent",
+        allow_abbrev=False,
         description="Compute task representations of every task of a run's data and write them to a file usable as "
         "`--model.moe.task_embeddings` (rows in task-id order).",
     )

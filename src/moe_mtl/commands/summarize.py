@@ -13,7 +13,9 @@ from ..experiments.summary import SummaryRow, summarize
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moe-mtl summarize", description=table.__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="moe-mtl summarize", description=table.__doc__.split("\n\n")[0], allow_abbrev=False
+    )
     parser.add_argument("runs", nargs="+", help="run folders, or method folders of seed<k>/ run folders")
     parser.add_argument("--baseline", help="method whose per-task scores ARG is relative to (e.g. vanilla)")
     parser.add_argument("--names", nargs="+", help="method name of each run folder (default: from folder names)")

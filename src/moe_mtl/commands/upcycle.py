@@ -22,7 +22,7 @@ def upcycle(dense: str, output: str, moe: MoEOptions) -> MoEBartForConditionalGe
 
 
 def build_upcycle_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="moe-mtl upcycle", description=upcycle.__doc__)
+    parser = ArgumentParser(prog="moe-mtl upcycle", allow_abbrev=False, description=upcycle.__doc__)
     parser.add_argument("--dense", required=True, help="dense BART: hub name (online) or local folder")
     parser.add_argument("--output", required=True, help="folder the MoE-BART is saved to")
     parser.add_argument("--config", action="config", help="YAML file with any of these options")
