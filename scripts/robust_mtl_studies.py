@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from skill_suite_table import cpu_minutes, run  # the sibling script's way to run a step
+from skill_suite_table import TINY_MODEL, cpu_minutes, run  # the sibling script's way to run a step
 
 from moe_mtl.experiments.summary import fewshot_scores, format_value, mean_std, zeroshot_scores
 
@@ -79,20 +79,6 @@ FEWSHOT_TASKS = ("odds-sum", "evens-count", "reverse-last", "double-max", "above
 REPRESENTATIONS = ("text", "minilm", "fisher")
 KSHOT_SEED = {0: 100, 1: 13, 2: 21}  # one k-shot split seed per upstream seed (CrossFit's first three)
 
-TINY_MODEL = [
-    "--data.vocab_size=300",
-    "--model.bart.d_model=16",
-    "--model.bart.encoder_layers=1",
-    "--model.bart.decoder_layers=1",
-    "--model.bart.encoder_ffn_dim=32",
-    "--model.bart.decoder_ffn_dim=32",
-    "--model.bart.encoder_attention_heads=2",
-    "--model.bart.decoder_attention_heads=2",
-    "--model.moe.task_dim=8",
-    "--model.moe.router_hidden=8",
-    "--data.max_input_length=32",
-    "--data.max_target_length=8",
-]
 PRESETS: dict[str, dict[str, Any]] = {
     # sized for at most 30 minutes per study with --jobs 2 on 2 CPU cores (measured: docs/studies/README.md)
     "full": {

@@ -48,6 +48,21 @@ DOWNSTREAM = {
     "learned": ["--model.moe.selection=argmax", "--model.moe.freeze_router=true", "--model.moe.freeze_task_table=true"]
 }
 
+# a model of seconds per run: the tiny presets' (also scripts/robust_mtl_studies.py's)
+TINY_MODEL = [
+    "--data.vocab_size=300",
+    "--model.bart.d_model=16",
+    "--model.bart.encoder_layers=1",
+    "--model.bart.decoder_layers=1",
+    "--model.bart.encoder_ffn_dim=32",
+    "--model.bart.decoder_ffn_dim=32",
+    "--model.bart.encoder_attention_heads=2",
+    "--model.bart.decoder_attention_heads=2",
+    "--model.moe.task_dim=8",
+    "--model.moe.router_hidden=8",
+    "--data.max_input_length=32",
+    "--data.max_target_length=8",
+]
 PRESETS = {
     # ~27 min with --jobs 2 on 2 CPU cores (docs/skill_suite/README.md). 2,000 steps: at 1,000 learned routing does
     # not win. Batch 32, not the quick start's 64: a third less time, the same ranking (README: "Time")
@@ -70,18 +85,7 @@ PRESETS = {
             "--data.skills.shots=2",
             "--data.batch_size=4",
             "--data.eval_batch_size=8",
-            "--data.vocab_size=300",
-            "--model.bart.d_model=16",
-            "--model.bart.encoder_layers=1",
-            "--model.bart.decoder_layers=1",
-            "--model.bart.encoder_ffn_dim=32",
-            "--model.bart.decoder_ffn_dim=32",
-            "--model.bart.encoder_attention_heads=2",
-            "--model.bart.decoder_attention_heads=2",
-            "--model.moe.task_dim=8",
-            "--model.moe.router_hidden=8",
-            "--data.max_input_length=32",
-            "--data.max_target_length=8",
+            *TINY_MODEL,
             "--trainer.log_every_n_steps=1",
         ],
         "learned": ["--two_stage.switch_step=2"],
