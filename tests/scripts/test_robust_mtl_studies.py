@@ -2,7 +2,6 @@
 and the pure pieces of its report."""
 
 import csv
-import importlib.util
 import json
 from pathlib import Path
 
@@ -10,19 +9,10 @@ import pytest
 import torch
 import yaml
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "robust_mtl_studies.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("robust_mtl_studies", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.fixture(scope="module")
-def studies():
-    return load_script()
+def studies(load_script):
+    return load_script("robust_mtl_studies")
 
 
 def hparams(folder: Path) -> dict:

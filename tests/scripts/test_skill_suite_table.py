@@ -1,25 +1,14 @@
 """scripts/skill_suite_table.py: the table's whole pipeline on the tiny preset, its resume and its overrides."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import yaml
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "skill_suite_table.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("skill_suite_table", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.mark.slow
-def test_the_skill_suite_table_runs_every_step_end_to_end_and_resumes(tmp_path):
-    table = load_script()
+def test_the_skill_suite_table_runs_every_step_end_to_end_and_resumes(load_script, tmp_path):
+    table = load_script("skill_suite_table")
     args = ["--preset", "tiny", "--out", str(tmp_path / "runs"), "--docs", str(tmp_path / "docs"), "--seeds", "0"]
     args += ["--kshot_seeds", "100", "--methods", "vanilla", "learned", "--fewshot_tasks", "odds-sum"]
     table.main([*args, "--jobs", "2"])  # each (method, seed) pipeline in a worker process, two at a time
@@ -38,8 +27,8 @@ def test_the_skill_suite_table_runs_every_step_end_to_end_and_resumes(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_skill_suite_table_takes_overrides_for_every_run_and_can_train_seen_tasks_only(tmp_path):
-    table = load_script()
+def test_the_skill_suite_table_takes_overrides_for_every_run_and_can_train_seen_tasks_only(load_script, tmp_path):
+    table = load_script("skill_suite_table")
     out = tmp_path / "runs"
     args = ["--preset", "tiny", "--out", str(out), "--seeds", "0", "--methods", "learned", "--seen_only"]
     table.main([*args, "--steps", "6", "--set=--two_stage.switch_step=3"])
