@@ -130,7 +130,9 @@ def test_fit_config_fits_and_tests_under_two_process_ddp(config, crossfit, tmp_p
     test_run = fit_run / best.stem  # the checkpoint's run, a folder named for the checkpoint
     report = json.loads((test_run / "evaluation" / f"test-{best.stem}.json").read_text())
     assert report["step"] == int(best.stem.removeprefix("best-step"))  # the checkpoint's step
-    assert {row["task"]: row["examples"] for row in report["tasks"]} == examples_per_task(tiny["data"], "test")
+    # the tasks the checkpoint trained (data.test_partitions unset), their test split
+    trained = {**tiny["data"], "test_partitions": tiny["data"].get("train_partitions", "train")}
+    assert {row["task"]: row["examples"] for row in report["tasks"]} == examples_per_task(trained, "test")
     assert scalars(test_run)["test/score"] == [pytest.approx(report["average"]["score"], rel=1e-6)]
 
     # the last checkpoint is the end of training (resuming goes on from there), in stage two

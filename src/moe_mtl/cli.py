@@ -61,9 +61,23 @@ def main(args: Sequence[str] | None = None) -> None:
             command.main(None if args is None else argv)
         else:
             command.main(argv[1:])
-    except UsageError as error:  # a mistake in what the command was given; anything else keeps its traceback
-        if debug:
+    except Exception as error:  # a mistake in what the command was given; anything else keeps its traceback
+        message = usage_message(error)
+        if debug or message is None:
             raise
-        message = " ".join(str(error).split())  # one line, whatever the message's own line breaks
         sys.stderr.write(f"moe-mtl {argv[0]}: error: {message}\n")
         raise SystemExit(2) from None
+
+
+def usage_message(error: Exception) -> str | None:
+    """The one-line message of a mistake in what the command was given: a UsageError, or Lightning refusing a
+    Trainer setting (its MisconfigurationException: `--trainer.accelerator gpu` on a machine without one); None for
+    anything else, which keeps its traceback."""
+    if isinstance(error, UsageError):
+        return " ".join(str(error).split())  # one line, whatever the message's own line breaks
+    if type(error).__name__ == "MisconfigurationException":  # not imported here: `moe-mtl --help` stays light
+        return (
+            f"the Trainer refused its settings: {' '.join(str(error).split())} (the options to change: "
+            "--trainer.accelerator, --trainer.devices, --trainer.strategy, --trainer.precision)"
+        )
+    return None

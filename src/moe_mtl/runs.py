@@ -376,6 +376,12 @@ def check_vocabulary(upstream: UpstreamRun, tokenizer_size: int | None) -> None:
         )
 
 
+def checkpoint_train_partitions(checkpoint: Mapping[str, Any]) -> list[str]:
+    """The partitions a checkpoint's run trained on (its data module's `train_partitions`)."""
+    parts = (checkpoint.get("datamodule_hyper_parameters") or {}).get("train_partitions", "train")
+    return [parts] if isinstance(parts, str) else list(parts)
+
+
 def resume_mismatch(checkpoint: dict[str, Any], data: Mapping[str, Any], max_steps: int | None) -> str | None:
     """Why `fit --ckpt_path checkpoint` with data options `data` would train nothing or other tasks than the
     checkpoint's run (its data options differ, or its step is already `max_steps`); None for a true resume."""

@@ -46,7 +46,7 @@ print(json.dumps(out))
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> dict[str, Path]:
     """A tiny two-stage run (stage two, argmax routes, from step 1), `predict` from its last checkpoint, and
-    `export` of two test tasks with `--all`: the run folder, checkpoint, predictions and export folder."""
+    `export` of two of its tasks with `--all`: the run folder, checkpoint, predictions and export folder."""
     root = tmp_path_factory.mktemp("export")
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)
@@ -59,7 +59,7 @@ def run(tmp_path_factory) -> dict[str, Path]:
         ckpt = root / "runs/tiny/version_0/checkpoints/last.ckpt"
         main(["predict", *common, "--ckpt_path", str(ckpt)])
         (predictions,) = (root / "runs").rglob("predictions")  # wherever predict puts its run folder
-        tasks = tasks_of(root / "runs/tiny/version_0", "test")[:2]
+        tasks = tasks_of(root / "runs/tiny/version_0", "train")[:2]  # predict's: the tasks the checkpoint trained
         main(["export", "--ckpt_path", str(ckpt), *(f"--task={task}" for task in tasks), "--out=exported", "--all"])
     return {
         "root": root,

@@ -1,3 +1,8 @@
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -95,3 +100,33 @@ def test_collate_pads_dynamically(tokenizer, tmp_path):
     assert batch["task_ids"].tolist() == [3, 3] and batch["example_ids"].tolist() == [0, 1]
     assert batch["references"] == [["3 8"], ["1", "one"]] and batch["task_names"] == ["task3", "task3"]
     np.testing.assert_array_equal(batch["labels"][0, : label_lengths[0]].numpy(), split[0]["labels"])
+
+
+KILLED_PREPARATION = """
+import os, signal, sys
+from pathlib import Path
+from moe_mtl.data import encoding
+from moe_mtl.data.tokenizer import load_tokenizer
+from tests.data.test_encoding import parts
+
+def killed(*args, **kwargs):  # the process dies inside the tokenising map, as under `kill -9`
+    os.kill(os.getpid(), signal.SIGKILL)
+
+encoding._encode_batch = killed
+encoding.encode_split("train", parts(), load_tokenizer(sys.argv[1]), 6, 4, Path(sys.argv[2]))
+"""
+
+
+def test_a_killed_preparation_leaves_no_cache_file_and_the_next_one_clears_what_it_left(tokenizer, tmp_path):
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    cache = tmp_path / "cache"
+    root = Path(__file__).resolve().parents[2]
+    command = [sys.executable, "-c", KILLED_PREPARATION, str(tmp_path / "tokenizer"), str(cache)]
+    killed = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    (left,) = cache.iterdir()  # only its own work folder: no half-written .arrow, nothing tmp* in the cache itself
+    assert left.name.startswith(".encoding-") and not list(cache.glob("*.arrow"))
+    (cache / "tmpabc123").write_text("")  # what earlier versions left: the datasets library's temporary file
+    encoded, cached = encode_split("train", parts(), tokenizer, 6, 4, cache)
+    assert not cached and len(encoded) == 4
+    assert [path.suffix for path in cache.iterdir()] == [".arrow"]

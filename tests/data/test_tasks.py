@@ -186,3 +186,11 @@ def test_feature_table_expands_strings_and_lists():
 def test_feature_table_rejects_nested_values():
     with pytest.raises(DataError, match="feature 'x' of task 'a'"):
         feature_table([task("a", features={"x": {"y": 1}})])
+
+
+def test_task_info_entries_of_no_task_are_named_not_dropped(tmp_path, caplog):
+    write(tmp_path, "tasks.json", {"qa": "ACC", "q_a": "QA-F1"})  # a typo of a task name: its entry would go unread
+    with caplog.at_level(logging.WARNING):
+        info = task_info_for(tmp_path, ["qa"], None)
+    assert info["qa"].metric == "ACC"
+    assert "entries for 1 name(s) that are no task in" in caplog.text and "ignored: ['q_a']" in caplog.text

@@ -312,3 +312,20 @@ def test_represent_names_an_unknown_data_option(tmp_path, folder, capsys):
         main(args)
     assert stopped.value.code == 2
     assert "batch_sise" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_represent_merges_repeated_configs_in_order_then_the_overrides(config, folder, tmp_path, capsys):
+    """As `moe-mtl fit` takes --config: a second file over the first (the unrelated skill tasks added), then
+    `--data.<option> value` over both."""
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text(yaml.safe_dump({"data": {"skills": {"unrelated": True}}}))
+    common = ["--kind", "text", "--encoder", str(folder), "--max_examples", "1"]
+    with_overlay = [task.name for task in load_tasks("skills", skills={**TINY_SKILLS, "unrelated": True})]
+    main(["represent", "--config", str(config), "--config", str(overlay), *common, "--output", str(tmp_path / "a.pt")])
+    assert load_representations(tmp_path / "a.pt", with_overlay, dim=16).shape[0] == len(with_overlay)
+    args = ["--config", str(config), "--config", str(overlay), *common, "--data.skills.unrelated", "false"]
+    main(["represent", *args, "--output", str(tmp_path / "b.pt")])
+    names = [task.name for task in load_tasks("skills", skills=TINY_SKILLS)]
+    assert len(names) < len(with_overlay)
+    assert load_representations(tmp_path / "b.pt", names, dim=16).shape[0] == len(names)
+    assert f"representations of {len(names)} tasks" in capsys.readouterr().out.splitlines()[-1]

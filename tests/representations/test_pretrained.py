@@ -112,7 +112,7 @@ def test_represent_with_a_missing_encoder_folder_is_one_usage_line(tmp_path, cap
     with pytest.raises(SystemExit) as stopped:
         main(["represent", "--config", str(config), *args])
     assert stopped.value.code == 2
-    assert "`encoder` '/no/such/dir': no such folder" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--encoder is /no/such/dir: no such folder" in capsys.readouterr().err.strip().splitlines()[-1]
 
 
 @pytest.mark.slow

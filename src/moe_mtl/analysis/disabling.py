@@ -15,6 +15,7 @@ Token routing has no per-task route to mask: disabling refuses it with a ValueEr
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
@@ -157,10 +158,14 @@ def validation_metrics(
     )
     saved = module.evaluation.results_dir
     module.evaluation.results_dir = str(results_dir)  # read in `setup`: where this evaluation's files go
+    lightning = logging.getLogger("lightning.pytorch")  # its start-up lines, once per Trainer: one per expert here
+    level = lightning.level
+    lightning.setLevel(logging.WARNING)
     try:
         (metrics,) = Trainer(**{**options, **trainer}).validate(module, dataloaders=loader, verbose=False)
     finally:
         module.evaluation.results_dir = saved
+        lightning.setLevel(level)
     tasks = [key.removeprefix("val/score/") for key in metrics if key.startswith("val/score/")]
     return {
         task: {"score": float(metrics[f"val/score/{task}"]), "loss": float(metrics[f"val/loss/{task}"])}

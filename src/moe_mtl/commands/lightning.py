@@ -9,24 +9,30 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import shutil
 import sys
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from ..data import MultiTaskDataModule
 from ..errors import UsageError
 from ..models import MoEOptions
 from ..models.build import check_lengths, model_positions
 from ..models.config import SHAPE_OPTIONS, fixed_route_options
+from ..ownership import first_process, run_folder_lock
+from ..pretrained import check_pretrained
 from ..representations.files import read_task_embeddings
 from ..runs import (
     checkpoint_fixed_routes,
     checkpoint_run_folder,
+    checkpoint_train_partitions,
     read_checkpoint,
     read_upstream,
     resume_mismatch,
@@ -36,6 +42,7 @@ from ..training import MoEMultiTaskModule
 from ..training.callbacks import CALLBACK_GROUPS
 from ..training.options import OPTION_GROUPS, module_options
 from . import check_config_files, read_option_docs
+from .run_summary import evaluation_summary, fit_summary, predict_summary
 
 # datamodule fact → model option, set when the datamodule is instantiated
 DATA_LINKS = {
@@ -180,11 +187,18 @@ class MoEMTLCLI(LightningCLI):
         if self.subcommand in EVALUATION_COMMANDS:
             self._evaluate_beside_checkpoint(config)
         self._check_transfer(config)
+        if self.subcommand == "fit":
+            self._resume_in_its_run(config)
+        else:
+            self._test_what_was_trained(config)
 
     @staticmethod
     def _check_model_options(config) -> None:
         """What the module, its MoE options, the callback groups and the model's positions check when built, now:
         LightningCLI builds them after the data module has prepared the data (the model's vocabulary is the data's)."""
+        for option, part in (("model.pretrained", "model"), ("data.tokenizer", "tokenizer")):
+            check_pretrained(config.get(option), f"--{option}", part)
+        check_pretrained(config.two_stage.get("reinit_experts_from"), "--two_stage.reinit_experts_from")
         model = config.model.as_dict()
         module_options(**{group: model.get(group) for group in ("moe", *OPTION_GROUPS)})
         moe = {key: value for key, value in (model.get("moe") or {}).items() if key != "num_tasks"}  # linked
@@ -257,7 +271,17 @@ class MoEMTLCLI(LightningCLI):
                     "run); --allow_untrained true runs on the untrained initial weights"
                 )
             return
-        folder = checkpoint_run_folder(Path(ckpt_path)) / Path(ckpt_path).stem
+        # the checkpoint's ModelCheckpoint states name its fit's folder, not this one's: nothing is saved here
+        warnings.filterwarnings("ignore", "The dirpath has changed from", UserWarning)
+        results_dir = config.get("model.evaluation.results_dir")
+        if results_dir:  # an output folder the user chose: everything goes there, nothing beside the checkpoint
+            folder = Path(results_dir)
+        else:
+            folder = checkpoint_run_folder(Path(ckpt_path)) / Path(ckpt_path).stem
+            try:
+                check_writable(folder, f"the folder beside --ckpt_path {ckpt_path}")
+            except UsageError as error:
+                raise UsageError(f"{error}, or choose one with --model.evaluation.results_dir") from None
         logger = folder_logger(config)
         if logger is not None:
             # the logger's folder is where `run_dir` (evaluation files, predictions) and config.yaml go
@@ -270,6 +294,49 @@ class MoEMTLCLI(LightningCLI):
             )
         else:  # no logger (or one without a folder): the module writes into `default_root_dir`
             config.trainer.default_root_dir = str(folder)
+
+    def instantiate_classes(self) -> None:
+        """As LightningCLI does; but a check that fails while the classes are built (the Trainer refusing its
+        settings comes after the data module has trained and saved a tokenizer) leaves no folder it created."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        created = [new_folder(Path(folder)) for folder in (config.data.get("output_dir"),) if folder]
+        try:
+            super().instantiate_classes()
+        except BaseException:
+            for folder in created:
+                if folder is not None:
+                    shutil.rmtree(folder, ignore_errors=True)
+            raise
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """fit holds its run folder while it trains (`run_folder_lock`): a second fit of a folder in use is refused,
+        and one whose version is left to the logger gets the next free folder, as the folder exists from now on."""
+        log_dir = self.trainer.log_dir if subcommand == "fit" and first_process() and self.trainer.loggers else None
+        if log_dir is None:
+            return super()._run_subcommand(subcommand)
+        with run_folder_lock(Path(log_dir)):
+            return super()._run_subcommand(subcommand)
+
+    # --- the end of each verb: a short summary (`run_summary`), once per job ------------------------------
+
+    def _print_summary(self, lines: Sequence[str]) -> None:
+        if self.trainer.is_global_zero:
+            print("\n".join(lines), flush=True)
+
+    def _config_files(self) -> list[str]:
+        return [str(path) for path in self.config[self.subcommand].get("config") or []]
+
+    def after_fit(self) -> None:
+        self._print_summary(fit_summary(self.trainer, self.model, self._config_files()))
+
+    def after_validate(self) -> None:
+        self._print_summary(evaluation_summary("validate", self.trainer, self.model, self._config_files()))
+
+    def after_test(self) -> None:
+        self._print_summary(evaluation_summary("test", self.trainer, self.model, self._config_files()))
+
+    def after_predict(self) -> None:
+        self._print_summary(predict_summary(self.model))
 
     def _check_transfer(self, config) -> None:
         """`--model.transfer.init_from`: the data use the upstream run's tokenizer. `fit --ckpt_path` that is no
@@ -285,6 +352,61 @@ class MoEMTLCLI(LightningCLI):
         if config.get("model.transfer.init_from"):
             upstream = read_upstream(config.model.transfer.init_from)
             config.data.tokenizer = run_tokenizer_path(upstream, config.data.tokenizer)
+
+    def _resume_in_its_run(self, config) -> None:
+        """`fit --ckpt_path <run>/checkpoints/x.ckpt` (a resume: `_check_transfer` refused any other) logs and saves
+        into that run's folder, as the run it continues: the logger's own choice would be a new version_<n+1>."""
+        ckpt_path, logger = config.get("ckpt_path"), folder_logger(config)
+        if self.ckpt_contents is None or logger is None or Path(ckpt_path).parent.name != "checkpoints":
+            return
+        run = checkpoint_run_folder(Path(ckpt_path))
+        logger.init_args.save_dir, logger.init_args.name, logger.init_args.version = str(run.parent), "", run.name
+
+    def _test_what_was_trained(self, config) -> None:
+        """test / predict of a checkpoint: `data.test_partitions` unset tests the partitions it trained on; tasks it
+        never trained, routed by task-table rows nothing trained, are tested only with a loud warning."""
+        if (
+            self.ckpt_contents is None
+            or self.subcommand not in ("test", "predict")
+            or "test_partitions" not in config.data
+        ):
+            return
+        trained = checkpoint_train_partitions(self.ckpt_contents)
+        if config.data.test_partitions is None:
+            config.data.test_partitions = trained
+            rank_zero_info(
+                f"{self.subcommand}: the tasks the checkpoint trained (data.test_partitions {trained}); its unseen "
+                "tasks: --data.test_partitions test with --model.transfer.init_from <run> and "
+                "--model.transfer.unseen_routes nearest (README: zero-shot)"
+            )
+            return
+        tested = (
+            [config.data.test_partitions]
+            if isinstance(config.data.test_partitions, str)
+            else list(config.data.test_partitions)
+        )
+        untrained = [part for part in tested if part not in trained]
+        moe = (self.ckpt_contents.get("hyper_parameters") or {}).get("moe") or {}
+        routed_by_task_rows = (moe.get("routing") == "token" or moe.get("routes") == "learned") and not moe.get(
+            "task_embeddings"
+        )
+        if untrained and routed_by_task_rows and not config.get("model.transfer.init_from"):
+            rank_zero_warn(
+                f"{self.subcommand} of tasks the checkpoint never trained (data.test_partitions {untrained}; it "
+                f"trained {trained}): they are routed by task-table rows nothing trained, so their scores mean "
+                "nothing. Give their routes with --model.transfer.init_from <run> --model.transfer.unseen_routes "
+                "nearest (or representation, average, random), or test the trained tasks (--data.test_partitions "
+                f"{trained[0] if trained else 'train'})"
+            )
+
+
+def new_folder(folder: Path) -> Path | None:
+    """The outermost folder that writing into `folder` would create (None: `folder` exists already)."""
+    if folder.exists():
+        return None
+    while not folder.parent.exists() and folder.parent != folder:
+        folder = folder.parent
+    return folder
 
 
 def listed_callbacks(config) -> list:
@@ -330,6 +452,16 @@ def run_lightning(args: Sequence[str] | None = None) -> MoEMTLCLI:
     argv = sys.argv[1:] if args is None else args
     read_option_docs(argv)
     check_config_files(argv)
+    if args is None:
+        return build_cli(None)
+    # given `args` (fewshot's cells, tests), LightningCLI warns at every run that the process's own command line is
+    # not empty, though it is not read; sys.argv itself stays (a DDP launcher starts the other ranks with it)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "LightningCLI's args parameter is intended to run", UserWarning)
+        return build_cli(list(args))
+
+
+def build_cli(args: list[str] | None) -> MoEMTLCLI:
     return MoEMTLCLI(
         MoEMultiTaskModule,
         MultiTaskDataModule,
@@ -339,7 +471,7 @@ def run_lightning(args: Sequence[str] | None = None) -> MoEMTLCLI:
         trainer_defaults={"use_distributed_sampler": False},
         auto_configure_optimizers=False,
         parser_kwargs={"description": __doc__},
-        args=None if args is None else list(args),
+        args=args,
     )
 
 

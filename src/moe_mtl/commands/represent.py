@@ -16,6 +16,7 @@ from transformers import PreTrainedTokenizerBase
 from ..data import MultiTaskDataModule
 from ..errors import UsageError
 from ..models import MoEBartForConditionalGeneration, MoEOptions
+from ..pretrained import check_pretrained
 from ..representations.compute import REPRESENTATION_KINDS, compute_representations
 from ..representations.files import save_representations
 from ..runs import resolve_checkpoint
@@ -34,11 +35,56 @@ def load_run_model(init_from: str | Path) -> tuple[MoEBartForConditionalGenerati
     return module.model, module.tokenizer, module.model.moe_options.task_dim
 
 
-def config_section(path: str | Path, section: str) -> dict[str, Any]:
-    """One section (`data`, `model`) of a `moe-mtl fit` YAML config, in its plain or class_path/init_args form."""
-    config = read_config_file(path) or {}
+# the sections of a fit config this command reads, which `--<section>.<key> value` overrides
+SECTIONS = ("data", "model")
+
+
+def config_section(config: dict[str, Any], section: str) -> dict[str, Any]:
+    """One section (`data`, `model`) of a `moe-mtl fit` config, in its plain or class_path/init_args form."""
     value = config.get(section) or {}
     return dict(value.get("init_args", value)) if isinstance(value, dict) else {}
+
+
+def merged(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """`update` over `base`, mappings merged key by key (as `moe-mtl fit` merges its --config files)."""
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def split_overrides(args: Sequence[str]) -> tuple[list[str], dict[str, Any]]:
+    """(the other arguments, {"data.batch_size": 8, …}) of `--data.<key> value` / `--model.<key>=value` arguments;
+    values are read as YAML, as the fit command reads them."""
+    import yaml
+
+    rest, overrides, args = [], {}, list(args)
+    while args:
+        arg = args.pop(0)
+        name, has_value, value = arg.partition("=")
+        if not name.startswith(tuple(f"--{section}." for section in SECTIONS)):
+            rest.append(arg)
+            continue
+        if not has_value:
+            if not args:
+                raise UsageError(f"{name} needs a value")
+            value = args.pop(0)
+        overrides[name.removeprefix("--")] = yaml.safe_load(value)
+    return rest, overrides
+
+
+def read_configs(paths: Sequence[str], overrides: dict[str, Any]) -> dict[str, Any]:
+    """The `--config` files merged in order, then the `--data.*`/`--model.*` overrides."""
+    config: dict[str, Any] = {}
+    for path in paths:
+        config = merged(config, read_config_file(path) or {})
+    for dotted, value in overrides.items():
+        *parents, key = dotted.split(".")
+        update: dict[str, Any] = {key: value}
+        for parent in reversed(parents):
+            update = {parent: update}
+        config = merged(config, update)
+    return config
 
 
 def build_represent_parser() -> ArgumentParser:
@@ -49,7 +95,11 @@ def build_represent_parser() -> ArgumentParser:
         "`--model.moe.task_embeddings` (rows in task-id order).",
     )
     parser.add_argument(
-        "--config", required=True, help="a `moe-mtl fit` YAML config: its `data` section gives the tasks"
+        "--config",
+        action="append",
+        required=True,
+        help="a `moe-mtl fit` YAML config: its `data` section gives the tasks. Repeated: merged in order, as fit "
+        "merges them; `--data.<option> value` and `--model.<option> value` after them override",
     )
     parser.add_argument("--kind", required=True, choices=REPRESENTATION_KINDS, help="text or fisher")
     parser.add_argument(
@@ -86,7 +136,12 @@ def main(args: Sequence[str]) -> torch.Tensor:
     """`moe-mtl represent`: bad options are usage errors (one line, exit 2)."""
     read_option_docs(args)
     parser = build_represent_parser()
-    options = parser.parse_args(list(args))
+    try:
+        rest, overrides = split_overrides(args)
+    except UsageError as err:
+        parser.error(str(err))
+    options = parser.parse_args(rest)
+    options.overrides = overrides
     try:
         vectors, names = represent(options)
     except ValueError as err:  # DataError included
@@ -99,14 +154,17 @@ def represent(options) -> tuple[torch.Tensor, list[str]]:
     """The work of `moe-mtl represent` for parsed `options`; returns (vectors, task names)."""
     if (options.encoder is None) == (options.init_from is None):
         raise UsageError("give exactly one of `--encoder` (a model folder) or `--init_from` (a run's checkpoint)")
+    check_pretrained(options.encoder, "--encoder")
     if Path(options.output).suffix not in (".pt", ".json"):
         raise UsageError(f"`--output` {options.output!r} must end in .pt or .json")
-    section = config_section(options.config, "data")
+    config = read_configs(options.config, getattr(options, "overrides", {}))
+    section = config_section(config, "data")
     allowed = inspect.signature(MultiTaskDataModule).parameters
     unknown = sorted(set(section) - set(allowed))
     if unknown:
         raise UsageError(
-            f"the `data` section of {options.config} has unknown options {unknown}; allowed: {', '.join(allowed)}"
+            f"the `data` section of {', '.join(options.config)} has unknown options {unknown}; "
+            f"allowed: {', '.join(allowed)}"
         )
     data = MultiTaskDataModule(**section)
     tasks = data.tasks
@@ -115,7 +173,7 @@ def represent(options) -> tuple[torch.Tensor, list[str]]:
     if options.init_from is not None:
         model, tokenizer, task_dim = load_run_model(options.init_from)
     else:
-        task_dim = MoEOptions.from_dict(config_section(options.config, "model").get("moe") or {}).task_dim
+        task_dim = MoEOptions.from_dict(config_section(config, "model").get("moe") or {}).task_dim
     if dim is None and options.kind == "fisher":
         dim = task_dim  # the paper reduces Fisher embeddings to the task width
     cache_dir = options.cache_dir or Path(data.hparams.output_dir) / "representations"

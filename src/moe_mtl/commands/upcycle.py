@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from jsonargparse import ArgumentParser
 
 from ..models import MoEBartForConditionalGeneration, MoEOptions
+from ..pretrained import check_pretrained
 from ..representations.files import read_task_embeddings
 from . import read_option_docs
 
@@ -36,6 +37,7 @@ def main(args: Sequence[str]) -> MoEBartForConditionalGeneration:
     config = parser.parse_args(list(args))
     try:
         options = parser.instantiate(config)
+        check_pretrained(options.dense, "--dense")
         model = upcycle(options.dense, options.output, options.moe)
     except ValueError as err:  # a bad option value: a usage error, not a traceback
         parser.error(str(err))

@@ -89,7 +89,9 @@ class MultiTaskDataModule(LightningDataModule):
         sync_tasks: All devices draw the same task at each step (homogeneous batching).
         train_partitions: Partition(s) whose tasks are trained on ("train" split).
         val_partitions: Partition(s) whose tasks are validated ("dev" split).
-        test_partitions: Partition(s) whose tasks are tested and predicted ("test" split).
+        test_partitions: Partition(s) whose tasks are tested and predicted ("test" split). None: "test"; but
+            `moe-mtl test` and `predict` of a checkpoint (`--ckpt_path`) test the partitions it trained on, unless
+            given this option.
         fewshot_seed: Which k-shot train/dev splits tasks that have them use (CrossFit's tasks, held-out skill
             tasks): one seed's, or "all": those of every seed concatenated, as the multi-task loaders of CrossFit
             and of the task-level MoE paper train (examples that repeat one of their task, or a dev example that
@@ -120,7 +122,7 @@ class MultiTaskDataModule(LightningDataModule):
         sync_tasks: bool = True,
         train_partitions: str | list[str] = "train",
         val_partitions: str | list[str] = "train",
-        test_partitions: str | list[str] = "test",
+        test_partitions: str | list[str] | None = None,
         fewshot_seed: int | Literal["all"] | None = None,
         seed: int = 0,
         num_workers: int = 0,
@@ -149,7 +151,7 @@ class MultiTaskDataModule(LightningDataModule):
             for option, parts in (
                 ("train_partitions", train_partitions),
                 ("val_partitions", val_partitions),
-                ("test_partitions", test_partitions),
+                ("test_partitions", "test" if test_partitions is None else test_partitions),
             )
         }
         for option, parts in self.partitions.items():

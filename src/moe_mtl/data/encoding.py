@@ -10,6 +10,10 @@ and `collate` pads them into a batch.
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
+import shutil
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +27,14 @@ from datasets import Sequence as ListOf
 from torch.utils.data import Dataset as TorchDataset
 from transformers import PreTrainedTokenizerBase
 
+from ..ownership import process_alive
 from .tasks import DataError, Example
 from .tokenizer import tokenizer_fingerprint
 
+log = logging.getLogger(__name__)
+
 ENCODING_VERSION = "2"  # bump when the encoded columns or the checks of `_encode_batch` change
+WORK_PREFIX = ".encoding-"  # a preparation's own folder in the cache: .encoding-<pid>-<random>
 LABEL_PAD = -100  # ignored by the cross-entropy loss
 MODEL_INPUTS = ("task_ids", "input_ids", "attention_mask", "labels")  # the batch keys the model's forward takes
 RAW_FEATURES = Features(
@@ -135,6 +143,49 @@ def encode_split(
     if path.is_file():
         return Dataset.from_file(str(path)), True
     cache_dir.mkdir(parents=True, exist_ok=True)
+    remove_abandoned_work(cache_dir)
+    work = cache_dir / f"{WORK_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    work.mkdir()
+    try:
+        encoded = _encode(name, parts, tokenizer, max_input_length, max_target_length, work / path.name, fingerprint)
+        del encoded  # its file is moved into place whole, so that a killed run never leaves half a cache file
+        os.replace(work / path.name, path)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return Dataset.from_file(str(path)), False
+
+
+def remove_abandoned_work(cache_dir: Path) -> list[Path]:
+    """Remove what killed preparations left in `cache_dir`: work folders of processes that are gone, and `tmp*`
+    files of the datasets library (earlier versions tokenised in the cache folder itself). Returns them."""
+    removed = []
+    for entry in cache_dir.iterdir():
+        if entry.name.startswith(WORK_PREFIX):
+            pid = entry.name.removeprefix(WORK_PREFIX).split("-")[0]
+            if pid.isdigit() and process_alive(int(pid)):
+                continue  # a preparation still running beside this one
+        elif not entry.name.startswith("tmp"):
+            continue
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    if removed:
+        log.warning("removed %d leftovers of an interrupted data preparation from %s", len(removed), cache_dir)
+    return removed
+
+
+def _encode(
+    name: str,
+    parts: Sequence[SplitPart],
+    tokenizer: PreTrainedTokenizerBase,
+    max_input_length: int,
+    max_target_length: int,
+    path: Path,
+    fingerprint: str,
+) -> Dataset:
+    """The tokenised split, written to `path`."""
     columns: dict[str, list] = {key: [] for key in RAW_FEATURES}
     for part in parts:
         for index, example in enumerate(part.examples):
@@ -159,7 +210,7 @@ def encode_split(
         new_fingerprint=fingerprint,
         desc=f"tokenising {name}",
     )
-    return encoded, False
+    return encoded
 
 
 def truncation_counts(dataset: Dataset) -> dict[int, tuple[int, int, int]]:

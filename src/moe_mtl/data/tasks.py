@@ -257,6 +257,16 @@ def task_info_for(data_dir: Path, names: Iterable[str], path: str | Path | None)
         log.warning(
             "%s has no entry for %d task(s) %s: they get the defaults (%s)", path, len(missing), missing, defaults
         )
+    unused = [name for name in info if name not in names]
+    if unused:  # a typo in a task name would otherwise leave its entry unread and the task with the defaults
+        log.warning(
+            "%s has entries for %d name(s) that are no task in %s, ignored: %s (the tasks: %s)",
+            path,
+            len(unused),
+            data_dir,
+            unused,
+            names,
+        )
     return {name: info.get(name, TaskInfo()) for name in names}
 
 

@@ -113,6 +113,10 @@ class MoEMultiTaskModule(LightningModule):
         # finite check (`NanGuard`); empty without it
         self.pre_clip_grad_norms: dict[str, torch.Tensor] = {}
         self._checkpoint_step: int | None = None  # the global step of the checkpoint loaded, if any
+        # for the command's end-of-run summary: the newest evaluation, its files' path without suffix and its step;
+        # the newest predictions' folder and rows per task
+        self.last_evaluation: tuple[EvaluationResult, Path, int] | None = None
+        self.last_predictions: tuple[Path, dict[str, int]] | None = None
 
     # --- routing, read by the callbacks ---------------------------------------------------------------
 
@@ -189,6 +193,11 @@ class MoEMultiTaskModule(LightningModule):
         optim, mixed = self.optim, isinstance(self.trainer.precision_plugin, MixedPrecision)
         optimizer = build_optimizer(self.model, optim.learning_rates(), optim.weight_decay, optim.betas, mixed)
         total = max(1, int(self.trainer.estimated_stepping_batches))
+        if optim.warmup >= 1 and optim.warmup > total:  # the schedule would only warm up, never decay
+            rank_zero_warn(
+                f"model option `optim.warmup` is {optim.warmup:g} steps, longer than the run's {total}: the learning "
+                "rate warms up over the whole run and never decays; give fewer steps, or a fraction (0.06: 6 %)"
+            )
         self.lr_schedule = WarmupLinearDecay(warmup_steps_for(optim.warmup, total), total)
         scheduler = LambdaLR(optimizer, self.lr_schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -255,14 +264,16 @@ class MoEMultiTaskModule(LightningModule):
         )
         self._epoch_evaluation = None
         # every rank holds the same gathered values: synced by max, which leaves them exact and tells Lightning they
-        # are (it warns once per key otherwise, ~70 warnings under DDP). (No "step" metric to move the point in
-        # TensorBoard: ModelCheckpoint would take it for the step in its file names.)
-        self.log_dict(result.metrics, batch_size=1, sync_dist=True, reduce_fx="max")
-        if not self.trainer.sanity_checking and self.trainer.is_global_zero:
+        # are (it warns once per key otherwise, ~70 warnings under DDP). A logged "step" is the loggers' step for
+        # them: the weights' (Lightning's own is its batch counter, one behind the global step in fit, 0 otherwise)
+        step = self.model_step
+        self.log_dict({**result.metrics, "step": float(step)}, batch_size=1, sync_dist=True, reduce_fx="max")
+        if not self.trainer.sanity_checking:
             ckpt_path = self.trainer.ckpt_path if self.trainer.state.fn != "fit" else None
-            step = self.model_step
             stem = evaluation_stem(self.run_dir / "evaluation", stage, self.current_epoch, step, ckpt_path)
-            write_evaluation(stem, result, self.current_epoch, step)
+            if self.trainer.is_global_zero:
+                write_evaluation(stem, result, self.current_epoch, step)
+            self.last_evaluation = (result, stem, step)
         return result
 
     @property
@@ -276,6 +287,11 @@ class MoEMultiTaskModule(LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._evaluation_end("val")
+
+    def on_validation_end(self) -> None:
+        # after the ModelCheckpoints (callbacks' hooks run first): left in the callback metrics, the "step" logged
+        # with the scores would name the step checkpoints saved before the next validation (ModelCheckpoint reads it)
+        self.trainer.callback_metrics.pop("step", None)
 
     def on_test_epoch_end(self) -> None:
         self._evaluation_end("test")
@@ -301,6 +317,7 @@ class MoEMultiTaskModule(LightningModule):
             return
         folder = self.run_dir / "predictions"
         write_predictions(folder, by_task)
+        self.last_predictions = (folder, {task: len(rows) for task, rows in by_task.items()})
         log.info("wrote predictions of %d tasks to %s", len(by_task), folder)
 
 

@@ -4,6 +4,7 @@ seed of each training micro-batch."""
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from collections.abc import Iterable
 from typing import Literal
@@ -90,7 +91,7 @@ def recompute_learning_rates(schedulers: Iterable[LRScheduler]) -> None:
         # `LRScheduler.step` computes the lr of step `last_epoch + 1`, sets it and what `get_last_lr()` reports
         scheduler.last_epoch -= 1
         with warnings.catch_warnings():  # at fit start no optimizer step has run yet, which it would warn about
-            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()`", UserWarning)
+            warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()`"), UserWarning)
             scheduler.step()
 
 

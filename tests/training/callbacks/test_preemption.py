@@ -1,7 +1,9 @@
 """Preemption through the real `moe-mtl fit` command: a signal at a known step, the checkpoint it leaves, the exit
 code, and a resumed run that ends bitwise equal to an uninterrupted one."""
 
+import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -14,7 +16,7 @@ import yaml
 
 from moe_mtl.training.callbacks.preemption import exit_code
 
-from ...conftest import tiny_run_config
+from ...conftest import event_values, tiny_run_config
 
 pytestmark = pytest.mark.slow  # each test runs the real `moe-mtl fit` in subprocesses
 
@@ -23,15 +25,27 @@ MOE_MTL = Path(sys.executable).parent / "moe-mtl"
 MAX_STEPS, SIGNAL_STEP = 4, 3  # stage two from step 2 on, one validation at the end
 
 
-def fit(folder: Path, version: str, *extra: str, signal_name: str | None = None, env=None):
-    """`moe-mtl fit` of the tiny run in `folder` (logger version `version`), optionally signalling itself."""
-    config = tiny_run_config(max_steps=MAX_STEPS, val_check_interval=MAX_STEPS, limit_val_batches=1)
+def fit(
+    folder: Path,
+    version: str | None,
+    *extra: str,
+    signal_name: str | None = None,
+    env=None,
+    trainer: dict | None = None,
+    in_validation: bool = False,
+):
+    """`moe-mtl fit` of the tiny run in `folder` (logger version `version`; None: the logger's next), optionally
+    signalling itself at step `SIGNAL_STEP` (`in_validation`: during the validation at step 2)."""
+    folder.mkdir(exist_ok=True)
+    trainer = trainer or {"max_steps": MAX_STEPS, "val_check_interval": MAX_STEPS, "limit_val_batches": 1}
+    config = tiny_run_config(**trainer)
     config["trainer"]["logger"]["init_args"]["version"] = version
     if signal_name is not None:
-        test_callback = {"class_path": "tests.signals.SignalAtStep", "init_args": {"signal_name": signal_name}}
-        test_callback["init_args"]["step"] = SIGNAL_STEP
+        name, step = ("SignalInValidation", 2) if in_validation else ("SignalAtStep", SIGNAL_STEP)
+        test_callback = {"class_path": f"tests.signals.{name}", "init_args": {"signal_name": signal_name}}
+        test_callback["init_args"]["step"] = step
         config["trainer"]["callbacks"].append(test_callback)
-    path = folder / f"{version}.yaml"
+    path = folder / f"{version or 'run'}.yaml"
     path.write_text(yaml.safe_dump(config))
     outside = {name: value for name, value in os.environ.items() if not name.startswith("SLURM_")}
     environment = {
@@ -98,3 +112,36 @@ def test_under_slurm_sigusr1_stays_lightnings_requeue(tmp_path):
     hpc = list(tmp_path.rglob("hpc_ckpt_*.ckpt"))
     assert len(hpc) == 1 and torch.load(hpc[0], weights_only=False)["global_step"] == SIGNAL_STEP
     assert not list(tmp_path.rglob("preempted-*.ckpt"))
+
+
+def test_a_signal_during_validation_keeps_that_validation_and_the_resume_continues_in_its_run(tmp_path):
+    """SIGTERM after the first batch of step 2's validation: the validation finishes, the checkpoint holds it, and
+    the resume command the message prints continues in the same run folder (no version_1) to the same end state as an
+    uninterrupted run, with step 2's dev score written, logged at step 2 and weighed for the best checkpoint."""
+    trainer = {"max_steps": MAX_STEPS, "val_check_interval": 2, "limit_val_batches": 2}
+    whole = fit(tmp_path / "whole", None, trainer=trainer)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    stopped = fit(tmp_path / "run", None, trainer=trainer, signal_name="SIGTERM", in_validation=True)
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    resume = re.search(r"Resume with `moe-mtl fit \.\.\. (--ckpt_path \S+)`", stopped.stderr)
+    assert resume is not None, stopped.stderr[-3000:]
+    resumed = fit(tmp_path / "run", None, *resume[1].split(), trainer=trainer)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    runs = tmp_path / "run/runs/tiny"
+    assert sorted(path.name for path in runs.iterdir()) == ["version_0"]
+    run, reference = runs / "version_0", tmp_path / "whole/runs/tiny/version_0"
+    for step in (2, 4):
+        name = f"evaluation/val-epoch0-step{step}.json"
+        assert json.loads((run / name).read_text()) == json.loads((reference / name).read_text())
+    scalars, _ = event_values(run)
+    assert [step for step, _ in scalars["val/score"]] == [2, 4]
+    state = final_state(run / "checkpoints/last.ckpt")
+    expected = final_state(reference / "checkpoints/last.ckpt")
+    assert [name for name, value in state.items() if not torch.equal(value, expected[name])] == []
+    saved = torch.load(run / "checkpoints/last.ckpt", weights_only=False)["callbacks"]
+    (best,) = (s for key, s in saved.items() if key.startswith("ModelCheckpoint") and s["monitor"] == "val/score")
+    scores = {
+        step: json.loads((run / f"evaluation/val-epoch0-step{step}.json").read_text())["average"]["score"]
+        for step in (2, 4)
+    }
+    assert float(best["best_model_score"]) == pytest.approx(max(scores.values()))

@@ -40,3 +40,24 @@ def test_the_cli_uses_it_when_the_progress_bar_is_on(tmp_path, monkeypatch):
     config = write_config(tmp_path / "tiny.yaml", max_steps=1, limit_val_batches=0)
     cli = run_lightning(["fit", "--config", config, "--trainer.enable_progress_bar=true"])
     assert isinstance(cli.trainer.progress_bar_callback, StepProgressBar)
+
+
+def test_a_resumed_run_counts_its_steps_out_of_max_steps_and_shows_no_version(tmp_path):
+    """A run resumed at step 3 of 5 shows 5/5 at its end (Lightning's bar counted the batches of its epoch: past its
+    total after a resume), and no `v_num` (`eed0` for a logger version `seed0`)."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    def trained(max_steps: int, ckpt_path=None) -> tuple[StepProgressBar, Trainer]:
+        bar = StepProgressBar()
+        logger = CSVLogger(tmp_path, name="", version="seed0")
+        trainer = Trainer(accelerator="cpu", logger=logger, callbacks=[bar], max_steps=max_steps, limit_val_batches=0)
+        trainer.fit(Line(), ckpt_path=ckpt_path)
+        return bar, trainer
+
+    _, first = trained(3)
+    path = tmp_path / "three.ckpt"
+    first.save_checkpoint(path)
+    bar, trainer = trained(5, path)
+    task = bar.progress.tasks[bar.train_progress_bar_id]
+    assert (task.completed, task.total) == (5, 5)
+    assert "v_num" not in bar.get_metrics(trainer, trainer.lightning_module)

@@ -4,6 +4,7 @@ from lightning.pytorch import Callback
 
 from .clipping import GroupGradientClipping
 from .expert_sparse import ExpertSparseUpdates
+from .final_evaluation import FinalEvaluation
 from .nan_guard import NanGuard
 from .preemption import PreemptionCheckpoint
 from .progress import StepProgressBar
@@ -20,11 +21,13 @@ CALLBACK_GROUPS: dict[str, type[Callback]] = {
     "clipping": GroupGradientClipping,
     "nan_guard": NanGuard,
     "expert_sparse_updates": ExpertSparseUpdates,
+    "final_evaluation": FinalEvaluation,
 }
 
 __all__ = [
     "CALLBACK_GROUPS",
     "ExpertSparseUpdates",
+    "FinalEvaluation",
     "GroupGradientClipping",
     "NanGuard",
     "PreemptionCheckpoint",

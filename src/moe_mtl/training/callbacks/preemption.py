@@ -28,6 +28,13 @@ def slurm_requeues(trainer: Trainer) -> bool:
     return isinstance(environment, SLURMEnvironment) and environment.auto_requeue
 
 
+def checkpoint_folder(trainer: Trainer, callback: Any = None) -> Path:
+    """Where the run's checkpoints go: `callback`'s folder, else the first ModelCheckpoint's, else
+    `<log_dir>/checkpoints`."""
+    folder = getattr(callback or trainer.checkpoint_callback, "dirpath", None)
+    return Path(folder) if folder is not None else Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints"
+
+
 class PreemptionCheckpoint(Callback):
     """SIGTERM or SIGINT during `fit` (and SIGUSR1, outside SLURM's auto-requeue): the step under way finishes,
     `<checkpoint folder>/preempted-step<N>.ckpt` is saved, and the process exits with 128 + the signal's number
@@ -35,8 +42,9 @@ class PreemptionCheckpoint(Callback):
 
     Lightning already turns SIGTERM into a stop at the next step boundary (its `SIGTERMException`, which on its own
     exits 0 and saves nothing) and, under DDP, stops every rank together. SIGINT and SIGUSR1 are handed to that
-    same SIGTERM handler, so all three stop the same way. A second SIGINT interrupts at once. Under SLURM with
-    auto-requeue, SIGUSR1 is left to Lightning (save and requeue; the job keeps running until SLURM stops it).
+    same SIGTERM handler, so all three stop the same way. A signal during a validation lets it finish first, so
+    that the checkpoint holds its scores and best-checkpoint choice. A second SIGINT interrupts at once. Under SLURM
+    with auto-requeue, SIGUSR1 is left to Lightning (save and requeue; the job keeps running until SLURM stops it).
 
     Args:
         enabled: False leaves signals as Lightning handles them.
@@ -50,6 +58,7 @@ class PreemptionCheckpoint(Callback):
         self.saved: Path | None = None
         self._previous: dict[int, Any] = {}
         self._active = False
+        self._held = False  # a stop signal held back until the running validation ends
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit" or not self.enabled or threading.current_thread() is not threading.main_thread():
@@ -82,6 +91,19 @@ class PreemptionCheckpoint(Callback):
         if self.received is not None:  # arrived before Lightning's handler was in place: hand it on now
             self._forward(self.received, None)
 
+    # A signal during a fit's validation: Lightning would stop mid-validation, and the resumed run never scores that
+    # step (nor keeps it as the best checkpoint). The validation finishes first (it is bounded: limit_val_batches),
+    # then the stop comes at the training loop's next check, with that validation saved in the checkpoint.
+
+    def on_validation_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any, **kwargs: Any) -> None:
+        connector = trainer._signal_connector  # the flag Lightning's evaluation loop checks after each batch
+        if self._active and trainer.state.fn == "fit" and connector.received_sigterm:
+            connector.received_sigterm, self._held = False, True
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._held:
+            trainer._signal_connector.received_sigterm, self._held = True, False
+
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._active = False
         if not self.enabled or not isinstance(exception, SIGTERMException):
@@ -96,11 +118,7 @@ class PreemptionCheckpoint(Callback):
         )
 
     def checkpoint_path(self, trainer: Trainer) -> Path:
-        """Beside the run's other checkpoints (the first ModelCheckpoint's folder), else `<log_dir>/checkpoints`."""
-        folder = getattr(trainer.checkpoint_callback, "dirpath", None)
-        if folder is None:
-            folder = Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints"
-        return Path(folder) / f"{self.filename.format(step=trainer.global_step)}.ckpt"
+        return checkpoint_folder(trainer) / f"{self.filename.format(step=trainer.global_step)}.ckpt"
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._active = False

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from transformers import AutoConfig, BartForConditionalGeneration
 
 from ...errors import UsageError
@@ -155,6 +155,23 @@ class TwoStageTraining(Callback):
         # (a resumed run then restores its schedule from the checkpoint)
         if self.switch_step and self.restart_lr_schedule and self.switched_at is None:
             self._restart_schedule(trainer, pl_module, 0, self.switch_step)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.switched_at is not None:
+            return
+        last_step, epochs = int(trainer.estimated_stepping_batches), trainer.max_epochs
+        if self.switch_step is not None and self.switch_step >= last_step:
+            rank_zero_warn(
+                f"TwoStageTraining: two_stage.switch_step is {self.switch_step}, but the run ends at step "
+                f"{last_step}: stage two never starts. Lower --two_stage.switch_step, raise trainer.max_steps, or "
+                "train in one stage with --two_stage.switch_step null"
+            )
+        by_epochs = trainer.max_steps in (None, -1) and epochs not in (None, -1)
+        if self.switch_epoch is not None and by_epochs and self.switch_epoch >= epochs:
+            rank_zero_warn(
+                f"TwoStageTraining: two_stage.switch_epoch is {self.switch_epoch}, but the run trains {epochs} "
+                "epochs: stage two never starts. Lower --two_stage.switch_epoch or raise trainer.max_epochs"
+            )
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         window_start = batch_idx % trainer.accumulate_grad_batches == 0  # never mid-accumulation
