@@ -377,10 +377,13 @@ def test_a_fit_shorter_than_its_validation_interval_ends_validated_with_last_ckp
     assert [step for step, _ in scalars["val/score"]] == [3]
 
 
-def test_a_fit_without_validation_still_ends_with_last_ckpt(tmp_path, monkeypatch):
+def test_a_fit_without_validation_ends_with_last_ckpt_and_unused_stage_two_options_are_said(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = write_config(tmp_path / "tiny.yaml", max_steps=2, limit_val_batches=0)
-    printed = printing(["fit", "--config", config])
+    one_stage = ["--two_stage.switch_step", "null", "--two_stage.routes", "softmax"]  # a stage-two option, unused
+    with pytest.warns(UserWarning, match=r"two_stage.routes given, but no two_stage.switch_step or switch_epoch"):
+        printed = printing(["fit", "--config", config, *one_stage])
+    assert printed.splitlines()[-5].startswith("moe-mtl fit: done, 2 steps (one stage)")
     last = tmp_path / "runs/tiny/version_0/checkpoints/last.ckpt"
     assert torch.load(last, weights_only=False)["global_step"] == 2
     assert "not evaluated: validation is off" in printed

@@ -115,6 +115,14 @@ class TwoStageTraining(Callback):
         if not self.enabled:
             if learned and stage == "fit":
                 rank_zero_info("TwoStageTraining: no `switch_step` or `switch_epoch`: single-stage training")
+            stage_two = {"routes": self.routes != "argmax", "temperature": self.temperature is not None}
+            stage_two["reinit_experts_from"] = self.reinit_experts_from is not None
+            unused = [option for option, given in stage_two.items() if given]
+            if unused and stage == "fit":  # options of a stage that never comes: said, not ignored
+                rank_zero_warn(
+                    f"TwoStageTraining: {', '.join(f'two_stage.{option}' for option in unused)} given, but no "
+                    "two_stage.switch_step or switch_epoch: there is no stage two, so they do nothing"
+                )
             return
         if not learned:
             options = pl_module.model.moe_options
