@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(BIN)/pip install -q -c $(LOCK) -e ".[dev]"
 	touch $(STAMP)
 
-# The main job on the built-in offline default: skill suite, small MoE-BART, two-stage training (~4 min on 2 cores).
+# The main job on the built-in offline default: skill suite, small MoE-BART, two-stage training (README: time).
 quickstart: $(STAMP)
 	$(BIN)/moe-mtl fit --config configs/quickstart.yaml
 
@@ -36,7 +36,7 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow and not distributed"
 
-# MoE-BART against dense BART: time, FLOPs and memory ratios (benchmarks/results/results.md; ~8 min on 2 cores).
+# MoE-BART against dense BART: time, FLOPs and memory ratios (benchmarks/results/results.md names its run time).
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks
 

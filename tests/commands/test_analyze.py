@@ -152,6 +152,9 @@ def test_the_tensorboard_route_map_is_the_labelled_figure(run):
         (["--group_by", "colour"], "group_by: no task has the feature 'colour'; available: ['domain', 'families'"),
         (["--step", "3"], "step: no route table at step 3"),
         (["--skill_feature", "num_skills"], "skill_feature: 'num_skills' is a numeric feature; tasks share skills by "),
+        # read only by the disabling evaluations: without --disable they would do nothing
+        (["--max_examples", "5"], "--max_examples 5: only the expert-disabling evaluations read it; add --disable"),
+        (["--accelerator", "cpu"], "--accelerator cpu: only the expert-disabling evaluations read it;"),
     ],
 )
 def test_bad_options_are_usage_errors(run, args, message, capsys, tmp_path):
@@ -331,6 +334,7 @@ def test_a_crossfit_suite_without_features_is_analysed_and_the_steps_skipped_say
     main(["analyze", str(run), "--permutations", "10"])
     out = capsys.readouterr().out
     assert "task features: none" in out
+    assert f"  left out, not seen in training: 1 task(s) of the route table ({HELD_OUT})" in out
     assert "group_by: none (no categorical, list, boolean feature puts the 9 tasks in 2 to 8 groups; " in out
     assert "route–skill agreement: not measured (no list or categorical feature by which some task pairs" in out
     agreement = json.loads((run / "analysis/skill_agreement.json").read_text())

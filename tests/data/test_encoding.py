@@ -127,6 +127,14 @@ def test_a_killed_preparation_leaves_no_cache_file_and_the_next_one_clears_what_
     (left,) = cache.iterdir()  # only its own work folder: no half-written .arrow, nothing tmp* in the cache itself
     assert left.name.startswith(".encoding-") and not list(cache.glob("*.arrow"))
     (cache / "tmpabc123").write_text("")  # what earlier versions left: the datasets library's temporary file
+    elsewhere = cache / f".encoding-{killed_pid(left)}@another-host@0123abcd"  # a shared cache: not ours to judge
+    elsewhere.mkdir()
     encoded, cached = encode_split("train", parts(), tokenizer, 6, 4, cache)
     assert not cached and len(encoded) == 4
-    assert [path.suffix for path in cache.iterdir()] == [".arrow"]
+    assert sorted(path.name for path in cache.iterdir() if path.suffix != ".arrow") == [elsewhere.name]
+    assert len(list(cache.glob("*.arrow"))) == 1
+
+
+def killed_pid(work: Path) -> str:
+    """The process id a work folder `.encoding-<pid>@<host>@<random>` names."""
+    return work.name.removeprefix(".encoding-").split("@")[0]

@@ -57,6 +57,13 @@ def test_save_load_round_trip(tokenizer, tmp_path):
     assert tokenizer_fingerprint(train_tokenizer(TEXTS, vocab_size=280)) != tokenizer_fingerprint(tokenizer)
 
 
+def test_the_fingerprint_is_the_same_before_and_after_a_truncating_call():
+    tokenizer = train_tokenizer(TEXTS, vocab_size=300)
+    before = tokenizer_fingerprint(tokenizer)
+    tokenizer(TEXTS[:3], truncation=True, max_length=4, padding="max_length")  # leaves its settings in the backend
+    assert tokenizer_fingerprint(tokenizer) == before
+
+
 def test_run_tokenizer_trains_once_then_reuses(tmp_path):
     folder = tmp_path / "run" / "tokenizer"
     first = run_tokenizer(None, folder, lambda: TEXTS, 300)

@@ -121,6 +121,8 @@ def analyze(
         "run": str(run.path),
         "step": record["step"],
         "tasks": len(seen_tasks),
+        # the route table's other tasks (unseen ones, routed by a transfer) are not analysed: said, not dropped
+        "left_out_tasks": [name for i, name in enumerate(record["tasks"]) if i not in set(seen)],
         "features": {name: feature.kind for name, feature in task_features(seen_tasks).items()},
         "group_by": asdict(grouping),
         "files": [],

@@ -13,6 +13,9 @@ from ..analysis.run import RunFolder
 from ..data.tasks import shortened
 from . import read_option_docs
 
+# options that only the expert-disabling evaluations read, with their defaults: given without --disable, an error
+DISABLING_ONLY = {"layers": None, "max_examples": None, "tasks": None, "accelerator": "auto"}
+
 
 def build_analyze_parser() -> ArgumentParser:
     parser = ArgumentParser(
@@ -77,6 +80,11 @@ def print_summary(summary: dict[str, Any]) -> None:
     correlation = summary["correlation"]
     skipped = "; ".join(f"{reason}: {shortened(names)}" for reason, names in correlation["skipped"].items()) or "none"
     print(f"analysed {summary['run']} at step {summary['step']}: {summary['tasks']} seen tasks")
+    if summary["left_out_tasks"]:
+        left_out = summary["left_out_tasks"]
+        print(f"  left out, not seen in training: {len(left_out)} task(s) of the route table ({shortened(left_out)})")
+    if not summary["route_tables"]:
+        print("learning dynamics: not drawn, the run saved no route tables (RoutingMonitor writes <run>/routes/)")
     print(f"task features: {features_by_kind(summary['features'])}")
     print(f"group_by: {summary['group_by']['feature'] or 'none'} ({summary['group_by']['reason']})")
     print(
@@ -113,6 +121,13 @@ def main(args: Sequence[str]) -> dict[str, Any]:
     read_option_docs(args)
     parser = build_analyze_parser()
     options = parser.parse_args(list(args))
+    given = [
+        f"--{name} {getattr(options, name)}"
+        for name, default in DISABLING_ONLY.items()
+        if getattr(options, name) != default
+    ]
+    if given and not options.disable:
+        parser.error(f"{', '.join(given)}: only the expert-disabling evaluations read it; add --disable true")
     try:
         run = RunFolder.resolve(options.run, options.ckpt_path)
         summary = analyze(

@@ -39,7 +39,8 @@ from ..runs import (
     run_tokenizer_path,
 )
 from ..training import MoEMultiTaskModule
-from ..training.callbacks import CALLBACK_GROUPS
+from ..training.callbacks import CALLBACK_GROUPS, TwoStageTraining
+from ..training.distributed import check_fit_strategy
 from ..training.options import OPTION_GROUPS, module_options
 from . import check_config_files, read_option_docs
 from .run_summary import evaluation_summary, fit_summary, predict_summary
@@ -299,19 +300,31 @@ class MoEMTLCLI(LightningCLI):
         """As LightningCLI does; but a check that fails while the classes are built (the Trainer refusing its
         settings comes after the data module has trained and saved a tokenizer) leaves no folder it created."""
         config = self.config[self.subcommand] if self.subcommand else self.config
-        created = [new_folder(Path(folder)) for folder in (config.data.get("output_dir"),) if folder]
+        self._created = [new_folder(Path(folder)) for folder in (config.data.get("output_dir"),) if folder]
         try:
             super().instantiate_classes()
         except BaseException:
-            for folder in created:
-                if folder is not None:
-                    shutil.rmtree(folder, ignore_errors=True)
+            self._remove_created()
             raise
+
+    def _remove_created(self) -> None:
+        for folder in self._created:
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
 
     def _run_subcommand(self, subcommand: str) -> None:
         """fit holds its run folder while it trains (`run_folder_lock`): a second fit of a folder in use is refused,
         and one whose version is left to the logger gets the next free folder, as the folder exists from now on."""
-        log_dir = self.trainer.log_dir if subcommand == "fit" and first_process() and self.trainer.loggers else None
+        if subcommand == "fit":  # refused by the strategy: before the run folder, the lock or the data exist
+            switching = any(isinstance(c, TwoStageTraining) and c.enabled for c in self.trainer.callbacks)
+            try:
+                check_fit_strategy(self.trainer, self.model.model, switching)
+            except UsageError:
+                self._remove_created()
+                raise
+        # only a folder logger's log_dir is this run's own; another logger's save_dir may be shared by many runs
+        folder_logged = type(self.trainer.logger).__name__ in FOLDER_LOGGERS
+        log_dir = self.trainer.log_dir if subcommand == "fit" and first_process() and folder_logged else None
         if log_dir is None:
             return super()._run_subcommand(subcommand)
         with run_folder_lock(Path(log_dir)):

@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import shutil
+import socket
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from .tokenizer import tokenizer_fingerprint
 log = logging.getLogger(__name__)
 
 ENCODING_VERSION = "2"  # bump when the encoded columns or the checks of `_encode_batch` change
-WORK_PREFIX = ".encoding-"  # a preparation's own folder in the cache: .encoding-<pid>-<random>
+WORK_PREFIX = ".encoding-"  # a preparation's own folder in the cache: .encoding-<pid>@<host>@<random>
 LABEL_PAD = -100  # ignored by the cross-entropy loss
 MODEL_INPUTS = ("task_ids", "input_ids", "attention_mask", "labels")  # the batch keys the model's forward takes
 RAW_FEATURES = Features(
@@ -144,7 +145,7 @@ def encode_split(
         return Dataset.from_file(str(path)), True
     cache_dir.mkdir(parents=True, exist_ok=True)
     remove_abandoned_work(cache_dir)
-    work = cache_dir / f"{WORK_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    work = cache_dir / f"{WORK_PREFIX}{os.getpid()}@{socket.gethostname()}@{uuid.uuid4().hex[:8]}"
     work.mkdir()
     try:
         encoded = _encode(name, parts, tokenizer, max_input_length, max_target_length, work / path.name, fingerprint)
@@ -161,9 +162,10 @@ def remove_abandoned_work(cache_dir: Path) -> list[Path]:
     removed = []
     for entry in cache_dir.iterdir():
         if entry.name.startswith(WORK_PREFIX):
-            pid = entry.name.removeprefix(WORK_PREFIX).split("-")[0]
-            if pid.isdigit() and process_alive(int(pid)):
-                continue  # a preparation still running beside this one
+            pid, host, _ = [*entry.name.removeprefix(WORK_PREFIX).split("@"), "", ""][:3]
+            # a cache shared by several hosts: only this host can tell whether the process is gone
+            if host != socket.gethostname() or (pid.isdigit() and process_alive(int(pid))):
+                continue  # a preparation still running beside this one, or on another host
         elif not entry.name.startswith("tmp"):
             continue
         if entry.is_dir():

@@ -142,5 +142,11 @@ def _check_reuse(directory: Path, settings: dict) -> None:
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """A hash of everything that decides how the tokenizer splits text (its full serialisation)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    state = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    if backend is not None:
+        # truncation and padding are call settings the fast tokenizer keeps from its last call, not how it splits
+        # text: left in, the same tokenizer hashed differently before and after an encoding (a cache miss)
+        serialised = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
+        state = json.dumps(serialised, sort_keys=True)
+    else:
+        state = repr(sorted(tokenizer.get_vocab().items()))
     return hashlib.blake2b(f"{type(tokenizer).__name__}\n{state}".encode(), digest_size=16).hexdigest()
