@@ -378,20 +378,23 @@ def check_vocabulary(upstream: UpstreamRun, tokenizer_size: int | None) -> None:
 
 def checkpoint_train_partitions(checkpoint: Mapping[str, Any]) -> list[str]:
     """The partitions a checkpoint's run trained on (its data module's `train_partitions`)."""
-    parts = (checkpoint.get("datamodule_hyper_parameters") or {}).get("train_partitions", "train")
-    return [parts] if isinstance(parts, str) else list(parts)
+    from .data.tasks import partition_list
+
+    return partition_list((checkpoint.get("datamodule_hyper_parameters") or {}).get("train_partitions", "train"))
 
 
 def resume_mismatch(checkpoint: dict[str, Any], data: Mapping[str, Any], max_steps: int | None) -> str | None:
     """Why `fit --ckpt_path checkpoint` with data options `data` would train nothing or other tasks than the
     checkpoint's run (its data options differ, or its step is already `max_steps`); None for a true resume."""
+    from .data.tasks import partition_list
+
     saved = checkpoint.get("datamodule_hyper_parameters") or {}
     for option in RESUME_DATA_OPTIONS:
         if option not in saved or option not in data:
             continue
         given, kept = data[option], saved[option]
         if option == "train_partitions":
-            given, kept = ([v] if isinstance(v, str) else list(v) for v in (given, kept))
+            given, kept = partition_list(given), partition_list(kept)
         if given != kept:
             return f"data option `{option}` is {given!r}, but the checkpoint's run has {kept!r}"
     step = checkpoint.get("global_step", 0)

@@ -22,6 +22,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from ..data import MultiTaskDataModule
+from ..data.tasks import partition_list
 from ..errors import UsageError
 from ..models import MoEOptions
 from ..models.build import check_lengths, model_positions
@@ -40,7 +41,7 @@ from ..runs import (
 )
 from ..training import MoEMultiTaskModule
 from ..training.callbacks import CALLBACK_GROUPS, TwoStageTraining
-from ..training.distributed import check_fit_strategy
+from ..training.distributed import check_unused_parameters
 from ..training.options import OPTION_GROUPS, module_options
 from . import check_config_files, read_option_docs
 from .run_summary import evaluation_summary, fit_summary, predict_summary
@@ -316,9 +317,11 @@ class MoEMTLCLI(LightningCLI):
         """fit holds its run folder while it trains (`run_folder_lock`): a second fit of a folder in use is refused,
         and one whose version is left to the logger gets the next free folder, as the folder exists from now on."""
         if subcommand == "fit":  # refused by the strategy: before the run folder, the lock or the data exist
-            switching = any(isinstance(c, TwoStageTraining) and c.enabled for c in self.trainer.callbacks)
             try:
-                check_fit_strategy(self.trainer, self.model.model, switching)
+                check_unused_parameters(self.trainer, self.model.model)
+                for callback in self.trainer.callbacks:
+                    if isinstance(callback, TwoStageTraining):
+                        callback.check_strategy(self.trainer, self.model.model)
             except UsageError:
                 self._remove_created()
                 raise
@@ -393,12 +396,7 @@ class MoEMTLCLI(LightningCLI):
                 "--model.transfer.unseen_routes nearest (README: zero-shot)"
             )
             return
-        tested = (
-            [config.data.test_partitions]
-            if isinstance(config.data.test_partitions, str)
-            else list(config.data.test_partitions)
-        )
-        untrained = [part for part in tested if part not in trained]
+        untrained = [part for part in partition_list(config.data.test_partitions) if part not in trained]
         moe = (self.ckpt_contents.get("hyper_parameters") or {}).get("moe") or {}
         routed_by_task_rows = (moe.get("routing") == "token" or moe.get("routes") == "learned") and not moe.get(
             "task_embeddings"

@@ -26,7 +26,7 @@ from .sampling import (
     SequentialTaskBatchSampler,
 )
 from .sources import CrossFitOptions, load_tasks
-from .tasks import ALL_SEEDS, PARTITIONS, DataError, Task, check_choice
+from .tasks import ALL_SEEDS, PARTITIONS, DataError, Task, check_choice, partition_list
 from .tokenizer import run_tokenizer
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ class MultiTaskDataModule(LightningDataModule):
             if self.hparams[name] < 1:
                 raise DataError(f"data module option `{name}` is {self.hparams[name]}; it must be a positive integer")
         self.partitions = {
-            option: [parts] if isinstance(parts, str) else list(parts)
+            option: partition_list(parts)
             for option, parts in (
                 ("train_partitions", train_partitions),
                 ("val_partitions", val_partitions),

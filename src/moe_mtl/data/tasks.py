@@ -38,6 +38,11 @@ DEFAULT_METRIC = "EM"
 TASK_INFO_FILE = "tasks.json"
 
 
+def partition_list(parts: str | Sequence[str]) -> list[str]:
+    """A partition option's value as a list: one partition ("test") or several (["train", "test"])."""
+    return [parts] if isinstance(parts, str) else list(parts)
+
+
 class DataError(UsageError):
     """Bad task data or data configuration. The message names the file and line (or option) and what is valid."""
 

@@ -39,15 +39,6 @@ def check_unused_parameters(trainer: Trainer, model: MoEBartForConditionalGenera
         require_unused_parameter_detection(trainer, "average routes leave the task table unused")
 
 
-def check_fit_strategy(trainer: Trainer, model: MoEBartForConditionalGeneration, switching: bool) -> None:
-    """The strategy checks of a fit from its options alone (`switching`: a stage two is scheduled), run before the
-    data is prepared, so that a refusal leaves nothing written. The hooks run them again where a resumed run's
-    restored routes are known."""
-    check_unused_parameters(trainer, model)
-    if switching and model.router is not None and model.router.learned:
-        require_unused_parameter_detection(trainer, "TwoStageTraining fixes the routes in stage two")
-
-
 def gradients_are_local(strategy: Strategy) -> bool:
     """Whether each rank's parameters hold the step's whole gradients in `.grad` (one device, DDP), which the
     optimizer then reads: not so under strategies that keep them in their own buffers or shards (DeepSpeed, FSDP)."""

@@ -133,9 +133,15 @@ class TwoStageTraining(Callback):
                 f"with `--two_stage.{option} null` (YAML: `two_stage: {{{option}: null}}`)"
             )
         if stage == "fit":
-            require_unused_parameter_detection(trainer, "TwoStageTraining fixes the routes in stage two")
+            self.check_strategy(trainer, pl_module.model)
             if self.reinit_experts_from is not None:  # found now, not hours into the run at the switch
                 self._check_dense(pl_module)
+
+    def check_strategy(self, trainer: Trainer, model) -> None:
+        """A scheduled stage two leaves unchosen experts without a gradient: DDP must be told (a UsageError if not).
+        Also called by the CLI before the data is prepared, so that the refusal leaves nothing written."""
+        if self.enabled and model.router is not None and model.router.learned:
+            require_unused_parameter_detection(trainer, "TwoStageTraining fixes the routes in stage two")
 
     def _check_dense(self, pl_module: LightningModule) -> None:
         try:
