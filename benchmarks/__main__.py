@@ -11,7 +11,8 @@ median and the interquartile range of those ratios reported, on per-thread CPU t
 default; wall time beside it). A target the spread straddles is "within noise". Each training case is also set
 against its own matmuls replayed alone, the machine's limit at its shapes (benchmarks/limit.py). Then the matmul
 floor of the mixed-task cases (benchmarks/floor.py), and the scaling of the sparse stage one and of the mixed-task
-evaluation forward in the number of experts E and of tasks. The other processes' load is printed before and after;
+evaluation forward in the number of experts E and of tasks, and the training step with `--model.compile` at the
+quick start's shape (benchmarks/compiled.py). The other processes' load is printed before and after;
 a run that starts beside a CPU-heavy process is refused, or with --allow-load marked in the table.
 """
 
@@ -28,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-from .cases import SPARSE_STAGE_ONE, STAGE_TWO, TRAIN_VARIANTS, Bench, Shape, one_task_batches
+from .cases import SPARSE_STAGE_ONE, STAGE_TWO, TRAIN_VARIANTS, Bench, Shape, layer_calls_per_expert, one_task_batches
+from .compiled import QUICK_START, measure_compile
 from .floor import floor_steps, implied_floor
 from .limit import fraction_of_limit, matmul_replay
 from .load import LoadWatch, describe, other_load
@@ -54,6 +56,10 @@ BUSY_CORES = 0.25
 QUICK = Shape(d_model=32, layers=1, tasks=4, batch=4, source_length=12, target_length=6, vocab=300)
 
 
+# the mixed-task case as it ran before the grouped layer (models/grouped_layer.py): a layer call per used expert
+PER_EXPERT_CALLS = "mixed-task, a layer call per expert"
+
+
 def families(bench: Bench) -> dict[str, dict[str, object]]:
     """Every family's steps: "dense" first, then the MoE cases."""
     stage_two = bench.moe(**STAGE_TWO)
@@ -62,11 +68,13 @@ def families(bench: Bench) -> dict[str, dict[str, object]]:
         train[name] = bench.train_step(bench.moe(**options), bench.one_task)
     out = {"training step": train}
     mixed = bench.mixed_tasks
+    calls = layer_calls_per_expert(bench.moe(**STAGE_TWO))
     forward = bench.forward_step(stage_two, mixed)
     out["evaluation forward"] = {
         "dense": bench.forward_step(bench.dense),
         "one-task": bench.forward_step(stage_two, bench.one_task),
         "mixed-task": forward,
+        PER_EXPERT_CALLS: bench.forward_step(calls, mixed),
         "mixed-task rows as one-task batches, one after another": one_task_batches(forward, mixed),
     }
     for beams, family in ((1, "greedy generation"), (4, "beam-4 generation")):
@@ -75,6 +83,7 @@ def families(bench: Bench) -> dict[str, dict[str, object]]:
             "dense": bench.generate_step(bench.dense, beams),
             "one-task": bench.generate_step(stage_two, beams, bench.one_task),
             "mixed-task": generate,
+            PER_EXPERT_CALLS: bench.generate_step(calls, beams, mixed),
             "mixed-task rows as one-task batches, one after another": one_task_batches(generate, mixed),
         }
     return out
@@ -270,6 +279,23 @@ def markdown(report: dict) -> str:
             f"{row['calls']} | {ratio(row['implied_time_ratio'])} | {ratio(row['measured_time_ratio'])} | "
             f"≤ {row['target_over_floor']:.2f} × floor = {row['target_over_floor'] * row['implied_time_ratio']:.2f}× |"
         )
+    lines += [
+        "",
+        f"`--model.compile` (models/compilation.py, benchmarks/compiled.py) at {report['compile']['shape']}: the "
+        "training step compiled against the same model eager, and against dense BART eager (the peer):",
+        "",
+        "| case | time | time × dense eager | speed-up over eager | compile time | target | holds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for case, row in report["compile"]["rows"].items():
+        target, speed_up = row.get("target"), row.get("speed_up_quartiles")
+        compiling = f"{row['compile_seconds']:.0f} s" if "compile_seconds" in row else ""
+        lines.append(
+            f"| {case} | {row['seconds'] * 1e3:.1f} ms | {spread(row['time_ratio_quartiles'], unit='×')} | "
+            f"{spread(speed_up, unit='×') if speed_up else ''} | {compiling} | "
+            f"{'' if target is None else f'≥ {target:.2f}×'} | "
+            f"{'' if target is None else answer(speed_up, target, at_most=False)} |"
+        )
     for axis, rows in report["scaling"].items():
         lines += [
             "",
@@ -343,6 +369,7 @@ def main(argv=None) -> None:
     }
     report["floor"] = matmul_floor(bench, report["families"], repeats)
     del bench
+    report["compile"] = measure_compile(QUICK if args.quick else QUICK_START, device, args.bf16, repeats)
     report["scaling"] = {
         "experts": scaling(shape, device, args.bf16, scaling_repeats, args.scaling_selection, "experts", experts),
         "tasks": scaling(shape, device, args.bf16, scaling_repeats, args.scaling_selection, "tasks", tasks),
@@ -353,25 +380,41 @@ def main(argv=None) -> None:
     print(f"load after: {describe(after)}", flush=True)
     marked = busy or any(load is not None and load > BUSY_CORES for load in (during, after))
     report["load"] = {"before": before, "during": during, "after": after, "marked": marked}
-    report["targets"] = [
-        {
-            "family": family,
-            "case": case,
-            "target": target,
-            "time_ratio": report["families"][family][case]["time_ratio"],
-            "holds": verdict(report["families"][family][case]["time_ratio_quartiles"], target),
-        }
-        for (family, case), target in targets(report).items()
-    ] + [
-        {
-            "family": "training step",
-            "case": case,
-            "fraction_of_limit_at_least": target,
-            "fraction_of_limit": report["families"]["training step"][case]["fraction_of_limit"],
-            "holds": verdict(report["families"]["training step"][case]["fraction_quartiles"], target, at_most=False),
-        }
-        for case, target in LIMIT_TARGETS.items()
-    ]
+    report["targets"] = (
+        [
+            {
+                "family": family,
+                "case": case,
+                "target": target,
+                "time_ratio": report["families"][family][case]["time_ratio"],
+                "holds": verdict(report["families"][family][case]["time_ratio_quartiles"], target),
+            }
+            for (family, case), target in targets(report).items()
+        ]
+        + [
+            {
+                "family": "training step",
+                "case": case,
+                "fraction_of_limit_at_least": target,
+                "fraction_of_limit": report["families"]["training step"][case]["fraction_of_limit"],
+                "holds": verdict(
+                    report["families"]["training step"][case]["fraction_quartiles"], target, at_most=False
+                ),
+            }
+            for case, target in LIMIT_TARGETS.items()
+        ]
+        + [
+            {
+                "family": "compiled training step",
+                "case": case,
+                "speed_up_at_least": row["target"],
+                "speed_up": row["speed_up_quartiles"][1],
+                "holds": verdict(row["speed_up_quartiles"], row["target"], at_most=False),
+            }
+            for case, row in report["compile"]["rows"].items()
+            if row.get("target") is not None
+        ]
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
     (args.out / "results.md").write_text(markdown(report))

@@ -9,6 +9,7 @@ import torch
 from transformers import BartConfig, BartForConditionalGeneration
 
 from moe_mtl import MoEBartForConditionalGeneration
+from moe_mtl.models.layers import LayerExperts
 from moe_mtl.training.losses import label_smoothed_nll, reinforce_surrogate
 
 from .measure import Step
@@ -130,6 +131,14 @@ class Bench:
                 )
 
         return step
+
+
+def layer_calls_per_expert(model: MoEBartForConditionalGeneration) -> MoEBartForConditionalGeneration:
+    """`model` with its whole-layer banks running a mixed batch as one layer call per expert, not grouped."""
+    for module in model.modules():
+        if isinstance(module, LayerExperts):
+            module.grouped = False
+    return model
 
 
 def one_task_batches(step, task_ids: torch.Tensor) -> Step:

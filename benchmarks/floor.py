@@ -6,8 +6,10 @@ those matmuls, with no gathers, no placement and no Python module calls, against
 the whole batch. The difference is what no implementation of per-task experts can go below on the device, so it
 bounds the mixed-task targets from below: time × dense ≥ 1 + (floor − dense matmuls) × calls / dense step.
 
-Two ways to run the split are timed: a matmul per expert, and one `torch._grouped_mm` per projection over stacked
-weights (E, d_in, d_out) and rows sorted by expert. Biases are left out of both splits, which only lowers the floor.
+Two ways to run the split are timed: a matmul per expert with its bias (`addmm`, as dense's), and one grouped
+matmul (`F.grouped_mm`) per projection over stacked weights (E, d_in, d_out) and rows sorted by expert, then each
+example's expert's bias added over its tokens in place, as `models/grouped_layer.py` does. Dense adds its bias
+inside its matmul, so a split that left the biases out would time less work than the model must do.
 """
 
 from __future__ import annotations
@@ -69,8 +71,11 @@ def floor_steps(bench: Bench, model: MoEBartForConditionalGeneration, num_beams:
         weights = [(linear.weight.detach().to(dtype), linear.bias.detach().to(dtype)) for linear in linears]
         stacked = torch.stack([w.t() for w, _ in weights])  # (E, d_in, d_out), rows of the input times columns
         offsets = torch.tensor(sizes, device=device).cumsum(0).to(torch.int32)
-        parts = [(part, w) for part, (w, _), size in zip(x.split(sizes), weights, sizes, strict=True) if size]
-        plans.append((x, weights[0], parts, stacked, offsets))
+        parts = [(part, w, b) for part, (w, b), size in zip(x.split(sizes), weights, sizes, strict=True) if size]
+        # (examples, 1, d_out): each sorted example's expert's bias, to broadcast over its tokens
+        expert = torch.repeat_interleave(torch.arange(len(linears)), torch.tensor(counts)).to(device)
+        biases = torch.stack([b for _, b in weights]).index_select(0, expert).unsqueeze(1)
+        plans.append((x, weights[0], parts, stacked, offsets, biases))
 
     def dense():
         for x, (w, b), *_ in plans:
@@ -78,16 +83,17 @@ def floor_steps(bench: Bench, model: MoEBartForConditionalGeneration, num_beams:
 
     def per_expert():
         for _, _, parts, *_ in plans:
-            for part, w in parts:
-                F.linear(part, w)
+            for part, w, b in parts:
+                F.linear(part, w, b)
 
     steps = {"dense": dense, "a matmul per expert": per_expert}
-    grouped = getattr(torch, "_grouped_mm", None)
+    grouped = getattr(F, "grouped_mm", None)
     if grouped is not None:
 
         def grouped_step():
-            for x, _, _, stacked, offsets in plans:
-                grouped(x, stacked, offs=offsets)
+            for x, _, _, stacked, offsets, biases in plans:
+                out = grouped(x, stacked, offs=offsets)
+                out.view(biases.shape[0], -1, out.shape[-1]).add_(biases)
 
         try:  # CUDA's kernel asks for bf16, aligned sizes and a recent GPU
             grouped_step()

@@ -35,9 +35,11 @@ def test_the_benchmark_runs_every_case_and_writes_json_and_markdown(tmp_path):
     }
     for family in ("evaluation forward", "greedy generation", "beam-4 generation"):
         sequential = "mixed-task rows as one-task batches, one after another"
-        assert set(families[family]) == {"dense", "one-task", "mixed-task", sequential}
-        # the same rows: the same FLOPs as the mixed batch, whichever way they are batched
+        calls = "mixed-task, a layer call per expert"
+        assert set(families[family]) == {"dense", "one-task", "mixed-task", calls, sequential}
+        # the same rows: the same FLOPs as the mixed batch, whichever way they are batched or run
         flops = families[family]["mixed-task"]["flops"]
+        assert families[family][calls]["flops"] == flops, family  # the grouped matmuls are counted
         assert abs(families[family][sequential]["flops"] - flops) <= 0.05 * flops, family
     assert report["clock"] == "cpu"  # one torch thread by default: ratios on per-thread CPU time
     for rows in families.values():
@@ -71,6 +73,20 @@ def test_the_benchmark_runs_every_case_and_writes_json_and_markdown(tmp_path):
         assert target["target"] == pytest.approx(floor["target_over_floor"] * floor["implied_time_ratio"])
         assert target["holds"] in {"yes", "no", "within noise"}
     assert report["floor"]["greedy generation"]["calls"] == 6  # the quick shape's target length
+    # --model.compile: each MoE case compiled beside its eager twin, its speed-up against the 1.25x
+    compiled = report["compile"]["rows"]
+    assert set(compiled) == {
+        "dense",
+        "dense, compiled",
+        "stage one, gumbel_st (paper)",
+        "stage one, gumbel_st (paper), compiled",
+        "stage two",
+        "stage two, compiled",
+    }
+    for case in ("stage one, gumbel_st (paper), compiled", "stage two, compiled"):
+        assert compiled[case]["compile_seconds"] > 0 and compiled[case]["speed_up_quartiles"][1] > 0
+        (target,) = [t for t in report["targets"] if t.get("case") == case]
+        assert target["speed_up_at_least"] == 1.25 and target["holds"] in {"yes", "no", "within noise"}
     table = (tmp_path / "results.md").read_text()
     assert "| training step | stage one, switch |" in table and "| beam-4 generation | mixed-task |" in table
     assert "--quick" in table and report["machine"] in table

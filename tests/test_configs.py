@@ -9,6 +9,7 @@ tiny folder of the same layout, the skill suite and a new model get toy sizes; e
 group flag takes effect.
 """
 
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -135,7 +136,10 @@ def test_baseline_overlay_over_a_fit_config_trains_two_steps(config, overlay, cr
     monkeypatch.chdir(tmp_path)
     tiny, stated = shrunk_config(config, tmp_path, crossfit), yaml.safe_load(overlay.read_text())
     base = yaml.safe_load(Path(tiny).read_text())
-    cli = fit(["--config", tiny, "--config", str(overlay)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli = fit(["--config", tiny, "--config", str(overlay)])
+    assert not [str(w.message) for w in caught if "which does nothing" in str(w.message)]  # the overlay resets them
     resolved = cli.config.fit.as_dict()
     assert is_subset(stated, resolved)  # the overlay's values win
     # the rest is the fit config's: `model.moe` and the callback groups merge field by field

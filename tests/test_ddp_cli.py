@@ -141,3 +141,25 @@ def test_fit_config_fits_and_tests_under_two_process_ddp(config, crossfit, tmp_p
     if two_stage(original):
         assert checkpoint_fixed_routes(last) == original["two_stage"].get("routes", "argmax")
         assert last["callbacks"]["TwoStageTraining"]["switched_at"] == 1
+
+
+def test_a_compiled_fit_under_two_process_ddp_and_bf16_mixed_trains_as_eager(crossfit, tmp_path):
+    """`--model.compile true` composes with DDP and bf16-mixed: the two ranks' compiled layers train to the weights
+    the eager run of the same command reaches (bf16 tolerance)."""
+    original = yaml.safe_load((Path(__file__).parents[1] / "configs" / "quickstart.yaml").read_text())
+    weights = {}
+    for compiled in (False, True):
+        folder = tmp_path / ("compiled" if compiled else "eager")
+        tiny = distributed(shrink(original, folder, crossfit), None)
+        tiny["trainer"].update(precision="bf16-mixed", limit_val_batches=1)
+        folder.mkdir()
+        (folder / "fit.yaml").write_text(yaml.safe_dump(tiny))
+        fitted = run(["fit", "--config", "fit.yaml", "--model.compile", str(compiled).lower()], folder, folder / "log")
+        assert f"MEMBER: {WORLD_SIZE}/{WORLD_SIZE}" in fitted
+        (last,) = (folder / "runs").glob("*/version_0/checkpoints/last.ckpt")
+        checkpoint = torch.load(last, map_location="cpu", weights_only=False)
+        assert checkpoint["global_step"] == 2 and checkpoint["hyper_parameters"]["compile"] is compiled
+        weights[compiled] = checkpoint["state_dict"]
+    assert weights[True].keys() == weights[False].keys()
+    for name, tensor in weights[False].items():
+        torch.testing.assert_close(weights[True][name], tensor, rtol=2e-2, atol=2e-3, msg=name)

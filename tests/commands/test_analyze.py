@@ -137,6 +137,15 @@ def test_analyze_a_checkpoint_at_a_chosen_step_grouped_by_output_type(run, tmp_p
     assert f"at step {step}: 34 seen tasks" in capsys.readouterr().out
 
 
+def test_a_run_without_route_tables_is_analysed_and_says_the_dynamics_are_not_drawn(run, tmp_path, capsys):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("routes"))  # as a fit without RoutingMonitor leaves it
+    main(["analyze", str(copy), "--output_dir", str(tmp_path / "out"), "--permutations", "10"])
+    printed = capsys.readouterr().out
+    assert "learning dynamics: not drawn, the run saved no route tables" in printed
+    assert (tmp_path / "out" / "route_heatmap.png").is_file() and not (tmp_path / "out" / "route_dynamics.png").exists()
+
+
 def test_the_tensorboard_route_map_is_the_labelled_figure(run):
     events = EventAccumulator(str(run), size_guidance={"images": 0})
     events.Reload()

@@ -65,3 +65,26 @@ def test_config_keeps_bart_shape_and_moe_options_through_save_and_load(tmp_path)
 def test_config_rejects_bad_moe_dict():
     with pytest.raises(ValueError, match=r"`routing` is 'x'"):
         MoEBartConfig(moe={"routing": "x"})
+
+
+@pytest.mark.parametrize(
+    "options, option",
+    [
+        (dict(routes="random", temperature=2.0), "temperature"),
+        (dict(routes="average", router="gru"), "router"),
+        (dict(routes="given", given_routes=[[0]], num_experts=2, selection="softmax"), "selection"),
+        (dict(routing="token", expert_unit="ffn", router_hidden=32), "router_hidden"),
+        (dict(routing="token", expert_unit="ffn", routes="average"), "routes"),
+    ],
+    ids=str,
+)
+def test_an_option_these_options_never_read_is_said_with_its_default(options, option):
+    with pytest.warns(
+        UserWarning, match=rf"MoE option `{option}` is .*, which does nothing: .*; leave it at its default"
+    ):
+        MoEOptions(**options)
+
+
+def test_options_that_are_read_say_nothing():
+    for options in (dict(), dict(temperature=2.0, router="gru"), dict(routes="average", route_seed=3)):
+        assert MoEOptions(**options).unread() == []

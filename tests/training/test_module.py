@@ -15,10 +15,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
 from transformers import BartConfig, BartForConditionalGeneration
 
 from moe_mtl.evaluation.metrics import score
+from moe_mtl.models.compilation import compile_units
 from moe_mtl.training import MoEMultiTaskModule, NanGuard, TemperatureAnnealing, TwoStageTraining
 from moe_mtl.training.losses import label_smoothed_nll, route_balance
 from moe_mtl.training.schedules import temperature_at
@@ -34,6 +36,9 @@ from .conftest import (
     make_module,
     make_trainer,
     same,
+    tiny_data,
+    tiny_module,
+    tiny_trainer,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
@@ -398,3 +403,31 @@ def test_reinforce_stage_one_under_ddp_keeps_the_ranks_equal_and_trains_the_rout
     assert same(ranks[0]["final"], ranks[1]["final"])
     assert not same(ranks[0]["initial"], ranks[0]["final"])
     assert all(same(ranks[0]["experts"][key], ranks[1]["experts"][key]) for key in ranks[0]["experts"])
+
+
+# --- compile ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow  # compiles the tiny model's layers (about 20 s on 2 CPU cores)
+def test_a_compiled_fit_trains_as_eager_validates_and_resumes_exactly(data, tmp_path):
+    steps, options = 4, dict(limit_val_batches=2, val_check_interval=4)
+    eager = tiny_module(data)
+    L.Trainer(**tiny_trainer(tmp_path / "eager", max_steps=steps, **options)).fit(eager, datamodule=data)
+    checkpoints = ModelCheckpoint(tmp_path / "ckpt", filename="{step}", every_n_train_steps=1, save_top_k=-1)
+    compiled = tiny_module(data, compile=True)
+    trainer = L.Trainer(
+        **tiny_trainer(tmp_path, max_steps=steps, callbacks=[checkpoints], enable_checkpointing=True, **options)
+    )
+    trainer.fit(compiled, datamodule=data)
+    assert all(unit._compiled_call_impl is not None for unit in compile_units(compiled.model))
+    assert compiled.state_dict().keys() == eager.state_dict().keys()  # checkpoints name the eager parameters
+    for name, tensor in eager.state_dict().items():
+        torch.testing.assert_close(compiled.state_dict()[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    scores = [float(t.callback_metrics["val/score"]) for t in (eager.trainer, trainer)]
+    assert scores[0] == pytest.approx(scores[1], abs=1e-6)  # validation's forward compiled, generation eager
+    resumed_data = tiny_data(data.hparams.output_dir)
+    resumed = tiny_module(resumed_data, seed=1, compile=True)  # other initial weights and seed
+    again = L.Trainer(**tiny_trainer(tmp_path / "resumed", max_steps=steps, **options))
+    again.fit(resumed, datamodule=resumed_data, ckpt_path=tmp_path / "ckpt" / "step=2.ckpt")
+    for name, tensor in compiled.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], tensor), name

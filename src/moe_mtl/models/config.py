@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
@@ -101,7 +102,7 @@ class MoEOptions:
     given_routes: list | None = None
     """routes="given": expert index per task and routed layer (num_tasks × layers), or weights (× E)."""
     route_seed: int = 0
-    """Seed of routes="random"."""
+    """Seed of routes="random", and of the random routes of unseen tasks (`transfer.unseen_routes: random`)."""
     capacity_factor: float | None = None
     """Token routing: an expert takes at most ceil(factor · tokens · top_k / E) of the tokens of one
     forward pass (in cached generation: of one decoding step); None: no limit."""
@@ -151,6 +152,27 @@ class MoEOptions:
             raise UsageError("MoE option `given_routes` must be set exactly when routes='given'")
         if self.moe_layers is not None:
             self._check_moe_layers()
+        for message in self.unread():
+            warnings.warn(message, UserWarning, stacklevel=3)
+
+    def unread(self) -> list[str]:
+        """What is said of options set away from their defaults that these options never read: a router's options
+        without a task router. Said, not refused: a saved run keeps the options it was given. (`route_seed` is read
+        without random routes too: it seeds the random routes of unseen tasks, `transfer.unseen_routes`.)"""
+        reasons = {}
+        if self.routing == "token":
+            for option in ("routes", "router", "router_hidden", "selection", "temperature"):
+                reasons[option] = "routing='token' has no task router"
+        elif self.routes != "learned":
+            for option in ("router", "router_hidden", "selection", "temperature"):
+                reasons[option] = f"routes={self.routes!r} are fixed, with no router network"
+        defaults = {field.name: field.default for field in fields(MoEOptions)}
+        return [
+            f"MoE option `{option}` is {getattr(self, option)!r}, which does nothing: {reason}; leave it at its "
+            f"default, {defaults[option]!r}"
+            for option, reason in reasons.items()
+            if getattr(self, option) != defaults[option]
+        ]
 
     def _check_moe_layers(self) -> None:
         layers = self.moe_layers

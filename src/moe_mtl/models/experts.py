@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -10,6 +11,8 @@ from transformers.activations import ACT2FN
 
 # run(e, index): expert e's output on the examples (or tokens) in `index`; None means all of them.
 RunExpert = Callable[[int, torch.Tensor | None], torch.Tensor]
+# run_grouped(active): every used expert at once on a partition's rows, active (N, E) marking each row's expert
+RunGrouped = Callable[[torch.Tensor], torch.Tensor]
 
 
 class FeedForward(nn.Module):
@@ -30,7 +33,31 @@ class FeedForward(nn.Module):
         return nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
 
 
-def mix_experts(run: RunExpert, weights: torch.Tensor, run_all: bool = False, subset: bool = True) -> torch.Tensor:
+@dataclass(frozen=True)
+class Schedule:
+    """Which experts a (N, E) weight matrix uses, read from the device once: what decides how they run."""
+
+    used: list[bool]  # (E,) some row gives the expert weight
+    full: list[bool]  # (E,) every row gives the expert weight
+    partition: bool  # one expert per row at weight 1, with no gradient through the weights (hard routes)
+
+
+def schedule(weights: torch.Tensor) -> Schedule:
+    num_experts = weights.shape[-1]
+    active = weights != 0
+    partition = ((weights == 1) | ~active).all() & (active.sum(-1) == 1).all() & (not weights.requires_grad)
+    flags = torch.cat([active.any(0), active.all(0), partition.view(1)]).tolist()  # the one device sync
+    return Schedule(flags[:num_experts], flags[num_experts : 2 * num_experts], flags[-1])
+
+
+def mix_experts(
+    run: RunExpert,
+    weights: torch.Tensor,
+    run_all: bool = False,
+    subset: bool = True,
+    run_grouped: RunGrouped | None = None,
+    plan: Schedule | None = None,
+) -> torch.Tensor:
     """Σ_e weights[:, e] · expert_e(x) over the leading (example or token) dimension of x.
 
     weights: (N, E). An expert runs only on the rows that give it non-zero weight, so hard routes
@@ -38,21 +65,20 @@ def mix_experts(run: RunExpert, weights: torch.Tensor, run_all: bool = False, su
     row, at E times the dense cost: task routes that carry a gradient need it (softmax mixtures
     and the straight-through estimator use d out / d w_e = expert_e(x) for every e).
     `subset=False` runs a used expert on all rows (a key/value cache slot that must hold the whole batch).
+    `run_grouped`, where given, runs a partition over several experts in one call instead of one `run` per expert.
+    `plan`: the weights' `schedule`, where the caller already has it.
     """
-    num_experts = weights.shape[-1]
+    plan = plan or schedule(weights)
     active = weights != 0
-    # one device sync for what decides the schedule: which experts are used, by every row, and whether the routes
-    # are a partition (one expert per row at weight 1, no gradient through the weights)
-    partition = ((weights == 1) | ~active).all() & (active.sum(-1) == 1).all() & (not weights.requires_grad)
-    flags = torch.cat([active.any(0), active.all(0), partition.view(1)]).tolist()
-    used, full, partition = flags[:num_experts], flags[num_experts : 2 * num_experts], flags[-1]
-    if partition and subset and not run_all:
-        return _partition(run, active, used, full)
+    if plan.partition and subset and not run_all:
+        if run_grouped is not None and sum(plan.used) > 1:
+            return run_grouped(active)
+        return _partition(run, active, plan.used, plan.full)
     out = None
-    for e in range(num_experts):
-        if not (run_all or used[e]):
+    for e in range(weights.shape[-1]):
+        if not (run_all or plan.used[e]):
             continue
-        index = None if run_all or full[e] or not subset else active[:, e].nonzero().squeeze(1)
+        index = None if run_all or plan.full[e] or not subset else active[:, e].nonzero().squeeze(1)
         y = run(e, index)
         w = weights[:, e] if index is None else weights[index, e]
         contribution = w.to(y.dtype).view(-1, *([1] * (y.dim() - 1))) * y

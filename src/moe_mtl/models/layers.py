@@ -10,10 +10,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.cache_utils import EncoderDecoderCache
 from transformers.models.bart.modeling_bart import BartDecoderLayer, BartEncoderLayer
 
 from .cache_contract import LAYER_NAME
-from .experts import FeedForward, mix_experts
+from .experts import FeedForward, Schedule, mix_experts, schedule
+from .grouped_layer import ExpertGrouping, GroupedLayer, group_by_expert, version
 from .routed_cache import RoutedCache
 from .token_gate import TaskAwareTokenGate
 
@@ -39,6 +41,29 @@ class LayerRoute:
     subset: bool = True  # run an expert only on its own examples (off while a cache without row slots is filled)
 
 
+@dataclass
+class LayerPlan:
+    """What a whole-layer bank read from its routes on the device: their schedule, and the batch sorted by expert
+    once the grouped layer ran it. Valid for the same routes: the same tensor view, unchanged since."""
+
+    weights: torch.Tensor  # (B, E), kept so that its memory is not another tensor's while the plan is kept
+    schedule: Schedule
+    grouping: ExpertGrouping | None = None
+
+    def __post_init__(self) -> None:
+        self.version = version(self.weights)  # an in-place change since bumps it
+
+    def reads(self, weights: torch.Tensor) -> bool:
+        kept = self.weights
+        return (
+            kept.data_ptr() == weights.data_ptr()
+            and kept.shape == weights.shape
+            and kept.stride() == weights.stride()
+            and kept.device == weights.device
+            and version(weights) == self.version
+        )
+
+
 def _rows(tensor, index: torch.Tensor | None):
     """The rows of a batch-first tensor picked by `index`; masks broadcast over the batch pass as they are."""
     if tensor is None or index is None or tensor.shape[0] == 1:
@@ -48,32 +73,81 @@ def _rows(tensor, index: torch.Tensor | None):
     return tensor.index_select(0, index)
 
 
+def _cross_attention_cached(cache, slot: int) -> bool:
+    """A decoder layer's cross-attention keys and values are in `cache`'s slot: the encoder states are not read."""
+    return isinstance(cache, EncoderDecoderCache) and bool(cache.is_updated.get(slot))
+
+
 def can_subset(*masks) -> bool:
     """Examples can be run in subsets only when every mask is a tensor (or absent), not a BlockMask."""
     return all(m is None or isinstance(m, torch.Tensor) for m in masks)
 
 
 class LayerExperts(nn.Module):
-    """Whole-layer experts (Ye et al.): E copies of a BART encoder or decoder layer, mixed per example."""
+    """Whole-layer experts (Ye et al.): E copies of a BART encoder or decoder layer, mixed per example.
 
-    def __init__(self, layers: list[nn.Module]):
+    At inference a batch that hard routes split over several experts runs as one `GroupedLayer` (`grouped`, on by
+    default), not as one layer call per expert on its own rows; both give each row its expert's output."""
+
+    def __init__(self, layers: list[nn.Module], grouped: bool = True):
         super().__init__()
         self.experts = nn.ModuleList(layers)
+        self.grouped = grouped
+        self.__dict__["_grouped"] = None  # the GroupedLayer over the experts, built when first used
 
     def forward(self, hidden_states, attention_mask, *batch_args, route: LayerRoute, **kwargs):
         """batch_args: further batch-first inputs of the layer (decoder: encoder states and mask)."""
         weights = route.weights
         cache = kwargs.get(LAYER_NAME)
 
-        def run(e: int, index):
-            if isinstance(cache, RoutedCache):  # expert e's cache slot holds its own rows only
-                cache.hold_rows(self.experts[e].self_attn.layer_idx, index)
-            args = [_rows(a, index) for a in (hidden_states, attention_mask, *batch_args)]
-            return self.experts[e](*args, **kwargs)
+        def inputs(index, slot: int) -> list:
+            args = [hidden_states, attention_mask, *batch_args]
+            if batch_args and _cross_attention_cached(cache, slot):  # the encoder states are read no more
+                return [_rows(a, index) if i != 2 else a for i, a in enumerate(args)]
+            return [_rows(a, index) for a in args]
 
+        def run(e: int, index):
+            slot = self.experts[e].self_attn.layer_idx
+            if isinstance(cache, RoutedCache):  # expert e's cache slot holds its own rows only
+                cache.hold_rows(slot, index)
+            return self.experts[e](*inputs(index, slot), **kwargs)
+
+        def run_grouped(active: torch.Tensor) -> torch.Tensor:
+            if plan.grouping is None:
+                plan.grouping = group_by_expert(active)
+            order, slot = plan.grouping.order, self.experts[0].self_attn.layer_idx
+            if isinstance(cache, RoutedCache):  # the first expert's slot holds every row, sorted by expert
+                cache.hold_rows(slot, order)
+            out = self.grouped_layer()(plan.grouping, *inputs(order, slot), **kwargs)
+            return torch.empty_like(out).index_copy_(0, order, out)
+
+        plan = self.plan(weights, cache)
         subset = route.subset and can_subset(attention_mask, *batch_args)
-        out = mix_experts(run, weights, run_all=route.run_all, subset=subset)
+        # inference only: the grouped layer adds biases in place, without autograd, to weights stacked once
+        grouped = run_grouped if self.grouped and not (self.training or torch.is_grad_enabled()) else None
+        out = mix_experts(run, weights, route.run_all, subset, run_grouped=grouped, plan=plan.schedule)
         return out, RouteRecord(weights, (weights != 0).any(0))
+
+    def plan(self, weights: torch.Tensor, cache) -> LayerPlan:
+        """What this layer reads from its routes (B, E): kept in a `RoutedCache` for the decoding steps that
+        follow, which route as the first did."""
+        plans = cache.layer_plans if isinstance(cache, RoutedCache) else {}
+        slot = self.experts[0].self_attn.layer_idx
+        plan = plans.get(slot)
+        if plan is None or not plan.reads(weights):
+            plan = plans[slot] = LayerPlan(weights, schedule(weights))
+        return plan
+
+    def train(self, mode: bool = True) -> LayerExperts:
+        if mode:  # training changes the weights: the grouped layer's stacked copies would only take memory
+            self.__dict__["_grouped"] = None
+        return super().train(mode)
+
+    def grouped_layer(self) -> GroupedLayer:
+        experts = list(self.experts)
+        if self._grouped is None or self._grouped.experts != experts:  # built, or an expert was replaced since
+            self.__dict__["_grouped"] = GroupedLayer(experts)
+        return self._grouped
 
 
 def routed_ffn(

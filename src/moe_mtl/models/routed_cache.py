@@ -1,7 +1,8 @@
 """The key/value cache of MoE-BART's generation: a slot per whole-layer decoder expert, holding only its own rows.
 
 Each whole-layer decoder expert has its own cache slot (its layers' `layer_idx`). A slot holds the rows (examples,
-with their beams) that route to that expert, so a mixed-task batch runs each expert on its own rows at every
+with their beams) that route to that expert (or, for a grouped layer, the first expert's slot holds every row,
+sorted by expert), so a mixed-task batch runs each expert on its own rows at every
 decoding step, and generation costs what dense BART does. Routes are fixed for a whole `generate` call, and the
 beams of one example share its route, so a slot's rows never change; beam search only permutes the beams of each
 example, and `reorder_cache` maps that permutation into each slot.
@@ -18,10 +19,14 @@ class RoutedCache(EncoderDecoderCache):
 
     def __init__(self) -> None:
         super().__init__(DynamicCache(), DynamicCache())
-        self.slot_rows: dict[int, torch.Tensor] = {}  # slot → the batch rows it holds, ascending; absent: every row
+        # slot → the batch rows it holds, in its order; absent: every row in batch order
+        self.slot_rows: dict[int, torch.Tensor] = {}
+        # slot → what its layer read from its routes (`layers.LayerPlan`): routes are fixed for a `generate` call
+        self.layer_plans: dict[int, object] = {}
 
     def hold_rows(self, slot: int, rows: torch.Tensor | None) -> None:
-        """Slot `slot` holds the batch rows `rows` (ascending; None: all of them). Set before the slot is written."""
+        """Slot `slot` holds the batch rows `rows`, in that order (None: all of them, in batch order): an expert's own
+        rows ascending, or every row sorted by expert (a grouped layer). Set before the slot is written."""
         if rows is None:
             self.slot_rows.pop(slot, None)
         else:

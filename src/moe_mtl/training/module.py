@@ -18,6 +18,7 @@ from ..errors import UsageError
 from ..evaluation.task_evaluation import EvaluationResult, TaskEvaluation, gather_predictions, prediction_rows
 from ..models import MoEOptions
 from ..models.build import check_lengths
+from ..models.compilation import compile_layers
 from ..models.routing import route_table
 from ..representations.unseen_routes import UnseenTasks
 from ..runs import evaluation_stem, start_run_model, write_evaluation, write_predictions
@@ -53,6 +54,9 @@ class MoEMultiTaskModule(LightningModule):
         loss: The training loss's label smoothing and auxiliary weights.
         evaluation: Generation and result files of validation, test and predict.
         transfer: Starting from an upstream run's weights (`init_from`), and which weights train.
+        compile: torch.compile each BART layer and expert of the model (`models.compilation`) for the training and
+            evaluation forwards, with dynamic shapes (a new batch or padded length does not recompile); generation
+            stays eager. Off by default: on a 2-core CPU it measured no faster than eager (docs/performance.md).
     """
 
     def __init__(
@@ -74,6 +78,7 @@ class MoEMultiTaskModule(LightningModule):
         tokenizer_path: str | None = None,
         max_target_length: int = 64,
         max_input_length: int | None = None,
+        compile: bool = False,
     ):
         super().__init__()
         options = moe if isinstance(moe, MoEOptions) else MoEOptions.from_dict(moe)
@@ -117,6 +122,7 @@ class MoEMultiTaskModule(LightningModule):
         # the newest predictions' folder and rows per task
         self.last_evaluation: tuple[EvaluationResult, Path, int] | None = None
         self.last_predictions: tuple[Path, dict[str, int]] | None = None
+        self._compiled = False
 
     # --- routing, read by the callbacks ---------------------------------------------------------------
 
@@ -180,6 +186,12 @@ class MoEMultiTaskModule(LightningModule):
             self._unseen.assign(self.model, source, representation, self.task_names, data, self.tokenizer)
             self._unseen = None
 
+    def configure_model(self) -> None:
+        # Lightning calls it in every verb's setup, once the module is on its strategy's device
+        if self.hparams.compile and not self._compiled:
+            compile_layers(self.model)
+            self._compiled = True
+
     def on_train_start(self) -> None:
         self._seeds.start(self.trainer.strategy)  # after every restore (FSDP and DeepSpeed restore after fit start)
 
@@ -235,13 +247,15 @@ class MoEMultiTaskModule(LightningModule):
     @torch.no_grad()
     def generate(self, batch: dict[str, Any]) -> list[str]:
         """Generated output text per example (beam search, `num_beams`)."""
-        ids = self.model.generate(
-            batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            task_ids=batch["task_ids"],
-            num_beams=self.evaluation.num_beams,
-            max_new_tokens=self.hparams.max_target_length,
-        )
+        # eager even where the layers are compiled: the key/value cache changes Python state at every step
+        with torch.compiler.set_stance("force_eager"):
+            ids = self.model.generate(
+                batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                task_ids=batch["task_ids"],
+                num_beams=self.evaluation.num_beams,
+                max_new_tokens=self.hparams.max_target_length,
+            )
         return [text.strip() for text in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
     def on_validation_epoch_start(self) -> None:
