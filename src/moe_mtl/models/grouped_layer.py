@@ -89,23 +89,24 @@ class ExpertGroups:
             raise RuntimeError("a grouped layer ran outside `ExpertGroups.held`: it needs each example's expert")
         return self.grouping
 
+    def ends(self, x: torch.Tensor) -> list[int]:
+        """(E,) the end row of each expert's group in x (B, ..., d) flattened to 2-D (empty groups included)."""
+        per_example, ends, end = rows_per_example(x), [], 0
+        for count in self._current().counts:
+            end += count * per_example
+            ends.append(end)
+        return ends
+
     def bounds(self, x: torch.Tensor) -> list[tuple[int, int, int]]:
-        """(expert, first row, end row) of each used expert in x (B, ..., d) flattened to 2-D."""
-        per_example, out, start = rows_per_example(x), [], 0
-        for e, count in enumerate(self._current().counts):
-            if count:
-                out.append((e, start, start + count * per_example))
-                start += count * per_example
-        return out
+        """(expert, first row, end row) of each used expert in x flattened to 2-D."""
+        ends = [0, *self.ends(x)]
+        return [(e, ends[e], ends[e + 1]) for e in range(len(ends) - 1) if ends[e + 1] > ends[e]]
 
     def offsets(self, x: torch.Tensor) -> torch.Tensor:
-        """(E,) int32: the end row of each expert's group in x (B, ..., d) flattened to 2-D, as grouped matmuls
-        take them."""
-        grouping = self._current()
+        """`ends` as the int32 tensor grouped matmuls take, kept for the grouping."""
         key = ("offsets", rows_per_example(x), x.device)
         if key not in self._derived:
-            ends = torch.tensor(grouping.counts, device=x.device).cumsum(0) * key[1]
-            self._derived[key] = ends.to(torch.int32)
+            self._derived[key] = torch.tensor(self.ends(x), dtype=torch.int32, device=x.device)
         return self._derived[key]
 
     def per_example(self, stacked: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -117,6 +118,13 @@ class ExpertGroups:
             rows = stacked.index_select(0, grouping.expert).view(x.shape[0], *([1] * (x.dim() - 2)), -1)
             kept = self._derived[key] = (stacked, rows)
         return kept[1]
+
+
+def stack(modules: list[nn.Module], name: str) -> torch.Tensor | None:
+    """The experts' parameter `name` stacked (E, ...), detached; None where the modules have none (no bias)."""
+    if getattr(modules[0], name) is None:
+        return None
+    return torch.stack([getattr(m, name).detach() for m in modules])
 
 
 class GroupedLinear(nn.Module):
@@ -138,11 +146,10 @@ class GroupedLinear(nn.Module):
     def stacked(self, name: str, dtype: torch.dtype) -> torch.Tensor | None:
         """ "weight": (E, d_in, d_out); "bias": (E, d_out), or None without biases; in `dtype`."""
         if (name, dtype) not in self.stacks:
-            first = getattr(self.linears[0], name)
-            parts = None if first is None else [getattr(m, name).detach() for m in self.linears]
-            if parts is not None and name == "weight":
-                parts = [part.t() for part in parts]
-            self.stacks[name, dtype] = None if parts is None else torch.stack(parts).to(dtype)
+            stacked = stack(self.linears, name)
+            if stacked is not None and name == "weight":
+                stacked = stacked.transpose(1, 2).contiguous()  # (E, d_out, d_in) → (E, d_in, d_out)
+            self.stacks[name, dtype] = None if stacked is None else stacked.to(dtype)
         return self.stacks[name, dtype]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -198,7 +205,7 @@ class GroupedLayerNorm(nn.Module):
             return (torch.cat(parts) if len(parts) > 1 else parts[0]).view(x.shape)
         for name in ("weight", "bias"):
             if name not in self.stacks:
-                self.stacks[name] = torch.stack([getattr(m, name).detach() for m in self.norms])
+                self.stacks[name] = stack(self.norms, name)
         normalised = F.layer_norm(x, first.normalized_shape, None, None, first.eps)
         scale, shift = (self.groups.per_example(self.stacks[name], x) for name in ("weight", "bias"))
         return torch.addcmul(shift, normalised, scale)

@@ -100,25 +100,23 @@ class LayerExperts(nn.Module):
         weights = route.weights
         cache = kwargs.get(LAYER_NAME)
 
-        def inputs(index, slot: int) -> list:
+        def inputs(slot: int, index) -> list:
+            """The layer's inputs for the rows `index` (None: all), which cache slot `slot` is told it holds."""
+            if isinstance(cache, RoutedCache):
+                cache.hold_rows(slot, index)
             args = [hidden_states, attention_mask, *batch_args]
             if batch_args and _cross_attention_cached(cache, slot):  # the encoder states are read no more
                 return [_rows(a, index) if i != 2 else a for i, a in enumerate(args)]
             return [_rows(a, index) for a in args]
 
         def run(e: int, index):
-            slot = self.experts[e].self_attn.layer_idx
-            if isinstance(cache, RoutedCache):  # expert e's cache slot holds its own rows only
-                cache.hold_rows(slot, index)
-            return self.experts[e](*inputs(index, slot), **kwargs)
+            return self.experts[e](*inputs(self.experts[e].self_attn.layer_idx, index), **kwargs)
 
         def run_grouped(active: torch.Tensor) -> torch.Tensor:
             if plan.grouping is None:
                 plan.grouping = group_by_expert(active)
-            order, slot = plan.grouping.order, self.experts[0].self_attn.layer_idx
-            if isinstance(cache, RoutedCache):  # the first expert's slot holds every row, sorted by expert
-                cache.hold_rows(slot, order)
-            out = self.grouped_layer()(plan.grouping, *inputs(order, slot), **kwargs)
+            order = plan.grouping.order  # the first expert's slot holds every row, sorted by expert
+            out = self.grouped_layer()(plan.grouping, *inputs(self.experts[0].self_attn.layer_idx, order), **kwargs)
             return torch.empty_like(out).index_copy_(0, order, out)
 
         plan = self.plan(weights, cache)
