@@ -153,7 +153,9 @@ class MoEOptions:
         if self.moe_layers is not None:
             self._check_moe_layers()
         for message in self.unread():
-            warnings.warn(message, UserWarning, stacklevel=3)
+            # said from this line, not the caller's: options are rebuilt several times per run (the module, the
+            # config, jsonargparse), and Python says a warning once per line it comes from
+            warnings.warn(message, UserWarning, stacklevel=1)
 
     def unread(self) -> list[str]:
         """What is said of options set away from their defaults that these options never read: a router's options
